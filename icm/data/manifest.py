@@ -1,0 +1,140 @@
+"""The manifest contract every job shares: one parquet row per output, with its provenance.
+
+Columns (``CONTRACT``): ``source_id`` (stable: dataset + image id), ``source_path``,
+``output_path`` (relative to the job's output dir), ``status`` (ok / error / skipped), ``error``,
+``params`` (JSON of the resolved job parameters), ``models`` (JSON list of {name, family, weights,
+sha256}), ``seed``; and the volatile columns (``VOLATILE``) ``node_id``, ``started_at``,
+``duration_s`` that comparisons ignore. Jobs add their own columns after these.
+
+A job writes one shard per fixed work unit under ``<out>/manifest/`` (atomically), so a resumed
+job knows which units are done; ``consolidate`` joins the shards into ``<out>/manifest.parquet``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from icm.config import canonical_json
+
+CONTRACT = pa.schema([
+    ("source_id", pa.string()),
+    ("source_path", pa.string()),
+    ("output_path", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("params", pa.string()),
+    ("models", pa.string()),
+    ("seed", pa.int64()),
+    ("node_id", pa.string()),
+    ("started_at", pa.float64()),
+    ("duration_s", pa.float64()),
+])
+VOLATILE = ("node_id", "started_at", "duration_s")
+STATUSES = ("ok", "error", "skipped")
+
+
+def model_provenance(name: str, family: str, weights: str, sha256: str) -> dict[str, str]:
+    """One entry of the ``models`` column; ``sha256`` is the weights file's or ``random:<seed>``."""
+    return {"name": name, "family": family, "weights": weights, "sha256": sha256}
+
+
+def current_node_id() -> str:
+    """The Ray node id when running inside Ray, else the host name."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - provenance must never fail a job
+        pass
+    return socket.gethostname()
+
+
+def manifest_row(*, source_id: str, source_path: str, output_path: str = "", status: str,
+                 error: str = "", params: dict | str, models: list[dict] | str, seed: int,
+                 started_at: float, duration_s: float, node_id: str | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {STATUSES}")
+    return {
+        "source_id": source_id, "source_path": source_path, "output_path": output_path,
+        "status": status, "error": error,
+        "params": params if isinstance(params, str) else canonical_json(params),
+        "models": models if isinstance(models, str) else canonical_json(models),
+        "seed": int(seed), "node_id": node_id or current_node_id(),
+        "started_at": float(started_at), "duration_s": float(duration_s), **extra,
+    }
+
+
+def to_table(rows: list[dict[str, Any]], extra_schema: pa.Schema | None = None) -> pa.Table:
+    schema = CONTRACT
+    if extra_schema is not None:
+        for f in extra_schema:
+            if f.name not in schema.names:
+                schema = schema.append(f)
+    missing = [c for c in CONTRACT.names if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"manifest rows miss contract columns {missing}")
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def atomic_write_table(table: pa.Table, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class ManifestStore:
+    """Per-unit manifest shards under ``<out>/manifest/`` plus the consolidated file."""
+
+    def __init__(self, out_dir: str | Path, extra_schema: pa.Schema | None = None):
+        self.out_dir = Path(out_dir)
+        self.shard_dir = self.out_dir / "manifest"
+        self.extra_schema = extra_schema
+
+    def shard_path(self, unit_id: str) -> Path:
+        return self.shard_dir / f"{unit_id}.parquet"
+
+    def done_units(self) -> set[str]:
+        if not self.shard_dir.is_dir():
+            return set()
+        return {p.stem for p in self.shard_dir.glob("*.parquet")}
+
+    def write_unit(self, unit_id: str, rows: list[dict[str, Any]]) -> Path:
+        return atomic_write_table(to_table(rows, self.extra_schema), self.shard_path(unit_id))
+
+    def consolidate(self, name: str = "manifest.parquet") -> Path:
+        shards = sorted(self.shard_dir.glob("*.parquet"))
+        if not shards:
+            raise FileNotFoundError(f"no manifest shards under {self.shard_dir}")
+        table = pa.concat_tables([pq.read_table(p) for p in shards], promote_options="default")
+        table = table.sort_by("source_id")
+        return atomic_write_table(table, self.out_dir / name)
+
+
+def comparable(table_or_path: pa.Table | str | Path):
+    """A manifest as a pandas frame sorted by ``source_id`` without the volatile columns."""
+    table = table_or_path if isinstance(table_or_path, pa.Table) else pq.read_table(table_or_path)
+    df = table.drop_columns([c for c in VOLATILE if c in table.column_names]).to_pandas()
+    return df.sort_values("source_id", kind="stable").reset_index(drop=True)
+
+
+def now() -> float:
+    return time.time()
+
+
+def status_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    counts = {s: 0 for s in STATUSES}
+    for row in rows:
+        counts[row["status"]] += 1
+    return counts

@@ -1,0 +1,287 @@
+"""Dataset readers: each lists ``ImageRef`` s (annotations only, no pixels) for one dataset.
+
+Decoding happens in ``icm.data.records.load_record`` so that, under Ray Data, it runs inside the
+workers. Every reader exposes ``name``, ``root``, ``classes`` (contiguous class index -> name) and
+``refs()``; ``records()`` decodes sequentially for use without Ray.
+
+Class ids in records are contiguous indices into ``classes``; ``category_ids`` maps them back to
+the dataset's own ids (e.g. COCO's 1..90) for evaluation and export.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pyarrow.parquet as pq
+
+from icm.data.paths import PathEscapesRoot, resolve_under
+from icm.data.records import ImageRef, load_record
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+
+class Reader:
+    name: str
+    root: Path
+    classes: list[str]
+    category_ids: list[int]
+
+    def refs(self) -> list[ImageRef]:
+        raise NotImplementedError
+
+    def records(self, min_side: int = 1) -> Iterator[dict]:
+        for ref in self.refs():
+            yield load_record(ref, min_side=min_side)
+
+
+def _classes_from(classes: Sequence[str] | str | Path | None) -> list[str]:
+    if classes is None:
+        return []
+    if isinstance(classes, (str, Path)):
+        path = Path(classes)
+        if not path.is_file():
+            raise FileNotFoundError(f"class list {path} does not exist (one class name per line)")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return list(classes)
+
+
+class CocoReader(Reader):
+    """COCO ``instances_*.json`` through pycocotools; crowd annotations are skipped."""
+
+    def __init__(self, annotation_file: str | Path, image_root: str | Path, name: str = "coco",
+                 include_crowd: bool = False):
+        from pycocotools.coco import COCO
+        import contextlib
+        import io
+
+        self.annotation_file = Path(annotation_file)
+        if not self.annotation_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file {self.annotation_file} does not exist")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(str(self.annotation_file))
+        self.root = Path(image_root)
+        self.name = name
+        self.include_crowd = include_crowd
+        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+        self.category_ids = [c["id"] for c in cats]
+        self.classes = [c["name"] for c in cats]
+        self._index = {cid: i for i, cid in enumerate(self.category_ids)}
+
+    def refs(self) -> list[ImageRef]:
+        out = []
+        for image_id in sorted(self.coco.getImgIds()):
+            info = self.coco.imgs[image_id]
+            ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name,
+                           image_id=str(image_id), root=str(self.root), path=info["file_name"])
+            unknown = 0
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                if ann.get("iscrowd", 0) and not self.include_crowd:
+                    continue
+                if ann["category_id"] not in self._index:
+                    unknown += 1
+                    continue
+                x, y, w, h = ann["bbox"]
+                ref.boxes.append([x, y, x + w, y + h])
+                idx = self._index[ann["category_id"]]
+                ref.class_ids.append(idx)
+                ref.class_names.append(self.classes[idx])
+            if unknown:
+                ref.notes.append(f"dropped {unknown} annotation(s) with unknown category ids")
+            out.append(ref)
+        return out
+
+
+class VocReader(Reader):
+    """Pascal VOC: ``Annotations/<id>.xml`` + ``ImageSets/Main/<split>.txt`` + ``JPEGImages``."""
+
+    VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+                   "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+                   "sheep", "sofa", "train", "tvmonitor"]
+
+    def __init__(self, root: str | Path, split: str = "trainval", name: str = "voc",
+                 classes: Sequence[str] | str | Path | None = None, include_difficult: bool = False):
+        self.root = Path(root)
+        self.split = split
+        self.name = name
+        self.classes = _classes_from(classes) or list(self.VOC_CLASSES)
+        self.category_ids = list(range(len(self.classes)))
+        self.include_difficult = include_difficult
+        self.list_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        if not self.list_file.is_file():
+            raise FileNotFoundError(f"VOC split list {self.list_file} does not exist")
+
+    def refs(self) -> list[ImageRef]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        out = []
+        ids = [line.split()[0] for line in self.list_file.read_text().splitlines() if line.strip()]
+        for image_id in sorted(ids):
+            ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name, image_id=image_id,
+                           root=str(self.root), path=f"JPEGImages/{image_id}.jpg")
+            try:
+                xml_path = resolve_under(self.root, f"Annotations/{image_id}.xml")
+                tree = ET.parse(xml_path)
+            except (PathEscapesRoot, OSError, ET.ParseError) as exc:
+                ref.error = f"cannot read VOC annotation for {image_id}: {exc}"
+                out.append(ref)
+                continue
+            filename = tree.findtext("filename")
+            if filename:
+                ref.path = f"JPEGImages/{filename.strip()}"
+            unknown = 0
+            for obj in tree.findall("object"):
+                if obj.findtext("difficult", "0").strip() == "1" and not self.include_difficult:
+                    continue
+                cls = (obj.findtext("name") or "").strip()
+                if cls not in index:
+                    unknown += 1
+                    continue
+                bb = obj.find("bndbox")
+                try:
+                    # VOC boxes are 1-based inclusive pixel indices.
+                    box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                except (TypeError, ValueError, AttributeError):
+                    ref.notes.append("dropped an object with an unreadable bndbox")
+                    continue
+                ref.boxes.append([box[0] - 1, box[1] - 1, box[2], box[3]])
+                ref.class_ids.append(index[cls])
+                ref.class_names.append(cls)
+            if unknown:
+                ref.notes.append(f"dropped {unknown} object(s) of classes not in the class list")
+            out.append(ref)
+        return out
+
+
+class ListTxtReader(Reader):
+    """The seeds' list format: one line per image, ``path x1,y1,x2,y2,cls x1,y1,x2,y2,cls ...``.
+
+    Paths are resolved under ``root`` (default: the list file's folder) and may not escape it.
+    """
+
+    def __init__(self, list_file: str | Path, root: str | Path | None = None, name: str | None = None,
+                 classes: Sequence[str] | str | Path | None = None):
+        self.list_file = Path(list_file)
+        if not self.list_file.is_file():
+            raise FileNotFoundError(f"list file {self.list_file} does not exist")
+        self.root = Path(root) if root is not None else self.list_file.parent
+        self.name = name or self.list_file.stem
+        self.classes = _classes_from(classes)
+        self.category_ids = list(range(len(self.classes)))
+
+    def refs(self) -> list[ImageRef]:
+        out = []
+        for lineno, line in enumerate(self.list_file.read_text().splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            path = parts[0]
+            ref = ImageRef(source_id=f"{self.name}/{Path(path).as_posix()}", dataset=self.name,
+                           image_id=Path(path).as_posix(), root=str(self.root), path=path)
+            for token in parts[1:]:
+                fields = token.split(",")
+                try:
+                    x1, y1, x2, y2, cls = (float(fields[0]), float(fields[1]), float(fields[2]),
+                                           float(fields[3]), int(fields[4]))
+                except (ValueError, IndexError):
+                    ref.notes.append(f"line {lineno}: dropped unreadable box {token!r}")
+                    continue
+                if cls < 0 or (self.classes and cls >= len(self.classes)):
+                    ref.notes.append(f"line {lineno}: dropped box with unknown class id {cls}")
+                    continue
+                ref.boxes.append([x1, y1, x2, y2])
+                ref.class_ids.append(cls)
+                ref.class_names.append(self.classes[cls] if self.classes else str(cls))
+            out.append(ref)
+        return sorted(out, key=lambda r: r.source_id)
+
+
+class FolderReader(Reader):
+    """Every image file under a folder (recursively), without annotations."""
+
+    def __init__(self, root: str | Path, name: str | None = None,
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.name = name or self.root.name
+        self.extensions = tuple(e.lower() for e in extensions)
+        self.classes, self.category_ids = [], []
+
+    def refs(self) -> list[ImageRef]:
+        out = []
+        for path in sorted(self.root.rglob("*")):
+            if path.is_file() and path.suffix.lower() in self.extensions:
+                rel = path.relative_to(self.root).as_posix()
+                out.append(ImageRef(source_id=f"{self.name}/{rel}", dataset=self.name,
+                                    image_id=rel, root=str(self.root), path=rel))
+        return out
+
+
+class ManifestReader(Reader):
+    """A job's parquet manifest: rows with ``status == ok`` and their ``output_path`` images.
+
+    Paths are resolved under ``root`` (default: the manifest's folder). Annotations travel in the
+    optional ``boxes`` / ``class_ids`` / ``class_names`` columns; ``source_id`` is kept, so an
+    output keeps the id of the image it was made from.
+    """
+
+    def __init__(self, manifest: str | Path, root: str | Path | None = None,
+                 path_column: str = "output_path", name: str | None = None,
+                 classes: Sequence[str] | str | Path | None = None):
+        self.manifest = Path(manifest)
+        if not self.manifest.exists():
+            raise FileNotFoundError(f"manifest {self.manifest} does not exist")
+        self.root = Path(root) if root is not None else (
+            self.manifest if self.manifest.is_dir() else self.manifest.parent)
+        self.path_column = path_column
+        self.name = name or self.manifest.stem
+        self.classes = _classes_from(classes)
+        self.category_ids = list(range(len(self.classes)))
+
+    def refs(self) -> list[ImageRef]:
+        table = pq.read_table(self.manifest)
+        if self.path_column not in table.column_names:
+            raise KeyError(f"manifest {self.manifest} has no column {self.path_column!r} "
+                           f"(has: {table.column_names})")
+        out = []
+        for row in table.to_pylist():
+            if row.get("status", "ok") != "ok" or not row.get(self.path_column):
+                continue
+            source_id = row.get("source_id") or f"{self.name}/{row[self.path_column]}"
+            dataset, _, image_id = source_id.partition("/")
+            out.append(ImageRef(source_id=source_id, dataset=dataset, image_id=image_id or source_id,
+                                root=str(self.root), path=row[self.path_column],
+                                boxes=[list(b) for b in (row.get("boxes") or [])],
+                                class_ids=list(row.get("class_ids") or []),
+                                class_names=list(row.get("class_names") or [])))
+        return sorted(out, key=lambda r: r.source_id)
+
+
+READERS = {"coco": CocoReader, "voc": VocReader, "listtxt": ListTxtReader,
+           "folder": FolderReader, "manifest": ManifestReader}
+
+
+def build_reader(spec: dict) -> Reader:
+    """Build a reader from a config mapping ``{"type": <coco|voc|listtxt|folder|manifest>, ...}``."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in READERS:
+        raise ValueError(f"dataset type {kind!r} is not one of {sorted(READERS)}")
+    return READERS[kind](**spec)
+
+
+def _shapes(**kwargs) -> Reader:
+    from icm.data.samples import shapes_reader
+
+    return shapes_reader(**kwargs)
+
+
+def _photos(**kwargs) -> Reader:
+    from icm.data.samples import photos_reader
+
+    return photos_reader(**kwargs)
+
+
+READERS.update(shapes=_shapes, photos=_photos)

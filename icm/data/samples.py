@@ -1,0 +1,218 @@
+"""Built-in sample data, generated deterministically on first use (no download).
+
+* ``sample_photos``: real photos shipped inside scikit-image, for codec / human-quality demos.
+* ``shapes``: a synthetic COCO-format detection set in two visually different domains —
+  ``photo`` (filled, shaded shapes on crops of real photos) and ``sketch`` (outlined, hatched
+  shapes on gray paper-like textures) — with the same four classes, train/val splits and real
+  ``instances_<split>.json`` files. Domain-wise Meta-AAFG needs the two domains.
+
+Files go under ``$ICM_DATA_DIR`` (default ``~/.cache/icm-ray/data``); a finished set is marked by a
+stamp file holding its generation parameters, and is written to a temporary folder first and
+renamed, so an interrupted generation never leaves a half set behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from icm.data.readers import CocoReader, FolderReader
+
+SHAPES_VERSION = 1
+SHAPE_CLASSES = ["circle", "square", "triangle", "cross"]
+DOMAINS = ("photo", "sketch")
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+               "immunohistochemistry", "colorwheel")
+TEXTURE_NAMES = ("brick", "grass", "gravel", "camera", "page", "text")
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("ICM_DATA_DIR", Path.home() / ".cache" / "icm-ray" / "data"))
+
+
+def _finished(path: Path, stamp: dict) -> bool:
+    marker = path / "STAMP.json"
+    return marker.is_file() and json.loads(marker.read_text()) == stamp
+
+
+def _build_atomically(target: Path, stamp: dict, build) -> Path:
+    if _finished(target, stamp):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / "STAMP.json").write_text(json.dumps(stamp, sort_keys=True))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _skimage(name: str) -> np.ndarray:
+    import skimage.data
+
+    arr = getattr(skimage.data, name)()
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3]).astype(np.uint8)
+
+
+def sample_photos(root: str | Path | None = None) -> Path:
+    """Write the scikit-image photos as PNGs under ``<root>/photos`` and return that folder."""
+    target = Path(root or data_dir()) / "photos"
+
+    def build(tmp: Path) -> None:
+        for name in PHOTO_NAMES:
+            Image.fromarray(_skimage(name)).save(tmp / f"{name}.png")
+
+    return _build_atomically(target, {"version": 1, "photos": list(PHOTO_NAMES)}, build)
+
+
+def photos_reader(root: str | Path | None = None) -> FolderReader:
+    return FolderReader(sample_photos(root), name="photos")
+
+
+def _background(domain: str, rng: np.random.Generator, size: tuple[int, int],
+                sources: dict[str, np.ndarray]) -> Image.Image:
+    w, h = size
+    names = PHOTO_NAMES if domain == "photo" else TEXTURE_NAMES
+    src = sources[names[rng.integers(len(names))]]
+    sh, sw = src.shape[:2]
+    scale = max(w / sw, h / sh, 1.0)
+    if scale > 1.0:
+        src = np.asarray(Image.fromarray(src).resize((math.ceil(sw * scale), math.ceil(sh * scale))))
+        sh, sw = src.shape[:2]
+    y0, x0 = rng.integers(0, sh - h + 1), rng.integers(0, sw - w + 1)
+    crop = src[y0:y0 + h, x0:x0 + w].astype(np.float32)
+    if domain == "sketch":
+        # Low-contrast gray "paper": luminance only, squeezed into [150, 230].
+        gray = crop.mean(axis=2, keepdims=True)
+        crop = np.repeat(150 + 80 * (gray - gray.min()) / max(float(np.ptp(gray)), 1.0), 3, axis=2)
+    return Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8))
+
+
+def _polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if cls == "square":
+        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    elif cls == "triangle":
+        pts = [(0, -1), (0.95, 0.8), (-0.95, 0.8)]
+    else:  # cross
+        a, b = 1.0, 0.33
+        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b),
+               (-a, b), (-a, -b), (-b, -b)]
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+
+
+def _draw_object(img: Image.Image, domain: str, cls: str, cx: float, cy: float, r: float,
+                 rng: np.random.Generator) -> list[float]:
+    draw = ImageDraw.Draw(img)
+    if domain == "photo":
+        color = tuple(int(v) for v in rng.integers(30, 256, size=3))
+        fill, outline, width = color, tuple(max(0, v - 60) for v in color), 2
+    else:
+        ink = int(rng.integers(0, 70))
+        fill, outline, width = None, (ink, ink, ink), int(rng.integers(2, 4))
+    angle = float(rng.uniform(-0.35, 0.35))
+    if cls == "circle":
+        bbox = [cx - r, cy - r, cx + r, cy + r]
+        draw.ellipse(bbox, fill=fill, outline=outline, width=width)
+        pts = [(bbox[0], bbox[1]), (bbox[2], bbox[3])]
+    else:
+        pts = _polygon(cls, cx, cy, r, angle)
+        draw.polygon(pts, fill=fill, outline=outline, width=width)
+    if domain == "sketch":
+        # Hatching inside the shape's box keeps the sketch domain's objects textured, not flat.
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        mask = Image.new("L", img.size, 0)
+        mdraw = ImageDraw.Draw(mask)
+        if cls == "circle":
+            mdraw.ellipse([min(xs), min(ys), max(xs), max(ys)], fill=255)
+        else:
+            mdraw.polygon(pts, fill=255)
+        hatch = Image.new("RGB", img.size, outline)
+        lines = Image.new("L", img.size, 0)
+        ldraw = ImageDraw.Draw(lines)
+        for k in range(int(min(xs)) - int(2 * r), int(max(xs)) + 1, 5):
+            ldraw.line([(k, max(ys)), (k + (max(ys) - min(ys)), min(ys))], fill=255, width=1)
+        img.paste(hatch, (0, 0), Image.fromarray(np.minimum(np.asarray(mask), np.asarray(lines))))
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    return [max(0.0, min(xs)), max(0.0, min(ys)), min(float(img.width), max(xs)),
+            min(float(img.height), max(ys))]
+
+
+def _make_image(domain: str, rng: np.random.Generator, sources: dict[str, np.ndarray]):
+    w, h = int(rng.integers(128, 257)), int(rng.integers(128, 257))
+    img = _background(domain, rng, (w, h), sources)
+    objects = []
+    for _ in range(int(rng.integers(1, 5))):
+        cls_idx = int(rng.integers(len(SHAPE_CLASSES)))
+        r = float(rng.uniform(8, min(w, h) / 4))
+        cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
+        box = _draw_object(img, domain, SHAPE_CLASSES[cls_idx], cx, cy, r, rng)
+        objects.append((box, cls_idx))
+    if domain == "photo":
+        img = img.filter(ImageFilter.GaussianBlur(0.6))
+    return img, objects
+
+
+def shapes(root: str | Path | None = None, n_train: int = 150, n_val: int = 50,
+           seed: int = 0) -> Path:
+    """Generate (once) and return the synthetic shapes set.
+
+    Layout: ``<root>/shapes[-<n_train>-<n_val>-<seed>]/<domain>/{train,val}/*.png`` and
+    ``<domain>/annotations/instances_{train,val}.json``.
+    """
+    suffix = "" if (n_train, n_val, seed) == (150, 50, 0) else f"-{n_train}-{n_val}-{seed}"
+    target = Path(root or data_dir()) / f"shapes{suffix}"
+    stamp = {"version": SHAPES_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
+             "classes": SHAPE_CLASSES}
+
+    def build(tmp: Path) -> None:
+        sources = {n: _skimage(n) for n in PHOTO_NAMES + TEXTURE_NAMES}
+        categories = [{"id": i + 1, "name": n, "supercategory": "shape"}
+                      for i, n in enumerate(SHAPE_CLASSES)]
+        for d_index, domain in enumerate(DOMAINS):
+            for split, count in (("train", n_train), ("val", n_val)):
+                rng = np.random.default_rng([seed, d_index, 0 if split == "train" else 1])
+                (tmp / domain / split).mkdir(parents=True)
+                images, annotations = [], []
+                for i in range(count):
+                    img, objects = _make_image(domain, rng, sources)
+                    file_name = f"{split}/{domain}_{split}_{i:05d}.png"
+                    img.save(tmp / domain / file_name)
+                    images.append({"id": i + 1, "file_name": file_name,
+                                   "width": img.width, "height": img.height})
+                    for box, cls_idx in objects:
+                        bw, bh = box[2] - box[0], box[3] - box[1]
+                        annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                            "category_id": cls_idx + 1,
+                                            "bbox": [round(v, 2) for v in (box[0], box[1], bw, bh)],
+                                            "area": round(bw * bh, 2), "iscrowd": 0})
+                (tmp / domain / "annotations").mkdir(exist_ok=True)
+                (tmp / domain / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+                    {"images": images, "annotations": annotations, "categories": categories,
+                     "info": {"description": f"icm-ray synthetic shapes, domain {domain}",
+                              "version": SHAPES_VERSION, "seed": seed}}))
+
+    return _build_atomically(target, stamp, build)
+
+
+def shapes_reader(domain: str = "photo", split: str = "train", root: str | Path | None = None,
+                  n_train: int = 150, n_val: int = 50, seed: int = 0) -> CocoReader:
+    if domain not in DOMAINS:
+        raise ValueError(f"shapes domain {domain!r} is not one of {DOMAINS}")
+    base = shapes(root, n_train=n_train, n_val=n_val, seed=seed) / domain
+    return CocoReader(base / "annotations" / f"instances_{split}.json", base,
+                      name=f"shapes-{domain}-{split}")

@@ -1,0 +1,78 @@
+"""One interface over detector families (after torchvision detection's train → losses /
+eval → predictions split).
+
+``loss(images, targets)`` returns the family's own training-loss terms, each **summed over the
+images** of the batch, and differentiable w.r.t. ``images`` (RGB in [0, 1], Bx3xHxW).
+``predict(images)`` returns one ``{"boxes" (xyxy px), "scores", "labels"}`` dict per image.
+Targets are dicts with ``boxes`` (xyxy px, float), ``labels`` (contiguous class ids 0..C-1) and an
+optional ``seed`` that fixes the family's stochastic parts (anchor/ROI sampling) for that image.
+
+Modes: ``train()`` trains the detector's weights (normalisation layers use batch statistics);
+``eval()`` is for inference *and* for optimising inputs: normalisation layers use running
+statistics and dropout is off, so one image's gradient never depends on its batch neighbours
+(see TRAPS.md). ``loss`` works in both modes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+NORM_AND_DROPOUT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout,
+                    nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class Detector(nn.Module):
+    family: str = ""
+
+    def __init__(self, classes: list[str]):
+        super().__init__()
+        self.classes = list(classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def loss(self, images: torch.Tensor, targets: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor, score_threshold: float = 0.05) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def freeze(self) -> "Detector":
+        """Eval mode and no weight gradients: the state for optimising inputs against the detector."""
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+
+@contextmanager
+def loss_branch(model: nn.Module, train_norm: bool):
+    """Put ``model`` in training mode (families compute losses only there) while keeping
+    normalisation/dropout layers in eval mode unless ``train_norm``; restore modes afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    if not train_norm:
+        for m in model.modules():
+            if isinstance(m, NORM_AND_DROPOUT):
+                m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def sum_terms(per_image: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Sum per-image loss dicts term by term (never average across the batch)."""
+    out: dict[str, torch.Tensor] = {}
+    for terms in per_image:
+        for key, value in terms.items():
+            out[key] = out[key] + value if key in out else value
+    return out
+
+
+def total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v for v in terms.values()]).sum()

@@ -1,0 +1,182 @@
+"""CenterNet — "Objects as Points" (Zhou, Wang & Krähenbühl, arXiv:1904.07850, 2019).
+
+ResNet backbone → three stride-2 deconvolutions to stride 4 → heatmap (C), size (2) and offset
+(2) heads. Loss as published: penalty-reduced pixel-wise focal loss on the heatmap (α=2, β=4),
+0.1·L1 on box sizes and 1·L1 on centre offsets, each normalised by the image's object count;
+Gaussian splats with CornerNet's radius at ``min_overlap=0.7``.
+
+Written here because no maintained package ships a trainable CenterNet for torch 2.x.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from icm.detectors.base import Detector, loss_branch
+from icm.zoo.registry import attach_provenance, register
+from icm.zoo.weights import load_state_dict, resolve, seeded
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKBONES = {"centernet_resnet18": ("resnet18", 512), "centernet_resnet34": ("resnet34", 512),
+             "centernet_resnet50": ("resnet50", 2048)}
+
+
+def gaussian_radius(height: float, width: float, min_overlap: float = 0.7) -> float:
+    """CornerNet's radius: the largest corner shift keeping IoU ≥ ``min_overlap`` (3 cases)."""
+    a1, b1 = 1, height + width
+    c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
+    r1 = (b1 + math.sqrt(b1 ** 2 - 4 * a1 * c1)) / 2
+    a2, b2 = 4, 2 * (height + width)
+    c2 = (1 - min_overlap) * width * height
+    r2 = (b2 + math.sqrt(b2 ** 2 - 4 * a2 * c2)) / 2
+    a3, b3 = 4 * min_overlap, -2 * min_overlap * (height + width)
+    c3 = (min_overlap - 1) * width * height
+    r3 = (b3 + math.sqrt(b3 ** 2 - 4 * a3 * c3)) / 2
+    return min(r1, r2, r3)
+
+
+class CenterNet(Detector):
+    family = "centernet"
+    stride = 4
+
+    def __init__(self, classes: list[str], backbone: str = "resnet18", feat_channels: int = 512,
+                 head_channels: int = 64):
+        super().__init__(classes)
+        resnet = torchvision.models.get_model(backbone, weights=None)
+        self.backbone = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                                      resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+        layers, in_ch = [], feat_channels
+        for out_ch in (256, 128, 64):
+            layers += [nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+            in_ch = out_ch
+        self.upsample = nn.Sequential(*layers)
+
+        def head(out_ch: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(64, head_channels, 3, padding=1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(head_channels, out_ch, 1))
+        self.heatmap, self.size, self.offset = head(len(classes)), head(2), head(2)
+        nn.init.constant_(self.heatmap[-1].bias, -2.19)  # prior 0.1, as the paper
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _pad(self, images):
+        h, w = images.shape[-2:]
+        ph, pw = (-h) % 32, (-w) % 32
+        return F.pad(images, (0, pw, 0, ph), value=0.5) if ph or pw else images
+
+    def forward(self, images: torch.Tensor):
+        feats = self.upsample(self.backbone((self._pad(images) - self.mean) / self.std))
+        return self.heatmap(feats), self.size(feats), self.offset(feats)
+
+    @torch.no_grad()
+    def _targets(self, target: dict, out_h: int, out_w: int, device):
+        hm = torch.zeros(self.num_classes, out_h, out_w, device=device)
+        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4) / self.stride
+        labels = torch.as_tensor(target["labels"], dtype=torch.int64).reshape(-1)
+        centers, sizes, offsets, keep = [], [], [], []
+        ys, xs = torch.arange(out_h, device=device).view(-1, 1), torch.arange(out_w, device=device).view(1, -1)
+        for (x1, y1, x2, y2), cls in zip(boxes.tolist(), labels.tolist()):
+            w, h = x2 - x1, y2 - y1
+            if w <= 0 or h <= 0:
+                continue
+            radius = max(0, int(gaussian_radius(math.ceil(h), math.ceil(w))))
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            ix, iy = min(int(cx), out_w - 1), min(int(cy), out_h - 1)
+            sigma = (2 * radius + 1) / 6
+            g = torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma ** 2))
+            g = torch.where(((xs - ix).abs() <= radius) & ((ys - iy).abs() <= radius), g, torch.zeros_like(g))
+            hm[cls] = torch.maximum(hm[cls], g)
+            centers.append(iy * out_w + ix)
+            sizes.append([w, h])
+            offsets.append([cx - ix, cy - iy])
+        return (hm, torch.tensor(centers, dtype=torch.long, device=device),
+                torch.tensor(sizes, device=device).reshape(-1, 2), torch.tensor(offsets, device=device).reshape(-1, 2))
+
+    @staticmethod
+    def focal_loss(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
+        pos = gt.eq(1).float()
+        neg_weights = (1 - gt) ** 4
+        pos_loss = (torch.log(pred) * (1 - pred) ** 2 * pos).sum()
+        neg_loss = (torch.log(1 - pred) * pred ** 2 * neg_weights * (1 - pos)).sum()
+        return -(pos_loss + neg_loss), pos.sum()
+
+    def loss(self, images, targets):
+        with loss_branch(self, train_norm=self.training):
+            hm_logits, size_pred, off_pred = self(images)
+        _, _, out_h, out_w = hm_logits.shape
+        terms = {"heatmap": hm_logits.new_zeros(()), "size": hm_logits.new_zeros(()),
+                 "offset": hm_logits.new_zeros(())}
+        for i, target in enumerate(targets):  # per-image normalisation, then summed
+            hm, centers, sizes, offsets = self._targets(target, out_h, out_w, images.device)
+            focal, num_pos = self.focal_loss(hm_logits[i], hm)
+            n = max(len(centers), 1)
+            terms["heatmap"] = terms["heatmap"] + focal / max(float(num_pos), 1.0)
+            if len(centers):
+                s = size_pred[i].flatten(1)[:, centers].t()
+                o = off_pred[i].flatten(1)[:, centers].t()
+                terms["size"] = terms["size"] + 0.1 * F.l1_loss(s, sizes, reduction="sum") / n
+                terms["offset"] = terms["offset"] + F.l1_loss(o, offsets, reduction="sum") / n
+        return terms
+
+    @torch.no_grad()
+    def predict(self, images, score_threshold: float = 0.05, top_k: int = 100):
+        was_training = self.training
+        self.eval()
+        try:
+            hm_logits, size_pred, off_pred = self(images)
+        finally:
+            self.train(was_training)
+        heat = hm_logits.sigmoid()
+        heat = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+        b, c, h, w = heat.shape
+        scores, idx = heat.flatten(1).topk(min(top_k, c * h * w))
+        results = []
+        for i in range(b):
+            cls, pix = idx[i] // (h * w), idx[i] % (h * w)
+            ys, xs = (pix // w).float(), (pix % w).float()
+            off = off_pred[i].flatten(1)[:, pix]
+            wh = size_pred[i].flatten(1)[:, pix]
+            cx, cy = xs + off[0], ys + off[1]
+            boxes = torch.stack([cx - wh[0] / 2, cy - wh[1] / 2, cx + wh[0] / 2, cy + wh[1] / 2], 1) * self.stride
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, images.shape[-1])
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, images.shape[-2])
+            keep = scores[i] >= score_threshold
+            results.append({"boxes": boxes[keep], "scores": scores[i][keep], "labels": cls[keep]})
+        return results
+
+
+def _torchvision_backbone_hub(backbone: str):
+    def url(spec: str) -> str:
+        _, _, tag = spec.partition(":")
+        return torchvision.models.get_model_weights(backbone)[tag or "DEFAULT"].url
+    return url
+
+
+@register("detector", *BACKBONES)
+def build_centernet(name: str, classes: list[str], weights: str = "random",
+                    backbone_weights: str | None = None, **_) -> CenterNet:
+    """``weights``: a full CenterNet checkpoint; ``backbone_weights``: ImageNet weights for the
+    ResNet only (e.g. ``torchvision:DEFAULT``) when training from scratch."""
+    backbone, channels = BACKBONES[name]
+    resolved = resolve(weights, family=name)
+    with seeded(resolved.seed):
+        det = CenterNet(classes, backbone=backbone, feat_channels=channels)
+    if resolved.path is not None:
+        det.load_state_dict(load_state_dict(resolved.path))
+    elif backbone_weights:
+        bb = resolve(backbone_weights, hub=_torchvision_backbone_hub(backbone), family=backbone)
+        resnet = torchvision.models.get_model(backbone, weights=None)
+        resnet.load_state_dict(load_state_dict(bb.path))
+        det.backbone.load_state_dict(nn.Sequential(
+            resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2,
+            resnet.layer3, resnet.layer4).state_dict())
+    attach_provenance(det, name, "centernet", resolved)
+    return det

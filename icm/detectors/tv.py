@@ -1,0 +1,131 @@
+"""torchvision detectors — Faster R-CNN (Ren et al., NeurIPS 2015), Mask R-CNN (He et al., ICCV
+2017), RetinaNet (Lin et al., ICCV 2017), FCOS (Tian et al., ICCV 2019) — behind ``Detector``.
+
+Labels: torchvision reserves 0 for background, so class id c is label c+1 (``num_classes = C+1``).
+The internal transform's ``min_size``/``max_size`` are set to ``image_size`` so a canvas of that
+size is not resized to 800 px.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+from icm.detectors.base import Detector, loss_branch, sum_terms
+from icm.zoo.registry import attach_provenance, register
+from icm.zoo.weights import load_state_dict, resolve, seeded
+
+TORCHVISION_DETECTORS = (
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+    "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
+)
+
+
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's sampler draws from the global RNG; this one draws from its own generator so
+    each image's anchor/ROI sample is fixed by that image's seed."""
+
+    def __init__(self, batch_size_per_image: int, positive_fraction: float):
+        super().__init__(batch_size_per_image, positive_fraction)
+        self.generator = torch.Generator()
+
+    def __call__(self, matched_idxs):
+        pos_idx, neg_idx = [], []
+        for matched in matched_idxs:
+            positive = torch.where(matched >= 1)[0]
+            negative = torch.where(matched == 0)[0]
+            num_pos = min(int(self.batch_size_per_image * self.positive_fraction), positive.numel())
+            num_neg = min(self.batch_size_per_image - num_pos, negative.numel())
+            perm1 = torch.randperm(positive.numel(), generator=self.generator)[:num_pos].to(positive.device)
+            perm2 = torch.randperm(negative.numel(), generator=self.generator)[:num_neg].to(negative.device)
+            pos_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            neg_mask = torch.zeros_like(matched, dtype=torch.uint8)
+            pos_mask[positive[perm1]] = 1
+            neg_mask[negative[perm2]] = 1
+            pos_idx.append(pos_mask)
+            neg_idx.append(neg_mask)
+        return pos_idx, neg_idx
+
+
+def _box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Filled-box masks for Mask R-CNN when a dataset has no segmentation."""
+    masks = torch.zeros((len(boxes), height, width), dtype=torch.uint8, device=boxes.device)
+    for i, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):
+        masks[i, max(y1, 0):max(y2, y1 + 1), max(x1, 0):max(x2, x1 + 1)] = 1
+    return masks
+
+
+class TorchvisionDetector(Detector):
+    family = "torchvision"
+
+    def __init__(self, name: str, classes: list[str], image_size: int = 512):
+        super().__init__(classes)
+        self.name = name
+        self.model = torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, num_classes=len(classes) + 1,
+            min_size=image_size, max_size=image_size)
+        self.samplers = []
+        for owner in (getattr(self.model, "rpn", None), getattr(self.model, "roi_heads", None)):
+            if owner is not None and hasattr(owner, "fg_bg_sampler"):
+                old = owner.fg_bg_sampler
+                owner.fg_bg_sampler = SeededSampler(old.batch_size_per_image, old.positive_fraction)
+                self.samplers.append(owner.fg_bg_sampler)
+
+    def _tv_target(self, target: dict, image: torch.Tensor) -> dict:
+        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=image.device).reshape(-1, 4)
+        out = {"boxes": boxes,
+               "labels": torch.as_tensor(target["labels"], dtype=torch.int64, device=image.device) + 1}
+        if "maskrcnn" in self.name:
+            out["masks"] = target.get("masks", _box_masks(boxes, image.shape[-2], image.shape[-1]))
+        return out
+
+    def loss(self, images, targets):
+        # The families' losses normalise over the whole batch (sampled anchors, foreground
+        # counts), so the per-image losses come from one call per image, then are summed.
+        per_image = []
+        with loss_branch(self.model, train_norm=self.training):
+            for image, target in zip(images, targets):
+                for sampler in self.samplers:
+                    sampler.generator.manual_seed(int(target.get("seed", 0)))
+                per_image.append(self.model([image], [self._tv_target(target, image)]))
+        return sum_terms(per_image)
+
+    @torch.no_grad()
+    def predict(self, images, score_threshold: float = 0.05):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outputs = self.model(list(images))
+        finally:
+            self.model.train(was_training)
+        results = []
+        for out in outputs:
+            keep = out["scores"] >= score_threshold
+            results.append({"boxes": out["boxes"][keep], "scores": out["scores"][keep],
+                            "labels": out["labels"][keep] - 1})
+        return results
+
+
+def _torchvision_hub(name: str):
+    def url(spec: str) -> str:
+        _, _, tag = spec.partition(":")
+        return torchvision.models.get_model_weights(name)[tag or "DEFAULT"].url
+    return url
+
+
+@register("detector", *TORCHVISION_DETECTORS)
+def build_torchvision_detector(name: str, classes: list[str], weights: str = "random",
+                               image_size: int = 512, **_) -> TorchvisionDetector:
+    resolved = resolve(weights, hub=_torchvision_hub(name), family=name)
+    with seeded(resolved.seed):
+        det = TorchvisionDetector(name, classes, image_size=image_size)
+    if resolved.path is not None:
+        state = load_state_dict(resolved.path)
+        if any(k.startswith("model.") for k in state):
+            det.load_state_dict(state)
+        else:
+            det.model.load_state_dict(state)
+    attach_provenance(det, name, "torchvision", resolved)
+    return det

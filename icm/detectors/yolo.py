@@ -1,0 +1,111 @@
+"""Ultralytics YOLO (Redmon & Farhadi 2018 YOLOv3; Jocher et al. YOLOv5/v8/11) behind ``Detector``.
+
+The loss is ultralytics' own ``v8DetectionLoss`` (box IoU + cls BCE + DFL). It scales by the
+batch size and normalises by the batch's target count, so each image gets its own call and the
+per-image losses are summed. Inputs are padded bottom/right to a multiple of the model stride
+with gray 114/255, as ultralytics letterboxes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from icm.detectors.base import Detector, loss_branch, sum_terms
+from icm.zoo.registry import attach_provenance, register
+from icm.zoo.weights import WeightsUnavailable, load_state_dict, resolve, seeded
+
+YOLO_NAMES = ("yolov3", "yolov3-tiny", "yolov5n", "yolov5s", "yolov8n", "yolov8s", "yolov8m",
+              "yolo11n", "yolo11s")
+ASSETS_URL = "https://github.com/ultralytics/assets/releases/download/v8.3.0/{}"
+
+
+class YoloDetector(Detector):
+    family = "ultralytics"
+
+    def __init__(self, cfg: str, classes: list[str]):
+        super().__init__(classes)
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel
+
+        self.cfg = cfg
+        self.model = DetectionModel(cfg, nc=len(classes), verbose=False)
+        self.model.args = get_cfg()  # a yaml-built model has no .args; the loss reads its gains
+        self.stride = int(self.model.stride.max())
+
+    def _pad(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        return F.pad(images, (0, pw, 0, ph), value=114 / 255) if ph or pw else images
+
+    def _criterion(self, device):
+        crit = getattr(self.model, "criterion", None)
+        if crit is None or crit.device != device:
+            self.model.criterion = self.model.init_criterion()
+        return self.model.criterion
+
+    def loss(self, images, targets):
+        per_image = []
+        with loss_branch(self.model, train_norm=self.training):
+            for image, target in zip(images, targets):
+                img = self._pad(image[None])
+                h, w = img.shape[-2:]
+                boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=img.device).reshape(-1, 4)
+                xywh = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h,
+                                    (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], 1)
+                batch = {"img": img, "batch_idx": torch.zeros(len(boxes), device=img.device),
+                         "cls": torch.as_tensor(target["labels"], dtype=torch.float32,
+                                                device=img.device).reshape(-1, 1),
+                         "bboxes": xywh}
+                self._criterion(img.device)
+                loss, _ = self.model.loss(batch, self.model(img))
+                per_image.append({"box": loss[0], "cls": loss[1], "dfl": loss[2]})
+        return sum_terms(per_image)
+
+    @torch.no_grad()
+    def predict(self, images, score_threshold: float = 0.05):
+        from ultralytics.utils.nms import non_max_suppression
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            raw = self.model(self._pad(images))
+        finally:
+            self.model.train(was_training)
+        dets = non_max_suppression(raw, conf_thres=score_threshold, iou_thres=0.45, max_det=300)
+        return [{"boxes": d[:, :4], "scores": d[:, 4], "labels": d[:, 5].long()} for d in dets]
+
+
+def _yolo_hub(spec: str) -> str:
+    return ASSETS_URL.format(spec.partition(":")[2])
+
+
+def _load_ultralytics(path) -> dict[str, torch.Tensor]:
+    """An ultralytics ``.pt`` through its own safe loader (weights_only with an allow-list)."""
+    from ultralytics.nn.tasks import torch_safe_load
+
+    ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    module = ckpt.get("ema") or ckpt.get("model")
+    if module is None:
+        raise WeightsUnavailable(f"{path} holds no ultralytics model ('ema' or 'model')")
+    return {k: v.float() for k, v in module.state_dict().items()}
+
+
+@register("detector", *YOLO_NAMES, "yolo:")
+def build_yolo(name: str, classes: list[str], weights: str = "random", **_) -> YoloDetector:
+    """``name`` is a model yaml known to ultralytics (``yolov8n``) or ``yolo:<yaml path or name>``."""
+    cfg = name.partition(":")[2] if name.startswith("yolo:") else f"{name}.yaml"
+    resolved = resolve(weights, hub=_yolo_hub, family=name)
+    with seeded(resolved.seed):
+        det = YoloDetector(cfg, classes)
+    if resolved.path is not None:
+        state = (_load_ultralytics(resolved.path) if resolved.path.suffix == ".pt"
+                 else load_state_dict(resolved.path))
+        target = det if any(k.startswith("model.model.") for k in state) else det.model
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise WeightsUnavailable(
+                f"weights {weights!r} do not fit {name} with {len(classes)} classes: "
+                f"{len(missing)} missing and {len(unexpected)} unexpected keys (e.g. {(missing or unexpected)[:3]})")
+    attach_provenance(det, name, "ultralytics", resolved)
+    return det

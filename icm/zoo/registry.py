@@ -1,0 +1,31 @@
+"""Name → builder registries (in the spirit of CompressAI's ``register_model``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+REGISTRIES: dict[str, dict[str, Callable]] = {"codec": {}, "detector": {}, "classifier": {}, "clip": {}}
+
+
+def register(kind: str, *names: str):
+    def wrap(fn: Callable) -> Callable:
+        for name in names:
+            REGISTRIES[kind][name] = fn
+        return fn
+    return wrap
+
+
+def lookup(kind: str, name: str) -> Callable:
+    table = REGISTRIES[kind]
+    if name in table:
+        return table[name]
+    for prefix, fn in table.items():  # prefix entries such as "detectron2:" take a suffix
+        if prefix.endswith(":") and name.startswith(prefix):
+            return fn
+    raise KeyError(f"unknown {kind} {name!r}; known: {sorted(table)}")
+
+
+def attach_provenance(model, name: str, family: str, weights) -> None:
+    """Record what a built model is, for the manifest's ``models`` column."""
+    model.icm_provenance = {"name": name, "family": family, "weights": weights.spec,
+                            "sha256": weights.sha256}

@@ -1,0 +1,128 @@
+"""Weights specs: ``random[:seed]``, a local path, a URL, or a hub name resolved to a URL.
+
+* ``random`` / ``random:<seed>`` — initialise from a seeded RNG; provenance ``random:<seed>``.
+* a local file (or ``file://...``) — loaded with ``torch.load(..., weights_only=True)``
+  (ultralytics ``.pt`` through ultralytics' own safe loader); provenance is its sha256.
+* ``http(s)://...`` — downloaded once into the weights cache (``$ICM_WEIGHTS_DIR``, default
+  ``~/.cache/icm-ray/weights``); on a cluster point the cache at shared storage and stage the file
+  there once (``python -m icm.zoo.stage <spec> ...``) so that workers read it instead of
+  downloading it each.
+* a hub name such as ``torchvision:DEFAULT``, ``compressai:mse``, ``ultralytics:yolov8n.pt`` or
+  ``open_clip:openai`` — each family's builder turns it into a URL, then as above.
+
+An unreachable download fails at once with ``WeightsUnavailable``, naming the spec and how to pass
+a local file. Nothing ever falls back to random weights silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+DOWNLOAD_TIMEOUT_S = float(os.environ.get("ICM_DOWNLOAD_TIMEOUT", "20"))
+
+
+class WeightsUnavailable(RuntimeError):
+    """Weights named by a spec cannot be had (no network, no such file, bad hub name)."""
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    spec: str                 # as the user wrote it
+    path: Path | None         # local file, None for random
+    seed: int | None          # for random
+    sha256: str               # of the file, or "random:<seed>"
+
+    @property
+    def is_random(self) -> bool:
+        return self.path is None
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("ICM_WEIGHTS_DIR", Path.home() / ".cache" / "icm-ray" / "weights"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, spec: str, dest_dir: Path | None = None) -> Path:
+    """Download ``url`` into the weights cache (once); fail fast with a helpful message."""
+    dest_dir = dest_dir or weights_dir()
+    dest = dest_dir / Path(urllib.request.urlparse(url).path).name
+    if dest.is_file():
+        return dest
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
+                tempfile.NamedTemporaryFile(dir=dest_dir, delete=False) as tmp:
+            shutil.copyfileobj(response, tmp)
+        os.replace(tmp.name, dest)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise WeightsUnavailable(
+            f"cannot download weights {spec!r} from {url}: {exc}. Without a network, download the "
+            f"file elsewhere and pass its local path as the weights spec (or place it at {dest})."
+        ) from exc
+    return dest
+
+
+def resolve(spec: str | None, hub: Callable[[str], str] | None = None, family: str = "") -> ResolvedWeights:
+    """Turn a weights spec into a local file (downloading if needed) or a random seed."""
+    spec = "random" if spec is None else str(spec)
+    if spec == "random" or spec.startswith("random:"):
+        seed_text = spec.partition(":")[2] or "0"
+        try:
+            seed = int(seed_text)
+        except ValueError as exc:
+            raise WeightsUnavailable(f"weights spec {spec!r}: seed {seed_text!r} is not an integer") from exc
+        return ResolvedWeights(spec, None, seed, f"random:{seed}")
+    local = Path(spec[len("file://"):] if spec.startswith("file://") else spec).expanduser()
+    if local.is_file():
+        return ResolvedWeights(spec, local, None, sha256_file(local))
+    if spec.startswith(("http://", "https://")):
+        path = download(spec, spec)
+        return ResolvedWeights(spec, path, None, sha256_file(path))
+    if ":" in spec and hub is not None and not spec.startswith(("/", ".")):
+        url = hub(spec)
+        path = download(url, spec)
+        return ResolvedWeights(spec, path, None, sha256_file(path))
+    raise WeightsUnavailable(
+        f"weights spec {spec!r} for {family or 'this model'} is neither 'random[:seed]', an existing "
+        f"file, a URL, nor a known hub name; check the path (relative paths are taken from {os.getcwd()})")
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint safely (``weights_only=True``) and unwrap the usual containers."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+        raise WeightsUnavailable(f"cannot load checkpoint {path} with weights_only=True: {exc}") from exc
+    for key in ("state_dict", "model_state_dict", "model", "net"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise WeightsUnavailable(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+@contextmanager
+def seeded(seed: int | None):
+    """Run a model's random initialisation from ``seed``, leaving the global RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if seed is None else seed)
+        yield

@@ -1,0 +1,87 @@
+"""What every driver shares: command line, Ray start-up, resumable unit runs, summaries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python pipelines/x.py` from a checkout without `pip install -e`
+    sys.path.insert(0, str(REPO))
+
+from icm.config import load_config, write_resolved  # noqa: E402
+from icm.data.manifest import ManifestStore  # noqa: E402
+from icm.data.ray_io import init_ray, run_units  # noqa: E402
+
+
+def parse_args(description: str, default_config: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help="job YAML (default: %(default)s)")
+    parser.add_argument("--profile", default=None, help="named profile in the YAML, e.g. demo")
+    parser.add_argument("--out", default=None, help="output directory (overrides out_dir)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address; default $RAY_ADDRESS, else a local cluster")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser.parse_args()
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = load_config(args.config, profile=args.profile, overrides=args.overrides)
+    if args.out:
+        cfg["out_dir"] = args.out
+    if not cfg.get("out_dir"):
+        raise SystemExit(f"{args.config}: set out_dir in the config or pass --out")
+    return cfg
+
+
+def start_ray(cfg: dict[str, Any], address: str | None) -> None:
+    ray_cfg = cfg.get("ray", {}) or {}
+    init_ray(address=address or ray_cfg.get("address"), num_cpus=ray_cfg.get("num_cpus"),
+             node_ip_address=ray_cfg.get("node_ip_address"))
+
+
+def run_resumable(units: list[dict], stage_cls: type, stage_kwargs: dict, out_dir: Path,
+                  extra_schema, workers: dict[str, Any]) -> dict[str, Any]:
+    """Skip units whose manifest shard exists, run the rest, consolidate the manifest."""
+    store = ManifestStore(out_dir, extra_schema)
+    done = store.done_units()
+    todo = [u for u in units if u["unit_id"] not in done]
+    skipped_images = sum(len(u["refs"]) for u in units if u["unit_id"] in done)
+    print(f"[icm] {len(units)} units: {len(units) - len(todo)} already done, {len(todo)} to run "
+          f"on {workers.get('actors', 1)} actor(s)", flush=True)
+    start = time.time()
+    results = run_units(todo, stage_cls, stage_kwargs, actors=workers.get("actors", 1),
+                        num_gpus_per_actor=workers.get("num_gpus", 0),
+                        num_cpus_per_actor=workers.get("num_cpus", 1))
+    elapsed = time.time() - start
+    manifest = store.consolidate() if units else None
+    rows = [r for res in results for r in res["rows"]]
+    counts = {"done": sum(r["status"] == "ok" for r in rows),
+              "failed": sum(r["status"] == "error" for r in rows),
+              "skipped": sum(r["status"] == "skipped" for r in rows) + skipped_images}
+    return {"rows": rows, "counts": counts, "elapsed_s": elapsed, "manifest": str(manifest),
+            "units_run": len(todo), "units_total": len(units),
+            "images_per_s": (counts["done"] + counts["failed"]) / elapsed if elapsed > 0 and rows else 0.0}
+
+
+def write_summary(out_dir: Path, summary: dict[str, Any], title: str) -> Path:
+    path = Path(out_dir) / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    print(f"\n== {title} ==")
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<28} {v}")
+        elif not isinstance(value, list):
+            print(f"{key:<30} {value}")
+    print(f"summary written to {path}")
+    return path
+
+
+__all__ = ["REPO", "parse_args", "resolve_config", "start_ray", "run_resumable", "write_summary",
+           "write_resolved"]

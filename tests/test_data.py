@@ -1,0 +1,182 @@
+"""Readers, records, bad input, paths, manifest contract, writers, sample data."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from icm.data import (CocoReader, FolderReader, ListTxtReader, ManifestReader, PathEscapesRoot, VocReader,
+                      comparable, load_record, manifest_row, resolve_under, write_png)
+from icm.data.manifest import CONTRACT, VOLATILE, ManifestStore
+from icm.data.samples import DOMAINS, SHAPE_CLASSES, shapes, shapes_reader
+
+
+def _rgb(h=40, w=50, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_resolve_under_refuses_escapes(tmp_path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    assert resolve_under(root, "a/x.png") == (root / "a" / "x.png").resolve()
+    for bad in ("../x.png", "a/../../x.png", "/etc/passwd"):
+        with pytest.raises(PathEscapesRoot):
+            resolve_under(root, bad)
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(PathEscapesRoot):
+        resolve_under(root, "link/outside.png")
+
+
+def test_coco_reader_matches_annotations(small_shapes):
+    reader = shapes_reader("photo", "val", root=small_shapes.parent, n_train=24, n_val=12, seed=7)
+    ann = json.loads((small_shapes / "photo/annotations/instances_val.json").read_text())
+    records = list(reader.records())
+    assert reader.classes == SHAPE_CLASSES and len(records) == len(ann["images"]) == 12
+    assert sum(len(r["boxes"]) for r in records) == len(ann["annotations"])
+    rec = records[0]
+    first = next(a for a in ann["annotations"] if a["image_id"] == int(rec["image_id"]))
+    x, y, w, h = first["bbox"]
+    np.testing.assert_allclose(rec["boxes"][0], [x, y, x + w, y + h], atol=1e-4)
+    assert rec["class_names"][0] == SHAPE_CLASSES[first["category_id"] - 1]
+    assert rec["image"].dtype == np.uint8 and rec["image"].shape == (rec["height"], rec["width"], 3)
+    assert rec["source_id"] == f"shapes-photo-val/{rec['image_id']}"
+
+
+def test_coco_unknown_category_dropped_and_noted(tmp_path):
+    write_png(tmp_path / "a.png", _rgb())
+    (tmp_path / "ann.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10], "iscrowd": 0},
+                        {"id": 2, "image_id": 1, "category_id": 99, "bbox": [1, 1, 10, 10], "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    rec = next(CocoReader(tmp_path / "ann.json", tmp_path).records())
+    assert rec["status"] == "ok" and len(rec["boxes"]) == 1
+    assert any("unknown category" in n for n in rec["notes"])
+
+
+def test_voc_reader(tmp_path):
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "ImageSets/Main").mkdir(parents=True)
+    Image.fromarray(_rgb(60, 80)).save(tmp_path / "JPEGImages/000001.jpg", quality=95)
+    (tmp_path / "Annotations/000001.xml").write_text(
+        "<annotation><filename>000001.jpg</filename>"
+        "<object><name>dog</name><difficult>0</difficult><bndbox><xmin>11</xmin><ymin>21</ymin>"
+        "<xmax>40</xmax><ymax>50</ymax></bndbox></object>"
+        "<object><name>unicorn</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
+        "</bndbox></object></annotation>")
+    (tmp_path / "ImageSets/Main/trainval.txt").write_text("000001\n000002\n")
+    records = list(VocReader(tmp_path).records())
+    ok, missing = records
+    assert ok["status"] == "ok" and ok["class_names"] == ["dog"] and ok["class_ids"].tolist() == [11]
+    np.testing.assert_allclose(ok["boxes"][0], [10, 20, 40, 50])
+    assert any("not in the class list" in n for n in ok["notes"])
+    assert missing["status"] == "error" and "VOC annotation" in missing["error"]
+
+
+def test_listtxt_reader_and_escape(tmp_path):
+    write_png(tmp_path / "imgs/a.png", _rgb())
+    (tmp_path / "list.txt").write_text(
+        "imgs/a.png 1,2,30,35,0 5,5,9,9,7 junk\n../outside.png 1,1,5,5,0\nimgs/missing.png\n")
+    records = {r["image_id"]: r for r in ListTxtReader(tmp_path / "list.txt", classes=["cat", "dog"]).records()}
+    a = records["imgs/a.png"]
+    assert a["status"] == "ok" and a["class_names"] == ["cat"]
+    assert any("unknown class id 7" in n for n in a["notes"]) and any("junk" in n for n in a["notes"])
+    assert records["../outside.png"]["status"] == "error" and "escapes" in records["../outside.png"]["error"]
+    assert records["imgs/missing.png"]["status"] == "error" and "not found" in records["imgs/missing.png"]["error"]
+
+
+def test_bad_images_repaired_or_errored(tmp_path):
+    rgb = _rgb()
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    write_png(tmp_path / "good.png", rgb)
+    data = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "corrupt.png").write_bytes(b"not an image at all")
+    write_png(tmp_path / "tiny.png", _rgb(4, 4))
+    recs = {r["image_id"]: r for r in FolderReader(tmp_path).records(min_side=8)}
+    assert recs["gray.png"]["status"] == "ok" and np.array_equal(recs["gray.png"]["image"][..., 2], rgb[..., 0])
+    assert recs["rgba.png"]["status"] == "ok" and np.array_equal(recs["rgba.png"]["image"], rgb)
+    assert any("alpha" in n for n in recs["rgba.png"]["notes"])
+    deep = recs["deep.png"]
+    assert deep["status"] == "ok" and deep["image"].dtype == np.uint8
+    assert np.abs(deep["image"][..., 0].astype(int) - rgb[..., 0]).max() <= 1
+    assert any("16-bit" in n for n in deep["notes"])
+    for bad in ("truncated.png", "corrupt.png"):
+        assert recs[bad]["status"] == "error" and "cannot decode" in recs[bad]["error"]
+    assert recs["tiny.png"]["status"] == "error" and "smaller than the minimum" in recs["tiny.png"]["error"]
+
+
+def test_boxes_clipped_and_degenerate_dropped(tmp_path):
+    write_png(tmp_path / "a.png", _rgb(40, 50))
+    ref = {"source_id": "t/a", "dataset": "t", "image_id": "a", "root": str(tmp_path), "path": "a.png",
+           "boxes": [[-5, -5, 20, 20], [10, 10, 10, 30], [45, 30, 80, 90], [60, 60, 70, 70]],
+           "class_ids": [0, 1, 2, 3], "class_names": ["a", "b", "c", "d"]}
+    rec = load_record(ref)
+    np.testing.assert_allclose(rec["boxes"], [[0, 0, 20, 20], [45, 30, 50, 40]])
+    assert rec["class_names"] == ["a", "c"] and rec["class_ids"].tolist() == [0, 2]
+    assert any("clipped" in n for n in rec["notes"]) and any("degenerate" in n for n in rec["notes"])
+
+
+def test_png_writer_lossless_and_deterministic(tmp_path):
+    img = _rgb(33, 47, seed=3)
+    write_png(tmp_path / "a.png", img)
+    write_png(tmp_path / "b.png", img)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), img)
+
+
+def test_manifest_contract_and_comparison(tmp_path):
+    store = ManifestStore(tmp_path)
+    common = dict(source_path="/x", params={"b": 1, "a": 2}, models=[{"name": "m"}], seed=3)
+    store.write_unit("unit-1", [manifest_row(source_id="d/2", status="ok", output_path="o2.png",
+                                             started_at=1.0, duration_s=2.0, node_id="n1", **common)])
+    store.write_unit("unit-0", [manifest_row(source_id="d/1", status="error", error="bad",
+                                             started_at=5.0, duration_s=1.0, node_id="n2", **common)])
+    assert store.done_units() == {"unit-0", "unit-1"}
+    table = pq.read_table(store.consolidate())
+    assert table.schema.names[: len(CONTRACT)] == CONTRACT.names
+    assert table.column("source_id").to_pylist() == ["d/1", "d/2"]
+    assert table.column("params").to_pylist()[0] == '{"a":2,"b":1}'
+    other = table.set_column(table.schema.get_field_index("node_id"), "node_id",
+                             [["elsewhere", "elsewhere"]])
+    assert comparable(table).equals(comparable(other))
+    assert not set(VOLATILE) & set(comparable(table).columns)
+    with pytest.raises(ValueError, match="status"):
+        manifest_row(source_id="x", source_path="", status="done", params={}, models=[], seed=0,
+                     started_at=0, duration_s=0)
+
+
+def test_manifest_reader_keeps_ids_and_root(tmp_path):
+    write_png(tmp_path / "out/images/a.png", _rgb())
+    store = ManifestStore(tmp_path / "out")
+    store.write_unit("u", [manifest_row(source_id="ds/7", source_path="/src", output_path="images/a.png",
+                                        status="ok", params={}, models=[], seed=0, started_at=0, duration_s=0),
+                           manifest_row(source_id="ds/8", source_path="/src", output_path="../../x.png",
+                                        status="ok", params={}, models=[], seed=0, started_at=0, duration_s=0)])
+    recs = {r["source_id"]: r for r in ManifestReader(store.consolidate()).records()}
+    assert recs["ds/7"]["status"] == "ok" and recs["ds/7"]["dataset"] == "ds"
+    assert recs["ds/8"]["status"] == "error" and "escapes" in recs["ds/8"]["error"]
+
+
+def test_shapes_deterministic_two_domains(tmp_path, small_shapes):
+    again = shapes(tmp_path, n_train=24, n_val=12, seed=7)
+    for domain in DOMAINS:
+        for split in ("train", "val"):
+            a = (small_shapes / domain / "annotations" / f"instances_{split}.json").read_text()
+            assert a == (again / domain / "annotations" / f"instances_{split}.json").read_text()
+    first = sorted((small_shapes / "photo/train").glob("*.png"))[0]
+    assert first.read_bytes() == (again / "photo/train" / first.name).read_bytes()
+
+    def saturation(domain):
+        recs = list(shapes_reader(domain, "train", root=small_shapes.parent, n_train=24, n_val=12, seed=7).records())
+        return np.mean([np.ptp(r["image"].astype(int), axis=2).mean() for r in recs])
+    assert saturation("photo") > 4 * saturation("sketch")  # colour photos vs gray sketches
+    sizes = [(r["width"], r["height"]) for r in
+             shapes_reader("sketch", "train", root=small_shapes.parent, n_train=24, n_val=12, seed=7).records()]
+    assert all(128 <= w <= 256 and 128 <= h <= 256 for w, h in sizes)

@@ -1,0 +1,67 @@
+"""Metrics against known answers."""
+
+import math
+
+import pytest
+import torch
+
+from icm.metrics import bd_metrics, code_image, coco_map, detections_to_coco, ms_ssim, psnr, records_to_coco_gt, top1
+from icm.metrics.bitstream import pad_to_multiple
+from icm.zoo import build_codec
+
+
+def test_bitstream_decode_equals_forward_and_bpp_counts_bytes():
+    torch.manual_seed(0)
+    model = build_codec("bmshj2018-hyperprior", 1, weights="random:0").eval()
+    model.update(force=True)
+    x = torch.rand(1, 3, 70, 90)
+    coded = code_image(model, x)
+    assert coded.x_hat.shape == x.shape
+    assert coded.bpp == pytest.approx(8 * coded.num_bytes / (70 * 90))
+    assert coded.num_bytes == sum(len(s) for group in coded.strings for s in group)
+    padded, (left, right, top, bottom) = pad_to_multiple(x, 64)
+    assert padded.shape[-2:] == (128, 128)
+    with torch.no_grad():
+        forward = model(padded)["x_hat"][..., top:128 - bottom, left:128 - right].clamp(0, 1)
+    torch.testing.assert_close(coded.x_hat, forward, atol=1e-3, rtol=0)
+
+
+def test_psnr_msssim_known_answers():
+    a = torch.rand(1, 3, 64, 64)
+    b = (a + 0.1).clamp(max=10)
+    assert psnr(a, b) == pytest.approx(20.0, abs=1e-6)
+    assert psnr(a, a) == math.inf
+    assert ms_ssim(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert ms_ssim(torch.rand(1, 3, 200, 200), torch.rand(1, 3, 200, 200)) < 0.2
+
+
+def test_top1():
+    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert top1(logits, torch.tensor([1, 0, 0])) == pytest.approx(2 / 3)
+
+
+def test_coco_map_ground_truth_is_perfect_and_shifted_is_not():
+    records = [{"width": 100, "height": 100, "boxes": [[10, 10, 50, 50], [60, 60, 90, 95]], "class_ids": [0, 1]},
+               {"width": 80, "height": 80, "boxes": [[5, 5, 40, 30]], "class_ids": [1]}]
+    gt = records_to_coco_gt(records, ["a", "b"])
+    perfect = [{"boxes": torch.tensor(r["boxes"], dtype=torch.float32), "scores": torch.ones(len(r["boxes"])),
+                "labels": torch.tensor(r["class_ids"])} for r in records]
+    assert coco_map(gt, detections_to_coco(perfect)) == {"map": pytest.approx(1.0), "map50": pytest.approx(1.0),
+                                                         "map75": pytest.approx(1.0)}
+    shifted = [dict(p, boxes=p["boxes"] + 6) for p in perfect]
+    worse = coco_map(gt, detections_to_coco(shifted))
+    assert worse["map"] < 0.9
+    wrong_class = [dict(p, labels=1 - p["labels"]) for p in perfect]
+    assert coco_map(gt, detections_to_coco(wrong_class))["map50"] == 0.0
+    assert coco_map(gt, []) == {"map": 0.0, "map50": 0.0, "map75": 0.0}
+
+
+def test_bd_rate_known_answer_and_na():
+    rate = [0.2, 0.4, 0.8, 1.6]
+    quality = [28.0, 31.0, 34.0, 37.0]
+    same = bd_metrics(rate, quality, rate, quality)
+    assert same["bd_rate_percent"] == pytest.approx(0.0, abs=1e-6)
+    cheaper = bd_metrics(rate, quality, [r * 0.9 for r in rate], quality)
+    assert cheaper["bd_rate_percent"] == pytest.approx(-10.0, abs=0.05)
+    no_overlap = bd_metrics(rate, quality, rate[:2], [10.0, 11.0])
+    assert no_overlap["bd_rate_percent"] == "n/a" and no_overlap["bd_rate_percent_reason"]

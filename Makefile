@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(PY) pipelines/demo.py
+	$(PY) pipelines/export_dataset.py --config pipelines/configs/export.yaml --profile demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -60,12 +60,12 @@ def _box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class TorchvisionDetector(Detector):
     family = "torchvision"
 
-    def __init__(self, name: str, classes: list[str], image_size: int = 512):
+    def __init__(self, name: str, classes: list[str], image_size: int = 512, **model_kwargs):
         super().__init__(classes)
         self.name = name
         self.model = torchvision.models.get_model(
             name, weights=None, weights_backbone=None, num_classes=len(classes) + 1,
-            min_size=image_size, max_size=image_size)
+            min_size=image_size, max_size=image_size, **model_kwargs)
         self.samplers = []
         for owner in (getattr(self.model, "rpn", None), getattr(self.model, "roi_heads", None)):
             if owner is not None and hasattr(owner, "fg_bg_sampler"):
@@ -117,10 +117,12 @@ def _torchvision_hub(name: str):
 
 @register("detector", *TORCHVISION_DETECTORS)
 def build_torchvision_detector(name: str, classes: list[str], weights: str = "random",
-                               image_size: int = 512, **_) -> TorchvisionDetector:
+                               image_size: int = 512, **model_kwargs) -> TorchvisionDetector:
+    """``model_kwargs`` go to torchvision's builder, e.g. ``box_batch_size_per_image=128`` or
+    ``rpn_post_nms_top_n_train=300`` for a lighter Faster R-CNN."""
     resolved = resolve(weights, hub=_torchvision_hub(name), family=name)
     with seeded(resolved.seed):
-        det = TorchvisionDetector(name, classes, image_size=image_size)
+        det = TorchvisionDetector(name, classes, image_size=image_size, **model_kwargs)
     if resolved.path is not None:
         state = load_state_dict(resolved.path)
         if any(k.startswith("model.") for k in state):

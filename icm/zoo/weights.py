@@ -7,6 +7,8 @@
   ``~/.cache/icm-ray/weights``); on a cluster point the cache at shared storage and stage the file
   there once (``python -m icm.zoo.stage <spec> ...``) so that workers read it instead of
   downloading it each.
+* ``trained:<label>`` — weights produced by this project's own training jobs, looked up as
+  ``$ICM_WEIGHTS_DIR/trained/<label>.{pt,pth}``.
 * a hub name such as ``torchvision:DEFAULT``, ``compressai:mse``, ``ultralytics:yolov8n.pt`` or
   ``open_clip:openai`` — each family's builder turns it into a URL, then as above.
 
@@ -52,6 +54,10 @@ def weights_dir() -> Path:
     return Path(os.environ.get("ICM_WEIGHTS_DIR", Path.home() / ".cache" / "icm-ray" / "weights"))
 
 
+def trained_dir() -> Path:
+    return weights_dir() / "trained"
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -93,6 +99,15 @@ def resolve(spec: str | None, hub: Callable[[str], str] | None = None, family: s
     local = Path(spec[len("file://"):] if spec.startswith("file://") else spec).expanduser()
     if local.is_file():
         return ResolvedWeights(spec, local, None, sha256_file(local))
+    if spec.startswith("trained:"):
+        label = spec.partition(":")[2]
+        for suffix in (".pt", ".pth"):
+            path = trained_dir() / f"{label}{suffix}"
+            if path.is_file():
+                return ResolvedWeights(spec, path, None, sha256_file(path))
+        raise WeightsUnavailable(
+            f"weights {spec!r}: no {label}.pt/.pth under {trained_dir()}; train it first "
+            "(python pipelines/train_detectors.py) or pass a local file")
     if spec.startswith(("http://", "https://")):
         path = download(spec, spec)
         return ResolvedWeights(spec, path, None, sha256_file(path))

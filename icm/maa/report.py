@@ -1,0 +1,51 @@
+"""What the MAA job reports: summary statistics from its manifest, the figure, and the
+seen-vs-held-out detector comparison on original vs MAA images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def manifest_stats(manifest_path: str | Path) -> dict:
+    rows = pq.read_table(manifest_path).to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    change: dict[str, list[float]] = {}
+    for r in ok:
+        before, after = json.loads(r["loss_before"]), json.loads(r["loss_after"])
+        for name in before:
+            change.setdefault(name, []).append(after[name] - before[name])
+    return {
+        "images_in_manifest": len(rows), "ok": len(ok), "errors": len(rows) - len(ok),
+        "resized_to_fit_canvas": sum(bool(r["resized"]) for r in ok),
+        "max_linf_255": round(max((r["linf"] for r in ok), default=0.0) * 255, 3),
+        "mean_l2": round(float(np.mean([r["l2"] for r in ok])) if ok else 0.0, 4),
+        "mean_loss_change": {k: round(float(np.mean(v)), 4) for k, v in sorted(change.items())},
+        "images_with_lower_loss": {k: f"{sum(x < 0 for x in v)}/{len(v)}" for k, v in sorted(change.items())},
+    }
+
+
+def summary_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], path: str | Path,
+                   amplify: float = 10.0) -> Path:
+    """Rows of (original, MAA, |difference| × amplify) for a few images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(pairs))
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    for row, (orig, adv, title) in enumerate(pairs):
+        diff = np.clip(np.abs(adv.astype(np.float32) - orig.astype(np.float32)) * amplify, 0, 255).astype(np.uint8)
+        for col, (img, name) in enumerate(((orig, "original"), (adv, "MAA"), (diff, f"|MAA − original| × {amplify:g}"))):
+            axes[row, col].imshow(img)
+            axes[row, col].set_title(f"{title}\n{name}" if col == 0 else name, fontsize=8)
+            axes[row, col].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

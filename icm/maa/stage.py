@@ -1,0 +1,202 @@
+"""The MAA job's per-unit stage: a callable class built once per worker (detectors load once),
+turning a fixed unit of images into MAA PNGs and manifest rows. Ray-free; Ray Data calls it."""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from icm.data.records import load_record
+from icm.data.units import UnitStage, output_relpath
+from icm.data.writers import to_uint8, write_png
+from icm.maa.bounds import build_bound
+from icm.maa.canvas import boxes_to_canvas, letterbox, paste_back, to_tensor
+from icm.maa.methods import METHODS, Member, aafg, meta_aafg, per_image_losses
+from icm.zoo import build_detector
+
+MAA_COLUMNS = pa.schema([
+    ("method", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+    ("resized", pa.bool_()), ("placement", pa.string()),
+    ("loss_before", pa.string()), ("loss_after", pa.string()),   # JSON {detector: loss}
+    ("linf", pa.float64()), ("l2", pa.float64()), ("notes", pa.list_(pa.string())),
+])
+
+
+def as_float(value: Any) -> float:
+    """Numbers or fractions written as strings ("2/255")."""
+    return float(Fraction(value)) if isinstance(value, str) else float(value)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def image_seed(source_id: str, seed: int) -> int:
+    """Per-image seed from the image's id (never from the order of work)."""
+    return (zlib.crc32(source_id.encode()) ^ (seed * 0x9E3779B1)) % (2 ** 31)
+
+
+def detector_groups(cfg: dict) -> list[dict]:
+    """Config → groups: ``{"name", "class_map", "detectors": [spec, ...]}``.
+
+    aafg: one group of all listed detectors; meta_model: one group per detector;
+    meta_domain: one group per entry of ``domains``.
+    """
+    method = cfg["method"]
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    if method == "meta_domain":
+        domains = cfg.get("domains") or []
+        if len(domains) < 2:
+            raise ValueError("meta_domain needs at least 2 entries under 'domains'")
+        return [{"name": d["name"], "class_map": d.get("class_map"), "detectors": d["detectors"]} for d in domains]
+    detectors = cfg.get("detectors") or []
+    if method == "aafg":
+        if not detectors:
+            raise ValueError("aafg needs at least one entry under 'detectors'")
+        return [{"name": "aafg", "class_map": cfg.get("class_map"), "detectors": detectors}]
+    if len(detectors) < 2:
+        raise ValueError("meta_model needs at least 2 entries under 'detectors'")
+    return [{"name": d.get("label", d["name"]), "class_map": cfg.get("class_map"), "detectors": [d]}
+            for d in detectors]
+
+
+def detector_label(spec: dict) -> str:
+    return spec.get("label") or spec["name"]
+
+
+def map_targets(boxes: torch.Tensor, names: list[str], detector_classes: list[str],
+                class_map: dict | None) -> dict:
+    """Objects in the detector's label space; objects with no counterpart there are dropped."""
+    index = {c: i for i, c in enumerate(detector_classes)}
+    keep, labels = [], []
+    for i, name in enumerate(names):
+        mapped = (class_map or {}).get(name, name)
+        if mapped in index:
+            keep.append(i)
+            labels.append(index[mapped])
+    return {"boxes": boxes[keep] if keep else boxes.new_zeros((0, 4)),
+            "labels": torch.tensor(labels, dtype=torch.int64)}
+
+
+class MAAStage(UnitStage):
+    extra_schema = MAA_COLUMNS
+
+    def __init__(self, out_dir: str, params: dict, dataset_classes: list[str]):
+        self.cfg = params
+        self.device = resolve_device(params.get("device"))
+        self.canvas = int(params.get("canvas", 512))
+        self.bound = build_bound({k: (as_float(v) if k == "eps" else v)
+                                  for k, v in (params.get("bound") or {"type": "linf"}).items()})
+        self.alpha = as_float(params.get("alpha", "2/255"))
+        self.dataset_classes = dataset_classes
+        self.groups = []
+        models = []
+        for group in detector_groups(params):
+            built = []
+            for spec in group["detectors"]:
+                extra = {k: v for k, v in spec.items() if k not in ("name", "weights", "classes", "label")}
+                det = build_detector(spec["name"], spec.get("classes") or dataset_classes,
+                                     weights=spec.get("weights", "random"), image_size=self.canvas, **extra)
+                det.freeze().to(self.device)
+                built.append((detector_label(spec), det))
+                models.append({**det.icm_provenance, "label": detector_label(spec), "group": group["name"]})
+            self.groups.append((group["class_map"], built))
+        super().__init__(out_dir, params, models=models, seed=int(params.get("seed", 0)))
+
+    def error_row(self, ref, reason, started_at):
+        return self.row(ref, status="error", error=reason, started_at=started_at, method=self.cfg["method"],
+                        width=0, height=0, resized=False, placement="", loss_before="", loss_after="",
+                        linf=float("nan"), l2=float("nan"), notes=list(ref.get("notes") or []))
+
+    def _project_fn(self, clean: torch.Tensor, maps):
+        lower, upper = maps if maps else (None, None)
+        return lambda adv: self.bound.project(adv, clean, lower, upper)
+
+    def _bound_maps(self, refs: list[dict], placements) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.bound.kind != "map":
+            return None
+        lows, ups = [], []
+        for ref, p in zip(refs, placements):
+            maps = []
+            for key in ("lower_dir", "upper_dir"):
+                rel = output_relpath(ref["source_id"], prefix="").lstrip("/")
+                rec = load_record({**ref, "root": self.cfg["bound"][key], "path": rel, "boxes": [], "class_ids": [],
+                                   "class_names": [], "error": ""})
+                if rec["status"] != "ok" or rec["image"].shape[:2] != (p.height, p.width):
+                    raise ValueError(f"bound map {key} for {ref['source_id']}: {rec['error'] or 'size differs'}")
+                maps.append(letterbox(to_tensor(rec["image"]), self.canvas)[0])
+            lows.append(maps[0])
+            ups.append(maps[1])
+        return torch.stack(lows).to(self.device), torch.stack(ups).to(self.device)
+
+    def process_unit(self, refs):
+        started = time.time()
+        rows, good = [], []
+        for ref in refs:
+            record = load_record(ref)
+            if record["status"] != "ok":
+                rows.append(self.error_row(ref, record["error"], started))
+            else:
+                good.append((ref, record))
+        if not good:
+            return rows
+        canvases, masks, placements, originals = [], [], [], []
+        for _, record in good:
+            original = to_tensor(record["image"])
+            canvas, mask, placement = letterbox(original, self.canvas)
+            canvases.append(canvas)
+            masks.append(mask)
+            placements.append(placement)
+            originals.append(original)
+        x = torch.stack(canvases).to(self.device)
+        mask = torch.stack(masks).to(self.device)
+        seeds = [image_seed(ref["source_id"], self.seed) for ref, _ in good]
+        groups = []
+        for class_map, built in self.groups:
+            members = []
+            for label, det in built:
+                targets = [map_targets(boxes_to_canvas(rec["boxes"], p), list(rec["class_names"]), det.classes,
+                                       class_map) for (_, rec), p in zip(good, placements)]
+                targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+                members.append(Member(label, det, targets, seeds))
+            groups.append(members)
+        project = self._project_fn(x, self._bound_maps([r for r, _ in good], placements))
+        method = self.cfg["method"]
+        if method == "aafg":
+            adv = aafg(x, mask, groups[0], project, steps=int(self.cfg.get("steps", 10)), alpha=self.alpha)
+        else:
+            adv = meta_aafg(x, mask, groups, project, outer=int(self.cfg.get("outer", 10)),
+                            inner_steps=int(self.cfg.get("inner_steps", 8)), alpha=self.alpha)
+        members = [m for g in groups for m in g]
+        before = {m.name: per_image_losses(m, x) for m in members}
+        after = {m.name: per_image_losses(m, adv) for m in members}
+        for i, ((ref, record), p) in enumerate(zip(good, placements)):
+            out = paste_back(originals[i], adv[i].cpu(), x[i].cpu(), p)
+            out_u8 = to_uint8(out.numpy())
+            if self.bound.kind == "linf":  # exact guarantee after upsampling and rounding
+                orig = record["image"].astype(np.int16)
+                step = int(np.floor(self.bound.eps * 255 + 1e-6))
+                out_u8 = np.clip(out_u8.astype(np.int16), orig - step, orig + step).astype(np.uint8)
+            rel = output_relpath(ref["source_id"])
+            write_png(self.out_dir / rel, out_u8)
+            diff = (out_u8.astype(np.float64) - record["image"].astype(np.float64)) / 255.0
+            rows.append(self.row(
+                ref, status="ok", output_path=rel, started_at=started, seed=seeds[i], method=method,
+                width=p.width, height=p.height, resized=p.resized, placement=json.dumps(p.to_dict()),
+                loss_before=json.dumps({k: v[i] for k, v in before.items()}, sort_keys=True),
+                loss_after=json.dumps({k: v[i] for k, v in after.items()}, sort_keys=True),
+                linf=float(np.abs(diff).max()), l2=float(np.sqrt((diff ** 2).sum())),
+                notes=list(record["notes"]) + ([f"downscaled to {p.placed_w}x{p.placed_h} on the canvas"]
+                                                if p.resized else [])))
+        return rows

@@ -1,0 +1,134 @@
+"""Per-worker training loop for detectors behind the ``Detector`` interface (Faster R-CNN,
+CenterNet, ...), on the same letterboxed canvases MAA optimises. YOLO trains with ultralytics'
+own trainer instead (``train_yolo``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from icm.detectors.base import total
+from icm.maa.canvas import boxes_to_canvas, letterbox, to_tensor
+from icm.train.session import Session
+from icm.zoo import build_detector
+
+
+class LossModule(nn.Module):
+    """Wraps a detector so DDP sees one forward that returns the summed training loss."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images, targets):
+        terms = self.detector.loss(images, targets)
+        return total(terms), {k: float(v.detach()) for k, v in terms.items()}
+
+
+def canvas_sample(record: dict, canvas: int, flip: bool) -> tuple[torch.Tensor, dict]:
+    image, _, placement = letterbox(to_tensor(record["image"]), canvas)
+    boxes = boxes_to_canvas(record["boxes"], placement)
+    if flip:
+        image = image.flip(-1)
+        boxes = torch.stack([canvas - boxes[:, 2], boxes[:, 1], canvas - boxes[:, 0], boxes[:, 3]], 1)
+    return image, {"boxes": boxes, "labels": torch.as_tensor(np.asarray(record["class_ids"]), dtype=torch.int64)}
+
+
+def shuffled(records: Iterator[dict], rng: np.random.Generator, buffer: int = 256) -> Iterator[dict]:
+    """A local shuffle buffer over a (possibly streamed) record iterator."""
+    pool: list[dict] = []
+    for rec in records:
+        pool.append(rec)
+        if len(pool) >= buffer:
+            yield pool.pop(int(rng.integers(len(pool))))
+    while pool:
+        yield pool.pop(int(rng.integers(len(pool))))
+
+
+def train_detector_loop(config: dict[str, Any], session: Session) -> None:
+    """config: name, classes, canvas, epochs, batch_size, lr, weight_decay, seed, weights,
+    model_kwargs, checkpoint_every (epochs)."""
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)
+    det = build_detector(config["name"], config["classes"], weights=config.get("weights", f"random:{seed}"),
+                         image_size=int(config["canvas"]), **(config.get("model_kwargs") or {}))
+    det.train()
+    module = session.prepare(LossModule(det))
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(config.get("lr", 1e-3)),
+                            weight_decay=float(config.get("weight_decay", 1e-4)))
+    epochs = int(config["epochs"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(epochs, 1))) * 0.95 + 0.05)
+    start_epoch, step = 0, 0
+    state = session.restore()
+    if state is not None:
+        det.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+    batch_size = int(config.get("batch_size", 8))
+    canvas = int(config["canvas"])
+    every = int(config.get("checkpoint_every", 1))
+    for epoch in range(start_epoch, epochs):
+        rng = np.random.default_rng([seed, epoch, session.rank])
+        losses, images, targets = [], [], []
+
+        def step_on(images, targets):
+            x = torch.stack(images).to(session.device)
+            tg = [{k: v.to(session.device) for k, v in t.items()} for t in targets]
+            loss, _ = module(x, tg)
+            opt.zero_grad(set_to_none=True)
+            (loss / len(images)).backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+            return float(loss) / len(images)
+
+        for rec in shuffled((r for r in session.records("train", epoch) if r["status"] == "ok"), rng):
+            image, target = canvas_sample(rec, canvas, flip=bool(rng.random() < 0.5))
+            images.append(image)
+            targets.append(target)
+            if len(images) == batch_size:
+                losses.append(step_on(images, targets))
+                step += 1
+                images, targets = [], []
+        sched.step()
+        metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
+                   "lr": opt.param_groups[0]["lr"]}
+        last = epoch == epochs - 1
+        state = None
+        if session.rank == 0 and ((epoch + 1) % every == 0 or last):
+            state = {"model": det.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch, "step": step, "name": config["name"], "classes": list(config["classes"])}
+        session.report(metrics, state)
+
+
+def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str | Path) -> Path:
+    """Train a YOLO detector with ultralytics' own trainer (offline: no plots, no AMP check
+    download); returns the path of its best ``.pt``. Resumes an interrupted run of the same name."""
+    from ultralytics import YOLO
+
+    project_dir = Path(project_dir)
+    name = config.get("run_name", config["name"])
+    last = project_dir / name / "weights" / "last.pt"
+    best = project_dir / name / "weights" / "best.pt"
+    if best.is_file() and (project_dir / name / "DONE").is_file():
+        return best
+    if last.is_file():
+        model = YOLO(str(last))
+        model.train(resume=True)
+    else:
+        model = YOLO(f"{config['name']}.yaml")
+        model.train(data=str(data_yaml), epochs=int(config["epochs"]), imgsz=int(config["canvas"]),
+                    batch=int(config.get("batch_size", 16)), device=config.get("device", "cpu"),
+                    workers=int(config.get("workers", 0)), project=str(project_dir), name=name, exist_ok=True,
+                    seed=int(config.get("seed", 0)), deterministic=True, plots=False, amp=False, val=True,
+                    pretrained=False, verbose=False, lr0=float(config.get("lr", 0.01)),
+                    mosaic=float(config.get("mosaic", 1.0)), close_mosaic=int(config.get("close_mosaic", 2)))
+    (project_dir / name / "DONE").write_text("ok")
+    return best

@@ -1,0 +1,82 @@
+"""The project's one training harness: runs a Ray-free per-worker loop (``icm.train``) on Ray
+Train V2 — scaling from config, checkpoints through ``ray.train.report``, automatic resume when a
+run with the same name and storage path is started again, restarts after worker failures.
+
+Loops take ``(config, session)``; ``RayTrainSession`` gives them rank, device, DDP preparation,
+their Ray Data shard, checkpoint save/restore.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from icm.train.session import load_state, save_state
+
+
+class RayTrainSession:
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def records(self, split: str, epoch: int):
+        yield from ray.train.get_dataset_shard(split).iter_rows()
+
+    def prepare(self, module):
+        # Moves to the worker's device; wraps in DDP when there is more than one worker.
+        return ray.train.torch.prepare_model(module)
+
+    def report(self, metrics: dict, state: dict | None = None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(state, tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def restore(self) -> dict | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_state(directory)
+
+    def log_dir(self) -> Path | None:
+        return None
+
+
+def _run_loop(loop: Callable[[dict, Any], None]):
+    def train_fn(config: dict) -> None:
+        loop(config, RayTrainSession())
+    return train_fn
+
+
+def fit(loop: Callable[[dict, Any], None], loop_config: dict, *, name: str, storage_path: str | Path,
+        datasets: dict | None = None, num_workers: int = 1, use_gpu: bool = False,
+        cpus_per_worker: float = 1, max_failures: int = 2, keep_checkpoints: int = 2):
+    """Run ``loop`` on Ray Train; rerunning with the same ``name``/``storage_path`` resumes."""
+    trainer = TorchTrainer(
+        _run_loop(loop), train_loop_config=loop_config, datasets=datasets or {},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)))
+    return trainer.fit()
+
+
+def final_state(result) -> dict:
+    """The state saved with a finished run's latest checkpoint."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {result.path} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        return load_state(directory)

@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(PY) pipelines/export_dataset.py --config pipelines/configs/export.yaml --profile demo
+	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml
+	$(PY) pipelines/maa_augment.py --config pipelines/configs/maa_model.yaml --profile demo
+	$(PY) pipelines/maa_augment.py --config pipelines/configs/maa_domain.yaml --profile demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from common import parse_args, resolve_config, run_resumable, start_ray, write_resolved, write_summary
 
+from icm.data.classes import class_list
 from icm.data.readers import ManifestReader, build_reader
 from icm.data.ray_io import work_units
 from icm.maa.report import manifest_stats, summary_figure
@@ -41,7 +42,7 @@ def evaluate(cfg: dict, reader, out_dir: Path) -> list[dict]:
     rows = []
     for spec in cfg["evaluate"]["detectors"]:
         extra = {k: v for k, v in spec.items() if k not in ("name", "weights", "classes", "label", "class_map")}
-        det = build_detector(spec["name"], spec.get("classes") or reader.classes, weights=spec["weights"],
+        det = build_detector(spec["name"], class_list(spec.get("classes")) or reader.classes, weights=spec["weights"],
                              image_size=cfg["canvas"], **extra).freeze().to(device)
         a = evaluate_detector(det, originals, cfg["canvas"], class_map=spec.get("class_map"), device=device)
         b = evaluate_detector(det, maa, cfg["canvas"], class_map=spec.get("class_map"), device=device)

@@ -18,7 +18,6 @@ from pathlib import Path
 import ray
 import torch
 from common import parse_args, resolve_config, start_ray, write_resolved
-from train_harness import final_state, fit
 
 from icm.config import canonical_json
 from icm.data.ray_io import records_dataset
@@ -26,6 +25,7 @@ from icm.data.readers import build_reader
 from icm.data.yolo_format import export_yolo
 from icm.detectors.evaluate import evaluate_detector
 from icm.train.detectors import train_detector_loop, train_yolo
+from icm.train.ray_trainer import final_state, fit
 from icm.zoo import build_detector
 from icm.zoo.weights import sha256_file, trained_dir
 
@@ -39,7 +39,8 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> Path:
     train_reader = build_reader(_dataset_spec(cfg, spec, "train"))
     classes = train_reader.classes
     loop_cfg = {**{k: v for k, v in spec.items() if k not in ("label", "domain", "trainer")},
-                "classes": classes, "canvas": canvas, "seed": spec.get("seed", cfg.get("seed", 0))}
+                "classes": classes, "canvas": canvas, "seed": spec.get("seed", cfg.get("seed", 0)),
+                "threads": workers.get("threads")}
     dest_dir = trained_dir()
     dest_dir.mkdir(parents=True, exist_ok=True)
     if spec.get("trainer", "ray") == "ultralytics":
@@ -54,7 +55,7 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> Path:
         shutil.copy(best, dest)
     else:
         result = fit(train_detector_loop, loop_cfg, name=label, storage_path=out_dir / "ray-train",
-                     datasets={"train": records_dataset(train_reader)},
+                     datasets={"train": records_dataset(train_reader, num_cpus=workers.get("data_cpus", 1))},
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                      cpus_per_worker=workers.get("cpus_per_worker", 1))
         dest = dest_dir / f"{label}.pth"

@@ -47,13 +47,15 @@ def _record_row(ref: dict[str, Any], min_side: int) -> dict[str, Any]:
     return record
 
 
-def records_dataset(reader: Reader, min_side: int = 1, override_num_blocks: int | None = None):
-    """A ``ray.data.Dataset`` of decoded records, decoded in the workers."""
+def records_dataset(reader: Reader, min_side: int = 1, override_num_blocks: int | None = None,
+                    num_cpus: float = 1):
+    """A ``ray.data.Dataset`` of decoded records, decoded in the workers (``num_cpus`` each:
+    below 1 leaves room for training workers on a small machine)."""
     import ray
 
     refs = [r.to_dict() for r in reader.refs()]
     ds = ray.data.from_items(refs, override_num_blocks=override_num_blocks)
-    return ds.map(partial(_record_row, min_side=min_side))
+    return ds.map(partial(_record_row, min_side=min_side), num_cpus=num_cpus)
 
 
 def work_units(reader: Reader, unit_size: int, limit: int | None = None) -> list[dict[str, Any]]:

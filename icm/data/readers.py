@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 
 import pyarrow.parquet as pq
 
+from icm.data.classes import VOC, class_list
 from icm.data.paths import PathEscapesRoot, resolve_under
 from icm.data.records import ImageRef, load_record
 
@@ -38,14 +39,7 @@ class Reader:
 
 
 def _classes_from(classes: Sequence[str] | str | Path | None) -> list[str]:
-    if classes is None:
-        return []
-    if isinstance(classes, (str, Path)):
-        path = Path(classes)
-        if not path.is_file():
-            raise FileNotFoundError(f"class list {path} does not exist (one class name per line)")
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return list(classes)
+    return class_list(str(classes) if isinstance(classes, Path) else classes) or []
 
 
 class CocoReader(Reader):
@@ -97,9 +91,7 @@ class CocoReader(Reader):
 class VocReader(Reader):
     """Pascal VOC: ``Annotations/<id>.xml`` + ``ImageSets/Main/<split>.txt`` + ``JPEGImages``."""
 
-    VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-                   "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-                   "sheep", "sofa", "train", "tvmonitor"]
+    VOC_CLASSES = VOC
 
     def __init__(self, root: str | Path, split: str = "trainval", name: str = "voc",
                  classes: Sequence[str] | str | Path | None = None, include_difficult: bool = False):

@@ -111,8 +111,9 @@ def load_record(ref: dict[str, Any] | ImageRef, min_side: int = 1) -> dict[str, 
         return error_record(ref, f"file not found: {path}")
     try:
         image, decode_notes = decode_rgb(str(path))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        return error_record(ref, f"cannot decode {path}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (plugins raise odd types) is bad input
+        reason = str(exc) if isinstance(exc, (UnidentifiedImageError, OSError)) else f"{type(exc).__name__}: {exc}"
+        return error_record(ref, f"cannot decode {path}: {reason}")
     height, width = image.shape[:2]
     if min(height, width) < min_side:
         return error_record(ref, f"image {width}x{height} is smaller than the minimum side {min_side}")

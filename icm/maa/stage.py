@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from icm.data.classes import class_list
 from icm.data.records import load_record
 from icm.data.units import UnitStage, output_relpath
 from icm.data.writers import to_uint8, write_png
@@ -105,8 +106,11 @@ class MAAStage(UnitStage):
         for group in detector_groups(params):
             built = []
             for spec in group["detectors"]:
+                if not (spec.get("classes") or dataset_classes):
+                    raise ValueError(f"detector {detector_label(spec)!r}: the dataset has no class list; "
+                                     "give the detector's classes (a list, voc, coco80, coco91 or a file)")
                 extra = {k: v for k, v in spec.items() if k not in ("name", "weights", "classes", "label")}
-                det = build_detector(spec["name"], spec.get("classes") or dataset_classes,
+                det = build_detector(spec["name"], class_list(spec.get("classes")) or dataset_classes,
                                      weights=spec.get("weights", "random"), image_size=self.canvas, **extra)
                 det.freeze().to(self.device)
                 built.append((detector_label(spec), det))

@@ -52,9 +52,11 @@ def shuffled(records: Iterator[dict], rng: np.random.Generator, buffer: int = 25
 
 def train_detector_loop(config: dict[str, Any], session: Session) -> None:
     """config: name, classes, canvas, epochs, batch_size, lr, weight_decay, seed, weights,
-    model_kwargs, checkpoint_every (epochs)."""
+    model_kwargs, checkpoint_every (epochs), threads (torch CPU threads)."""
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
     det = build_detector(config["name"], config["classes"], weights=config.get("weights", f"random:{seed}"),
                          image_size=int(config["canvas"]), **(config.get("model_kwargs") or {}))
     det.train()

@@ -3,7 +3,9 @@ Train V2 — scaling from config, checkpoints through ``ray.train.report``, auto
 run with the same name and storage path is started again, restarts after worker failures.
 
 Loops take ``(config, session)``; ``RayTrainSession`` gives them rank, device, DDP preparation,
-their Ray Data shard, checkpoint save/restore.
+their Ray Data shard, checkpoint save/restore. This module and ``icm.data.ray_io`` are the only
+Ray adapters inside ``icm``: Ray Train workers must be able to import the harness, which a
+driver-side script folder does not guarantee.
 """
 
 from __future__ import annotations

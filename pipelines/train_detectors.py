@@ -20,7 +20,6 @@ import torch
 from common import parse_args, resolve_config, start_ray, write_resolved
 
 from icm.config import canonical_json
-from icm.data.ray_io import records_dataset
 from icm.data.readers import build_reader
 from icm.data.yolo_format import export_yolo
 from icm.detectors.evaluate import evaluate_detector
@@ -54,8 +53,10 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> Path:
         dest = dest_dir / f"{label}.pt"
         shutil.copy(best, dest)
     else:
+        # A few hundred small images: each worker decodes its slice once (RayTrainSession);
+        # large sets would go through Ray Data instead (datasets={"train": records_dataset(...)}).
+        loop_cfg["data_refs"] = {"train": [r.to_dict() for r in train_reader.refs()]}
         result = fit(train_detector_loop, loop_cfg, name=label, storage_path=out_dir / "ray-train",
-                     datasets={"train": records_dataset(train_reader, num_cpus=workers.get("data_cpus", 1))},
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                      cpus_per_worker=workers.get("cpus_per_worker", 1))
         dest = dest_dir / f"{label}.pth"

@@ -34,7 +34,7 @@ TEXTURE_NAMES = ("brick", "grass", "gravel", "camera", "page", "text")
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("ICM_DATA_DIR", Path.home() / ".cache" / "icm-ray" / "data"))
+    return Path(os.environ.get("ICM_DATA_DIR") or Path.home() / ".cache" / "icm-ray" / "data")
 
 
 def _finished(path: Path, stamp: dict) -> bool:

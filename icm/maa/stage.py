@@ -123,26 +123,25 @@ class MAAStage(UnitStage):
                         width=0, height=0, resized=False, placement="", loss_before="", loss_after="",
                         linf=float("nan"), l2=float("nan"), notes=list(ref.get("notes") or []))
 
-    def _project_fn(self, clean: torch.Tensor, maps):
-        lower, upper = maps if maps else (None, None)
-        return lambda adv: self.bound.project(adv, clean, lower, upper)
-
-    def _bound_maps(self, refs: list[dict], placements) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _bound_maps(self, refs: list[dict], placements):
+        """Per-pixel bound maps for ``map`` bounds: (canvas lower, canvas upper) tensors and the
+        full-size maps, read from ``lower_dir``/``upper_dir`` at the image's relative path."""
         if self.bound.kind != "map":
-            return None
-        lows, ups = [], []
+            return None, []
+        canvas_maps, full_maps = [], []
         for ref, p in zip(refs, placements):
-            maps = []
+            pair = []
             for key in ("lower_dir", "upper_dir"):
-                rel = output_relpath(ref["source_id"], prefix="").lstrip("/")
-                rec = load_record({**ref, "root": self.cfg["bound"][key], "path": rel, "boxes": [], "class_ids": [],
-                                   "class_names": [], "error": ""})
+                rec = load_record({**ref, "root": self.cfg["bound"][key], "path": f"{ref['dataset']}/{ref['image_id']}",
+                                   "boxes": [], "class_ids": [], "class_names": [], "error": ""})
                 if rec["status"] != "ok" or rec["image"].shape[:2] != (p.height, p.width):
                     raise ValueError(f"bound map {key} for {ref['source_id']}: {rec['error'] or 'size differs'}")
-                maps.append(letterbox(to_tensor(rec["image"]), self.canvas)[0])
-            lows.append(maps[0])
-            ups.append(maps[1])
-        return torch.stack(lows).to(self.device), torch.stack(ups).to(self.device)
+                pair.append(to_tensor(rec["image"]))
+            full_maps.append(pair)
+            canvas_maps.append([letterbox(m, self.canvas)[0] for m in pair])
+        lower = torch.stack([c[0] for c in canvas_maps]).to(self.device)
+        upper = torch.stack([c[1] for c in canvas_maps]).to(self.device)
+        return (lower, upper), full_maps
 
     def process_unit(self, refs):
         started = time.time()
@@ -175,7 +174,11 @@ class MAAStage(UnitStage):
                 targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
                 members.append(Member(label, det, targets, seeds))
             groups.append(members)
-        project = self._project_fn(x, self._bound_maps([r for r, _ in good], placements))
+        canvas_maps, full_maps = self._bound_maps([r for r, _ in good], placements)
+        lower, upper = canvas_maps or (None, None)
+
+        def project(adv):
+            return self.bound.project(adv, x, lower, upper)
         method = self.cfg["method"]
         if method == "aafg":
             adv = aafg(x, mask, groups[0], project, steps=int(self.cfg.get("steps", 10)), alpha=self.alpha)
@@ -187,8 +190,10 @@ class MAAStage(UnitStage):
         after = {m.name: per_image_losses(m, adv) for m in members}
         for i, ((ref, record), p) in enumerate(zip(good, placements)):
             out = paste_back(originals[i], adv[i].cpu(), x[i].cpu(), p)
+            # Re-project at full size: exact after upsampling a downscaled image's perturbation.
+            out = self.bound.project(out, originals[i], *(full_maps[i] if full_maps else (None, None)))
             out_u8 = to_uint8(out.numpy())
-            if self.bound.kind == "linf":  # exact guarantee after upsampling and rounding
+            if self.bound.kind == "linf":  # and after rounding to 8 bits
                 orig = record["image"].astype(np.int16)
                 step = int(np.floor(self.bound.eps * 255 + 1e-6))
                 out_u8 = np.clip(out_u8.astype(np.int16), orig - step, orig + step).astype(np.uint8)

@@ -20,17 +20,29 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from icm.data.records import load_record
 from icm.train.session import load_state, save_state
 
 
 class RayTrainSession:
-    def __init__(self):
+    """Records come from the run's Ray Data shard, or — for small datasets passed as references
+    in ``config["data_refs"][split]`` — are decoded once per worker (its ``rank::world_size``
+    slice) and kept in memory, which spares re-streaming a tiny set every epoch."""
+
+    def __init__(self, config: dict):
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        self._refs = config.get("data_refs") or {}
+        self._cache: dict[str, list[dict]] = {}
 
     def records(self, split: str, epoch: int):
+        if split in self._refs:
+            if split not in self._cache:
+                self._cache[split] = [load_record(r) for r in self._refs[split][self.rank::self.world_size]]
+            yield from self._cache[split]
+            return
         yield from ray.train.get_dataset_shard(split).iter_rows()
 
     def prepare(self, module):
@@ -58,7 +70,7 @@ class RayTrainSession:
 
 def _run_loop(loop: Callable[[dict, Any], None]):
     def train_fn(config: dict) -> None:
-        loop(config, RayTrainSession())
+        loop(config, RayTrainSession(config))
     return train_fn
 
 

@@ -51,7 +51,7 @@ class ResolvedWeights:
 
 
 def weights_dir() -> Path:
-    return Path(os.environ.get("ICM_WEIGHTS_DIR", Path.home() / ".cache" / "icm-ray" / "weights"))
+    return Path(os.environ.get("ICM_WEIGHTS_DIR") or Path.home() / ".cache" / "icm-ray" / "weights")
 
 
 def trained_dir() -> Path:

@@ -30,8 +30,8 @@ def manifest_stats(manifest_path: str | Path) -> dict:
 
 
 def summary_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], path: str | Path,
-                   amplify: float = 10.0) -> Path:
-    """Rows of (original, MAA, |difference| × amplify) for a few images."""
+                   amplify: float = 15.0) -> Path:
+    """Rows of (original, MAA, signed difference × amplify around mid-gray) for a few images."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,8 +40,9 @@ def summary_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], path: st
     n = max(1, len(pairs))
     fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
     for row, (orig, adv, title) in enumerate(pairs):
-        diff = np.clip(np.abs(adv.astype(np.float32) - orig.astype(np.float32)) * amplify, 0, 255).astype(np.uint8)
-        for col, (img, name) in enumerate(((orig, "original"), (adv, "MAA"), (diff, f"|MAA − original| × {amplify:g}"))):
+        diff = np.clip(128 + (adv.astype(np.float32) - orig.astype(np.float32)) * amplify, 0, 255).astype(np.uint8)
+        for col, (img, name) in enumerate(((orig, "original"), (adv, "MAA"),
+                                           (diff, f"(MAA − original) × {amplify:g} + gray"))):
             axes[row, col].imshow(img)
             axes[row, col].set_title(f"{title}\n{name}" if col == 0 else name, fontsize=8)
             axes[row, col].axis("off")

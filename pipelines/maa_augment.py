@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 from common import parse_args, resolve_config, run_resumable, start_ray, write_resolved, write_summary
 
 from icm.data.classes import class_list

@@ -10,7 +10,6 @@ the dataset's own ids (e.g. COCO's 1..90) for evaluation and export.
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator, Sequence

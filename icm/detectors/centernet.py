@@ -80,7 +80,7 @@ class CenterNet(Detector):
         hm = torch.zeros(self.num_classes, out_h, out_w, device=device)
         boxes = torch.as_tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4) / self.stride
         labels = torch.as_tensor(target["labels"], dtype=torch.int64).reshape(-1)
-        centers, sizes, offsets, keep = [], [], [], []
+        centers, sizes, offsets = [], [], []
         ys, xs = torch.arange(out_h, device=device).view(-1, 1), torch.arange(out_w, device=device).view(1, -1)
         for (x1, y1, x2, y2), cls in zip(boxes.tolist(), labels.tolist()):
             w, h = x2 - x1, y2 - y1

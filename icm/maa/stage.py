@@ -7,7 +7,6 @@ import json
 import time
 import zlib
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -82,10 +82,18 @@ class TorchvisionDetector(Detector):
         return out
 
     def loss(self, images, targets):
-        # The families' losses normalise over the whole batch (sampled anchors, foreground
-        # counts), so the per-image losses come from one call per image, then are summed.
+        if self.training:
+            # Training the weights: one batched call (BatchNorm sees the whole batch); the
+            # families average over the batch, so scale back to a per-image sum.
+            for sampler in self.samplers:
+                sampler.generator.manual_seed(int(targets[0].get("seed", 0)) if targets else 0)
+            with loss_branch(self.model, train_norm=True):
+                terms = self.model(list(images), [self._tv_target(t, im) for t, im in zip(targets, images)])
+            return {k: v * len(images) for k, v in terms.items()}
+        # Optimising inputs: the families' losses normalise over the whole batch (sampled
+        # anchors, foreground counts), so per-image losses come from one call per image, summed.
         per_image = []
-        with loss_branch(self.model, train_norm=self.training):
+        with loss_branch(self.model, train_norm=False):
             for image, target in zip(images, targets):
                 for sampler in self.samplers:
                     sampler.generator.manual_seed(int(target.get("seed", 0)))

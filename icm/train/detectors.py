@@ -50,9 +50,34 @@ def shuffled(records: Iterator[dict], rng: np.random.Generator, buffer: int = 25
         yield pool.pop(int(rng.integers(len(pool))))
 
 
+@torch.no_grad()
+def recalibrate_norm_stats(det, batches: list[tuple[torch.Tensor, list[dict]]]) -> None:
+    """Recompute BatchNorm running statistics as exact averages over ``batches`` ("precise BN").
+
+    Detectors trained briefly from scratch keep poor running statistics — torchvision's
+    MobileNetV3 uses momentum 0.01, so after a few hundred steps they are still near their
+    initial values — and eval mode (what MAA and inference use) then sees a different network.
+    """
+    norms = [m for m in det.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or not batches:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = det.training
+    det.train()
+    for images, targets in batches:
+        det.loss(images, targets)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    det.train(was_training)
+
+
 def train_detector_loop(config: dict[str, Any], session: Session) -> None:
     """config: name, classes, canvas, epochs, batch_size, lr, weight_decay, seed, weights,
-    model_kwargs, checkpoint_every (epochs), threads (torch CPU threads)."""
+    model_kwargs, checkpoint_every (epochs), threads (torch CPU threads), precise_bn_batches
+    (batches used to recompute BatchNorm statistics after the last epoch; 0 disables)."""
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     if config.get("threads"):
@@ -100,6 +125,18 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
                 step += 1
                 images, targets = [], []
         sched.step()
+        if epoch == epochs - 1 and int(config.get("precise_bn_batches", 16)) > 0:
+            calib, images, targets = [], [], []
+            for rec in (r for r in session.records("train", epoch) if r["status"] == "ok"):
+                image, target = canvas_sample(rec, canvas, flip=False)
+                images.append(image)
+                targets.append({k: v.to(session.device) for k, v in target.items()})
+                if len(images) == batch_size:
+                    calib.append((torch.stack(images).to(session.device), targets))
+                    images, targets = [], []
+                if len(calib) == int(config.get("precise_bn_batches", 16)):
+                    break
+            recalibrate_norm_stats(det, calib)
         metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "lr": opt.param_groups[0]["lr"]}
         last = epoch == epochs - 1

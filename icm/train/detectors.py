@@ -114,7 +114,7 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
             (loss / len(images)).backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
-            return float(loss) / len(images)
+            return loss.item() / len(images)
 
         for rec in shuffled((r for r in session.records("train", epoch) if r["status"] == "ok"), rng):
             image, target = canvas_sample(rec, canvas, flip=bool(rng.random() < 0.5))

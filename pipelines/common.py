@@ -63,7 +63,9 @@ def run_resumable(units: list[dict], stage_cls: type, stage_kwargs: dict, out_di
     counts = {"done": sum(r["status"] == "ok" for r in rows),
               "failed": sum(r["status"] == "error" for r in rows),
               "skipped": sum(r["status"] == "skipped" for r in rows) + skipped_images}
-    return {"rows": rows, "counts": counts, "elapsed_s": elapsed, "manifest": str(manifest),
+    errors = [f"{r['source_id']}: {r['error']}" for r in rows if r["status"] == "error"]
+    return {"rows": rows, "counts": counts, "errors": errors, "elapsed_s": elapsed,
+            "manifest": str(manifest),
             "units_run": len(todo), "units_total": len(units),
             "images_per_s": (counts["done"] + counts["failed"]) / elapsed if elapsed > 0 and rows else 0.0}
 

@@ -25,11 +25,10 @@ def run(cfg: dict, address: str | None = None) -> dict:
     result = run_resumable(units, ExportStage,
                            {"out_dir": str(out_dir), "params": params, "min_side": cfg.get("min_side", 1)},
                            out_dir, EXPORT_COLUMNS, cfg.get("workers", {}))
-    errors = [f"{r['source_id']}: {r['error']}" for r in result["rows"] if r["status"] == "error"]
     summary = {"job": "export", "dataset": reader.name, "classes": reader.classes,
                "images": result["counts"], "elapsed_s": round(result["elapsed_s"], 2),
                "images_per_s": round(result["images_per_s"], 2),
-               "manifest": result["manifest"], "errors": errors[:20]}
+               "manifest": result["manifest"], "errors": result["errors"][:20]}
     write_summary(out_dir, summary, "export summary")
     return summary
 

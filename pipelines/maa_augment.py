@@ -80,7 +80,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
                "elapsed_s": round(result["elapsed_s"], 2), "images_per_s": round(result["images_per_s"], 3),
                **stats, "manifest": result["manifest"], "figure": str(out_dir / "summary.png"),
                "wall_s": round(time.time() - start, 1),
-               "errors": [f"{r['source_id']}: {r['error']}" for r in result["rows"] if r["status"] == "error"][:20]}
+               "errors": result["errors"][:20]}
     if cfg.get("evaluate"):
         summary["evaluation"] = evaluate(cfg, reader, out_dir)
     write_summary(out_dir, summary, f"MAA summary ({cfg['method']})")

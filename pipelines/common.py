@@ -38,6 +38,21 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def guard_params(out_dir: Path, params: dict[str, Any]) -> None:
+    """Refuse to resume into an ``out_dir`` whose outputs were made with other job parameters:
+    skipping its finished units would mix two settings in one output set."""
+    path = Path(out_dir) / "job_params.json"
+    current = json.loads(json.dumps(params, sort_keys=True, default=str))
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            raise SystemExit(f"{out_dir} holds outputs made with other parameters (changed: {changed}); "
+                             "use a new out_dir, or delete this one to start over")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
 def start_ray(cfg: dict[str, Any], address: str | None) -> None:
     ray_cfg = cfg.get("ray", {}) or {}
     init_ray(address=address or ray_cfg.get("address"), num_cpus=ray_cfg.get("num_cpus"),
@@ -85,5 +100,5 @@ def write_summary(out_dir: Path, summary: dict[str, Any], title: str) -> Path:
     return path
 
 
-__all__ = ["REPO", "parse_args", "resolve_config", "start_ray", "run_resumable", "write_summary",
+__all__ = ["REPO", "parse_args", "resolve_config", "guard_params", "start_ray", "run_resumable", "write_summary",
            "write_resolved"]

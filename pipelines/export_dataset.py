@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common import parse_args, resolve_config, run_resumable, start_ray, write_resolved, write_summary
+from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
+                    write_summary)
 
 from icm.data.export import EXPORT_COLUMNS, ExportStage
 from icm.data.ray_io import work_units
@@ -22,6 +23,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     reader = build_reader(cfg["dataset"])
     units = work_units(reader, cfg.get("unit_size", 8), limit=cfg.get("limit"))
     params = {"job": "export", "dataset": cfg["dataset"], "min_side": cfg.get("min_side", 1)}
+    guard_params(out_dir, {**params, "unit_size": cfg.get("unit_size", 8)})
     result = run_resumable(units, ExportStage,
                            {"out_dir": str(out_dir), "params": params, "min_side": cfg.get("min_side", 1)},
                            out_dir, EXPORT_COLUMNS, cfg.get("workers", {}))

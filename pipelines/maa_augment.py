@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common import parse_args, resolve_config, run_resumable, start_ray, write_resolved, write_summary
+from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
+                    write_summary)
 
 from icm.data.classes import class_list
 from icm.data.readers import ManifestReader, build_reader
@@ -66,6 +67,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     units = work_units(reader, int(cfg.get("batch_size", 4)), limit=cfg.get("limit"))
     params = {k: cfg[k] for k in METHOD_KEYS if k in cfg}
     detector_groups(params)  # fail on a bad method/detector config before starting workers
+    guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
     start = time.time()
     result = run_resumable(units, MAAStage, {"out_dir": str(out_dir), "params": params,
                                              "dataset_classes": reader.classes},

@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from icm.data import comparable, write_png
 from icm.data.ray_io import records_dataset, work_units
@@ -71,3 +72,6 @@ def test_export_job_resumes_to_identical_outputs_and_keeps_bad_rows(ray_cluster,
             assert (full / r["output_path"]).read_bytes() == (resumed / r["output_path"]).read_bytes()
     a, b = comparable(full / "manifest.parquet"), comparable(resumed / "manifest.parquet")
     assert a.drop(columns=["source_path"]).equals(b.drop(columns=["source_path"]))
+
+    with pytest.raises(SystemExit, match="other parameters"):  # other settings never mix in one out_dir
+        export_dataset.run({**_export_cfg(src, resumed), "unit_size": 2})

@@ -17,7 +17,6 @@ from pathlib import Path
 from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
                     write_summary)
 
-from icm.data.classes import class_list
 from icm.data.readers import ManifestReader, build_reader
 from icm.data.ray_io import work_units
 from icm.maa.report import manifest_stats, summary_figure
@@ -30,20 +29,17 @@ METHOD_KEYS = ("method", "canvas", "steps", "outer", "inner_steps", "alpha", "bo
 def evaluate(cfg: dict, reader, out_dir: Path) -> list[dict]:
     """Per detector: mean training loss and mAP@.5 on the original vs the MAA images."""
     from icm.detectors.evaluate import evaluate_detector
-    from icm.maa.stage import resolve_device
-    from icm.zoo import build_detector
+    from icm.maa.stage import build_from_spec, resolve_device
 
     seen = {detector_label(s) for g in detector_groups(cfg) for s in g["detectors"]}
     produced = {r["source_id"]: r for r in ManifestReader(out_dir / "manifest.parquet").records()}
-    originals = [r for r in reader.records() if r["source_id"] in produced]
+    originals = list(reader.records(source_ids=produced))
     maa = [{**produced[r["source_id"]], "boxes": r["boxes"], "class_ids": r["class_ids"],
             "class_names": r["class_names"]} for r in originals]
     device = resolve_device(cfg.get("device"))
     rows = []
     for spec in cfg["evaluate"]["detectors"]:
-        extra = {k: v for k, v in spec.items() if k not in ("name", "weights", "classes", "label", "class_map")}
-        det = build_detector(spec["name"], class_list(spec.get("classes")) or reader.classes, weights=spec["weights"],
-                             image_size=cfg["canvas"], **extra).freeze().to(device)
+        det = build_from_spec(spec, reader.classes, cfg["canvas"]).to(device)
         a = evaluate_detector(det, originals, cfg["canvas"], class_map=spec.get("class_map"), device=device)
         b = evaluate_detector(det, maa, cfg["canvas"], class_map=spec.get("class_map"), device=device)
         rows.append({"detector": detector_label(spec), "in_maa_set": detector_label(spec) in seen,
@@ -73,11 +69,12 @@ def run(cfg: dict, address: str | None = None) -> dict:
                                              "dataset_classes": reader.classes},
                            out_dir, MAA_COLUMNS, cfg.get("workers", {}))
     stats = manifest_stats(result["manifest"])
-    produced = sorted((r for r in ManifestReader(out_dir / "manifest.parquet").records()),
-                      key=lambda r: r["source_id"])[: int(cfg.get("figure_images", 3))]
-    originals = {r["source_id"]: r for r in reader.records() if r["source_id"] in {p["source_id"] for p in produced}}
-    summary_figure([(originals[p["source_id"]]["image"], p["image"], p["source_id"]) for p in produced
-                    if p["source_id"] in originals], out_dir / "summary.png")
+    outputs = ManifestReader(out_dir / "manifest.parquet")
+    shown = [r.source_id for r in outputs.refs()][: int(cfg.get("figure_images", 3))]  # decode only these
+    originals = {r["source_id"]: r for r in reader.records(source_ids=shown)}
+    summary_figure([(originals[p["source_id"]]["image"], p["image"], p["source_id"])
+                    for p in outputs.records(source_ids=shown) if p["source_id"] in originals],
+                   out_dir / "summary.png")
     summary = {"job": "maa", "method": cfg["method"], "dataset": reader.name, "images": result["counts"],
                "elapsed_s": round(result["elapsed_s"], 2), "images_per_s": round(result["images_per_s"], 3),
                **stats, "manifest": result["manifest"], "figure": str(out_dir / "summary.png"),

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -127,14 +126,3 @@ def comparable(table_or_path: pa.Table | str | Path):
     table = table_or_path if isinstance(table_or_path, pa.Table) else pq.read_table(table_or_path)
     df = table.drop_columns([c for c in VOLATILE if c in table.column_names]).to_pandas()
     return df.sort_values("source_id", kind="stable").reset_index(drop=True)
-
-
-def now() -> float:
-    return time.time()
-
-
-def status_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
-    counts = {s: 0 for s in STATUSES}
-    for row in rows:
-        counts[row["status"]] += 1
-    return counts

@@ -32,9 +32,12 @@ class Reader:
     def refs(self) -> list[ImageRef]:
         raise NotImplementedError
 
-    def records(self, min_side: int = 1) -> Iterator[dict]:
+    def records(self, min_side: int = 1, source_ids=None) -> Iterator[dict]:
+        """Decode the dataset's images in ``source_id`` order — only ``source_ids`` if given."""
+        wanted = None if source_ids is None else set(source_ids)
         for ref in self.refs():
-            yield load_record(ref, min_side=min_side)
+            if wanted is None or ref.source_id in wanted:
+                yield load_record(ref, min_side=min_side)
 
 
 def _classes_from(classes: Sequence[str] | str | Path | None) -> list[str]:

@@ -76,3 +76,17 @@ def sum_terms(per_image: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 
 def total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([v for v in terms.values()]).sum()
+
+
+def map_targets(boxes: torch.Tensor, names: list[str], detector_classes: list[str],
+                class_map: dict | None) -> dict:
+    """Objects in the detector's label space; objects with no counterpart there are dropped."""
+    index = {c: i for i, c in enumerate(detector_classes)}
+    keep, labels = [], []
+    for i, name in enumerate(names):
+        mapped = (class_map or {}).get(name, name)
+        if mapped in index:
+            keep.append(i)
+            labels.append(index[mapped])
+    return {"boxes": boxes[keep] if keep else boxes.new_zeros((0, 4)),
+            "labels": torch.tensor(labels, dtype=torch.int64)}

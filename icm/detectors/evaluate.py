@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from icm.detectors.base import Detector, total
+from icm.detectors.base import Detector, map_targets, total
 from icm.maa.canvas import boxes_from_canvas, boxes_to_canvas, letterbox, to_tensor
 from icm.metrics.detection import coco_map, detections_to_coco, records_to_coco_gt
 
@@ -16,8 +16,6 @@ from icm.metrics.detection import coco_map, detections_to_coco, records_to_coco_
 def evaluate_detector(det: Detector, records: Sequence[dict], canvas: int, batch_size: int = 8,
                       class_map: dict | None = None, device: str | torch.device = "cpu") -> dict[str, float]:
     """``records`` with status ok; labels are mapped into the detector's classes by name."""
-    from icm.maa.stage import map_targets
-
     records = [r for r in records if r["status"] == "ok"]
     mapped = []
     for rec in records:

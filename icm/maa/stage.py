@@ -17,6 +17,7 @@ from icm.data.classes import class_list
 from icm.data.records import load_record
 from icm.data.units import UnitStage, output_relpath
 from icm.data.writers import to_uint8, write_png
+from icm.detectors.base import map_targets
 from icm.maa.bounds import build_bound
 from icm.maa.canvas import boxes_to_canvas, letterbox, paste_back, to_tensor
 from icm.maa.methods import METHODS, Member, aafg, meta_aafg, per_image_losses
@@ -75,18 +76,16 @@ def detector_label(spec: dict) -> str:
     return spec.get("label") or spec["name"]
 
 
-def map_targets(boxes: torch.Tensor, names: list[str], detector_classes: list[str],
-                class_map: dict | None) -> dict:
-    """Objects in the detector's label space; objects with no counterpart there are dropped."""
-    index = {c: i for i, c in enumerate(detector_classes)}
-    keep, labels = [], []
-    for i, name in enumerate(names):
-        mapped = (class_map or {}).get(name, name)
-        if mapped in index:
-            keep.append(i)
-            labels.append(index[mapped])
-    return {"boxes": boxes[keep] if keep else boxes.new_zeros((0, 4)),
-            "labels": torch.tensor(labels, dtype=torch.int64)}
+def build_from_spec(spec: dict, dataset_classes: list[str], canvas: int):
+    """A frozen detector from a config entry ``{name, weights, classes?, label?, class_map?,
+    **builder kwargs}``; ``classes`` defaults to the dataset's."""
+    classes = class_list(spec.get("classes")) or dataset_classes
+    if not classes:
+        raise ValueError(f"detector {detector_label(spec)!r}: the dataset has no class list; "
+                         "give the detector's classes (a list, voc, coco80, coco91 or a file)")
+    extra = {k: v for k, v in spec.items() if k not in ("name", "weights", "classes", "label", "class_map")}
+    return build_detector(spec["name"], classes, weights=spec.get("weights", "random"), image_size=canvas,
+                          **extra).freeze()
 
 
 class MAAStage(UnitStage):
@@ -99,19 +98,12 @@ class MAAStage(UnitStage):
         self.bound = build_bound({k: (as_float(v) if k == "eps" else v)
                                   for k, v in (params.get("bound") or {"type": "linf"}).items()})
         self.alpha = as_float(params.get("alpha", "2/255"))
-        self.dataset_classes = dataset_classes
         self.groups = []
         models = []
         for group in detector_groups(params):
             built = []
             for spec in group["detectors"]:
-                if not (spec.get("classes") or dataset_classes):
-                    raise ValueError(f"detector {detector_label(spec)!r}: the dataset has no class list; "
-                                     "give the detector's classes (a list, voc, coco80, coco91 or a file)")
-                extra = {k: v for k, v in spec.items() if k not in ("name", "weights", "classes", "label")}
-                det = build_detector(spec["name"], class_list(spec.get("classes")) or dataset_classes,
-                                     weights=spec.get("weights", "random"), image_size=self.canvas, **extra)
-                det.freeze().to(self.device)
+                det = build_from_spec(spec, dataset_classes, self.canvas).to(self.device)
                 built.append((detector_label(spec), det))
                 models.append({**det.icm_provenance, "label": detector_label(spec), "group": group["name"]})
             self.groups.append((group["class_map"], built))

@@ -46,13 +46,3 @@ def code_image(model, x: torch.Tensor, multiple: int = 64, decode_kwargs: dict |
     decoded = model.decompress(out["strings"], out["shape"], **(decode_kwargs or {}))["x_hat"]
     x_hat = crop_padding(decoded, pad).clamp(0, 1)
     return CodedImage(out["strings"], tuple(out["shape"]), num_bytes, 8.0 * num_bytes / (h * w), x_hat)
-
-
-@torch.no_grad()
-def estimated_bpp(model, x: torch.Tensor, multiple: int = 64) -> float:
-    """The likelihood (rate-model) estimate of bpp from ``forward``, for comparison."""
-    h, w = x.shape[-2:]
-    padded, _ = pad_to_multiple(x, multiple)
-    likelihoods = model(padded)["likelihoods"].values()
-    bits = sum(torch.log2(lk).sum().neg() for lk in likelihoods)
-    return float(bits) / (x.shape[0] * h * w)

@@ -64,9 +64,6 @@ class RayTrainSession:
         with checkpoint.as_directory() as directory:
             return load_state(directory)
 
-    def log_dir(self) -> Path | None:
-        return None
-
 
 def _run_loop(loop: Callable[[dict, Any], None]):
     def train_fn(config: dict) -> None:

@@ -26,8 +26,6 @@ class Session(Protocol):
 
     def restore(self) -> dict[str, Any] | None: ...
 
-    def log_dir(self) -> Path | None: ...
-
 
 def save_state(state: dict[str, Any], directory: str | Path) -> Path:
     """Checkpoint contents are tensors, numbers and strings only, so they load with weights_only."""
@@ -69,6 +67,3 @@ class LocalSession:
 
     def restore(self):
         return load_state(self.checkpoint_dir) if (self.checkpoint_dir / "state.pt").is_file() else None
-
-    def log_dir(self):
-        return self.checkpoint_dir

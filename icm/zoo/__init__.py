@@ -33,16 +33,5 @@ def build_clip(name: str = "ViT-B-32", weights: str = "random", **kwargs):
     return _build("clip", name, weights=weights, **kwargs)
 
 
-def build_model(spec: dict):
-    """Build from a config mapping ``{kind: detector|codec|classifier|clip, name: ..., ...}``."""
-    spec = dict(spec)
-    kind = spec.pop("kind")
-    return _build(kind, spec.pop("name"), **spec)
-
-
-def provenance(model) -> dict:
-    return dict(model.icm_provenance)
-
-
 __all__ = ["REGISTRIES", "build_codec", "build_detector", "build_classifier", "build_clip",
-           "build_model", "provenance", "resolve", "ResolvedWeights", "WeightsUnavailable", "sha256_file"]
+           "resolve", "ResolvedWeights", "WeightsUnavailable", "sha256_file"]

@@ -91,7 +91,3 @@ def build_clip(name: str = "ViT-B-32", weights: str = "random", **_):
     model.eval()
     attach_provenance(model, name, "open_clip", resolved)
     return model
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -27,5 +27,6 @@ def lookup(kind: str, name: str) -> Callable:
 
 def attach_provenance(model, name: str, family: str, weights) -> None:
     """Record what a built model is, for the manifest's ``models`` column."""
-    model.icm_provenance = {"name": name, "family": family, "weights": weights.spec,
-                            "sha256": weights.sha256}
+    from icm.data.manifest import model_provenance
+
+    model.icm_provenance = model_provenance(name, family, weights.spec, weights.sha256)

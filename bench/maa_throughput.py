@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "pipelines")]
+sys.path[:0] = [str(REPO), str(REPO / "pipelines"), str(REPO / "bench")]
 
 import maa_augment  # noqa: E402
 import torch  # noqa: E402
@@ -28,16 +28,7 @@ from icm.config import load_config  # noqa: E402
 from icm.data.ray_io import work_units  # noqa: E402
 from icm.data.readers import build_reader  # noqa: E402
 from icm.maa.stage import MAAStage  # noqa: E402
-from icm.zoo import WeightsUnavailable, resolve  # noqa: E402
-
-
-def available_or_random(spec: dict, notes: list[str]) -> dict:
-    try:
-        resolve(spec.get("weights", "random"))
-        return spec
-    except WeightsUnavailable:
-        notes.append(f"{spec.get('label', spec['name'])}: weights {spec['weights']} not cached, using random:0")
-        return {**spec, "weights": "random:0"}
+from weights import available_or_random  # noqa: E402
 
 
 def seed_style_loop(cfg: dict, reader, out_dir: Path) -> float:

@@ -60,7 +60,7 @@ def start_ray(cfg: dict[str, Any], address: str | None) -> None:
 
 
 def run_resumable(units: list[dict], stage_cls: type, stage_kwargs: dict, out_dir: Path,
-                  extra_schema, workers: dict[str, Any]) -> dict[str, Any]:
+                  extra_schema, workers: dict[str, Any], pre_stage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Skip units whose manifest shard exists, run the rest, consolidate the manifest."""
     store = ManifestStore(out_dir, extra_schema)
     done = store.done_units()
@@ -71,7 +71,7 @@ def run_resumable(units: list[dict], stage_cls: type, stage_kwargs: dict, out_di
     start = time.time()
     results = run_units(todo, stage_cls, stage_kwargs, actors=workers.get("actors", 1),
                         num_gpus_per_actor=workers.get("num_gpus", 0),
-                        num_cpus_per_actor=workers.get("num_cpus", 1))
+                        num_cpus_per_actor=workers.get("num_cpus", 1), pre_stage=pre_stage)
     elapsed = time.time() - start
     manifest = store.consolidate() if units else None
     rows = [r for res in results for r in res["rows"]]

@@ -78,8 +78,12 @@ def units_dataset(units: list[dict[str, Any]]):
 
 def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[str, Any], *,
               actors: int = 1, num_gpus_per_actor: float = 0,
-              num_cpus_per_actor: float = 1) -> list[dict[str, Any]]:
+              num_cpus_per_actor: float = 1, pre_stage: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run ``stage_cls`` (a callable class built once per actor) over ``units`` on an actor pool.
+
+    ``pre_stage`` (``{"cls", "kwargs", "actors", "num_cpus"}``) puts a CPU stage in front: it gets
+    the ``unit_json`` batches and passes its own columns on to ``stage_cls`` (Ray Data streams
+    between the two, so CPU coding and detector work overlap).
 
     The stage takes ``{"unit_json": [...]}`` batches (one unit per batch), does the unit's work,
     writes its outputs and manifest shard itself, and returns ``{"unit_id", "rows_json"}``. The
@@ -93,6 +97,11 @@ def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[s
     if not units:
         return []
     ds = units_dataset([{"unit_json": json.dumps(u, sort_keys=True)} for u in units])
+    if pre_stage:
+        ds = ds.map_batches(
+            pre_stage["cls"], fn_constructor_kwargs=pre_stage.get("kwargs", {}), batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=max(1, int(pre_stage.get("actors", 1)))),
+            num_cpus=pre_stage.get("num_cpus", 1))
     out = ds.map_batches(
         stage_cls, fn_constructor_kwargs=stage_kwargs, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=max(1, actors)), num_gpus=num_gpus_per_actor or None,

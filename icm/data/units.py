@@ -55,6 +55,7 @@ class UnitStage:
         raise NotImplementedError
 
     def run_unit(self, unit: dict) -> list[dict[str, Any]]:
+        self.unit_id = unit["unit_id"]
         started = time.time()
         try:
             rows = self.process_unit(unit["refs"])
@@ -69,10 +70,14 @@ class UnitStage:
         """An error row; subclasses with extra columns fill them with empty values."""
         return self.row(ref, status="error", error=reason, started_at=started_at)
 
+    def load_unit(self, batch: dict[str, np.ndarray], i: int) -> dict:
+        """Unit ``i`` of a Ray batch; stages fed by an earlier stage also take its output here."""
+        return json.loads(str(batch["unit_json"][i]))
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         unit_ids, rows_json = [], []
-        for unit_json in batch["unit_json"]:
-            unit = json.loads(str(unit_json))
+        for i in range(len(batch["unit_json"])):
+            unit = self.load_unit(batch, i)
             rows = self.run_unit(unit)
             unit_ids.append(unit["unit_id"])
             rows_json.append(json.dumps(rows, default=_json_default))

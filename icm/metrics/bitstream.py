@@ -32,16 +32,19 @@ class CodedImage:
 
 
 @torch.no_grad()
-def code_image(model, x: torch.Tensor, multiple: int = 64, decode_kwargs: dict | None = None) -> CodedImage:
+def code_image(model, x: torch.Tensor, multiple: int = 64, compress_kwargs: dict | None = None,
+               decode_kwargs: dict | None = None) -> CodedImage:
     """``compress`` → bytes → ``decompress`` one image (1x3xHxW in [0,1]).
 
     The model must have had ``update()`` called (CompressAI builds its CDF tables there).
+    ``compress_kwargs`` go to ``compress`` (e.g. a variable-rate model's ``inputscale``),
+    ``decode_kwargs`` to ``decompress`` (the same rate settings, or a decoder condition).
     """
     if x.dim() != 4 or x.shape[0] != 1:
         raise ValueError(f"code_image takes one image 1x3xHxW, got {tuple(x.shape)}")
     h, w = x.shape[-2:]
     padded, pad = pad_to_multiple(x, multiple)
-    out = model.compress(padded)
+    out = model.compress(padded, **(compress_kwargs or {}))
     num_bytes = sum(len(s) for group in out["strings"] for s in group)
     decoded = model.decompress(out["strings"], out["shape"], **(decode_kwargs or {}))["x_hat"]
     x_hat = crop_padding(decoded, pad).clamp(0, 1)

@@ -11,15 +11,22 @@ from icm.zoo.weights import WeightsUnavailable, load_state_dict, resolve, seeded
 
 def _compressai_hub(arch: str, quality: int):
     def url(spec: str) -> str:
-        from compressai.zoo.image import model_urls
+        from compressai.zoo.image import model_urls as fixed_rate
+        from compressai.zoo.image_vbr import model_urls as variable_rate
+
+        model_urls = {**fixed_rate, **variable_rate}
 
         metric = spec.partition(":")[2] or "mse"
         try:
-            return model_urls[arch][metric][quality]
+            urls = model_urls[arch][metric]
+            return urls if isinstance(urls, str) else urls[quality]  # a *-vbr model has one URL
         except KeyError as exc:
             raise WeightsUnavailable(f"CompressAI publishes no {arch} weights for metric "
                                      f"{metric!r} at quality {quality}") from exc
     return url
+
+
+VARIABLE_ENTROPY_BOTTLENECK = ("bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr")
 
 
 def _register_codecs():
@@ -30,6 +37,8 @@ def _register_codecs():
         resolve to CompressAI's published checkpoints)."""
         from compressai.zoo.pretrained import load_pretrained
 
+        if name in VARIABLE_ENTROPY_BOTTLENECK:  # as CompressAI builds its published vbr models
+            kwargs.setdefault("vr_entbttlnck", True)
         resolved = resolve(weights, hub=_compressai_hub(name, quality), family=name)
         if resolved.path is None:
             with seeded(resolved.seed):

@@ -1,0 +1,262 @@
+"""Distortion ladders for OW-JRD (IEEE TMM 2023, "Learning to Predict Object-Wise Just Recognizable
+Distortion for Image and Video Compression"): an ordered list of levels, least to most distorted,
+each an encode → decode of the whole image whose real byte size is recorded.
+
+The codecs are the field's libraries — Pillow (JPEG, WebP, AVIF), libx265 through PyAV (HEVC
+intra), CompressAI (learned codecs by arch × quality, and the variable-rate ``*-vbr`` models for a
+dense ladder) — and VVC through the external ``vvencapp``/``vvdecapp`` binaries (the paper's
+setting, QP 0..63), used only when they are on PATH.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+LADDERS: dict[str, type["Ladder"]] = {}
+
+
+@dataclass
+class Coded:
+    num_bytes: int
+    decoded: np.ndarray          # HxWx3 uint8, same size as the input
+
+
+def register_ladder(name: str):
+    def wrap(cls):
+        cls.kind = name
+        LADDERS[name] = cls
+        return cls
+    return wrap
+
+
+def spread(first: int, last: int, count: int | None) -> list[int]:
+    """``count`` distinct integers from ``first`` to ``last`` inclusive, evenly spaced, in that
+    order (all of them when ``count`` is None or exceeds the range)."""
+    span = abs(last - first) + 1
+    if count is None or count >= span:
+        step = 1 if last >= first else -1
+        return list(range(first, last + step, step))
+    if count < 2:
+        raise ValueError(f"a ladder needs at least 2 levels, got {count}")
+    return [int(round(v)) for v in np.linspace(first, last, count)]
+
+
+class Ladder:
+    """``levels`` holds one parameter dict per level (least distorted first); ``code(image, i)``
+    encodes and decodes an HxWx3 uint8 image at level ``i``."""
+
+    kind = ""
+
+    def __init__(self, name: str | None = None):
+        self.name = name or self.kind
+        self.levels: list[dict[str, Any]] = []
+
+    def code(self, image: np.ndarray, level: int) -> Coded:
+        raise NotImplementedError
+
+    def code_all(self, image: np.ndarray) -> list[Coded]:
+        return [self.code(image, i) for i in range(len(self.levels))]
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "family": f"ladder:{self.kind}", "weights": "", "sha256": "",
+                "levels": len(self.levels)}
+
+
+class _PillowLadder(Ladder):
+    format = ""
+    quality_range = (100, 1)
+
+    def __init__(self, levels: int | None = 64, qualities: list[int] | None = None, name: str | None = None,
+                 **save_kwargs):
+        super().__init__(name)
+        qualities = qualities or spread(*self.quality_range, levels)
+        self.levels = [{"quality": int(q)} for q in qualities]
+        self.save_kwargs = save_kwargs
+
+    def code(self, image, level):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format=self.format, **self.levels[level], **self.save_kwargs)
+        data = buf.getvalue()
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        return Coded(len(data), decoded)
+
+
+@register_ladder("jpeg")
+class JpegLadder(_PillowLadder):
+    format = "JPEG"
+
+
+@register_ladder("webp")
+class WebpLadder(_PillowLadder):
+    format = "WEBP"
+    quality_range = (100, 0)
+
+
+@register_ladder("avif")
+class AvifLadder(_PillowLadder):
+    format = "AVIF"
+    quality_range = (100, 0)
+
+
+def _pad_even(image: np.ndarray) -> np.ndarray:
+    """4:2:0 needs even sides: replicate the last row/column when odd."""
+    h, w = image.shape[:2]
+    return np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def _to_yuv420(image: np.ndarray) -> np.ndarray:
+    import av
+
+    return av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p").to_ndarray()
+
+
+def _from_yuv420(planes: np.ndarray) -> np.ndarray:
+    import av
+
+    return av.VideoFrame.from_ndarray(planes, format="yuv420p").to_ndarray(format="rgb24")
+
+
+@register_ladder("hevc")
+class HevcLadder(Ladder):
+    """HEVC intra (one I-frame) with libx265 at fixed QP 0..51, decoded with FFmpeg's HEVC decoder."""
+
+    def __init__(self, levels: int | None = None, qps: list[int] | None = None, preset: str = "medium",
+                 name: str | None = None):
+        super().__init__(name)
+        self.levels = [{"qp": int(q)} for q in (qps or spread(0, 51, levels))]
+        self.preset = preset
+
+    def code(self, image, level):
+        import av
+
+        h, w = image.shape[:2]
+        padded = _pad_even(image)
+        enc = av.CodecContext.create("libx265", "w")
+        enc.width, enc.height = padded.shape[1], padded.shape[0]
+        enc.pix_fmt = "yuv420p"
+        enc.time_base = Fraction(1, 1)
+        enc.options = {"preset": self.preset, "x265-params": f"qp={self.levels[level]['qp']}:log-level=none"}
+        frame = av.VideoFrame.from_ndarray(padded, format="rgb24").reformat(format="yuv420p")
+        packets = [bytes(p) for p in [*enc.encode(frame), *enc.encode(None)]]
+        dec = av.CodecContext.create("hevc", "r")
+        frames = [f for p in packets for f in dec.decode(av.Packet(p))] + list(dec.decode(None))
+        if len(frames) != 1:
+            raise RuntimeError(f"HEVC decode gave {len(frames)} frames for one image")
+        decoded = frames[0].to_ndarray(format="rgb24")[:h, :w]
+        return Coded(sum(len(p) for p in packets), np.ascontiguousarray(decoded))
+
+
+@register_ladder("vvc")
+class VvcLadder(Ladder):
+    """VVC intra through Fraunhofer's ``vvencapp``/``vvdecapp`` (QP 0..63, the OW-JRD paper's codec)."""
+
+    def __init__(self, levels: int | None = 64, qps: list[int] | None = None, preset: str = "faster",
+                 encoder: str = "vvencapp", decoder: str = "vvdecapp", name: str | None = None):
+        super().__init__(name)
+        missing = [b for b in (encoder, decoder) if shutil.which(b) is None]
+        if missing:
+            raise FileNotFoundError(
+                f"VVC ladder needs {' and '.join(missing)} on PATH: build https://github.com/fraunhoferhhi/vvenc "
+                "and https://github.com/fraunhoferhhi/vvdec (cmake --build, then add bin/release-static to "
+                "PATH), or pass encoder:/decoder: paths in the ladder config, or use the hevc ladder")
+        self.encoder, self.decoder, self.preset = shutil.which(encoder), shutil.which(decoder), preset
+        self.levels = [{"qp": int(q)} for q in (qps or spread(0, 63, levels))]
+
+    def code(self, image, level):
+        h, w = image.shape[:2]
+        padded = _pad_even(image)
+        ph, pw = padded.shape[:2]
+        with tempfile.TemporaryDirectory(prefix="icm-vvc-") as tmp:
+            src, bits, rec = Path(tmp, "in.yuv"), Path(tmp, "out.266"), Path(tmp, "rec.yuv")
+            src.write_bytes(_to_yuv420(padded).tobytes())
+            subprocess.run([self.encoder, "-i", str(src), "-s", f"{pw}x{ph}", "-c", "yuv420", "-r", "1", "-f", "1",
+                            "-q", str(self.levels[level]["qp"]), "--preset", self.preset, "-o", str(bits)],
+                           check=True, capture_output=True)
+            subprocess.run([self.decoder, "-b", str(bits), "-o", str(rec), "-d", "8"], check=True, capture_output=True)
+            planes = np.frombuffer(rec.read_bytes(), np.uint8)[: ph * pw * 3 // 2].reshape(ph * 3 // 2, pw)
+            return Coded(bits.stat().st_size, np.ascontiguousarray(_from_yuv420(planes)[:h, :w]))
+
+
+def _coded_learned(model, image: np.ndarray, **kwargs) -> Coded:
+    from icm.metrics.bitstream import code_image
+
+    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    coded = code_image(model, x, compress_kwargs=kwargs, decode_kwargs=kwargs)
+    decoded = coded.x_hat[0].mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    return Coded(coded.num_bytes, np.ascontiguousarray(decoded))
+
+
+@register_ladder("compressai")
+class CompressAILadder(Ladder):
+    """One CompressAI model per quality (highest quality first): at most 8 levels."""
+
+    def __init__(self, arch: str = "bmshj2018-factorized", qualities: list[int] | None = None,
+                 weights: str = "compressai:mse", name: str | None = None):
+        from icm.zoo import build_codec
+
+        super().__init__(name or arch)
+        qualities = qualities or list(range(8, 0, -1))
+        self.models = []
+        for q in qualities:
+            model = build_codec(arch, quality=int(q), weights=weights).eval()
+            model.update(force=True)
+            self.models.append(model)
+        self.levels = [{"arch": arch, "quality": int(q)} for q in qualities]
+        self.weights = weights
+
+    def code(self, image, level):
+        return _coded_learned(self.models[level], image)
+
+    def provenance(self):
+        prov = [getattr(m, "icm_provenance", {}) for m in self.models]
+        return {**super().provenance(), "weights": self.weights,
+                "sha256": ",".join(sorted({p.get("sha256", "") for p in prov}))}
+
+
+@register_ladder("compressai-vbr")
+class CompressAIVbrLadder(Ladder):
+    """A variable-rate CompressAI model (``*-vbr``): a dense ladder of quantisation gains,
+    geometric from the highest trained gain (least distorted) to the lowest."""
+
+    def __init__(self, arch: str = "bmshj2018-hyperprior-vbr", levels: int = 64, weights: str = "compressai:mse",
+                 name: str | None = None):
+        from icm.zoo import build_codec
+
+        if not arch.endswith("-vbr"):
+            raise ValueError(f"compressai-vbr ladders take a *-vbr arch, got {arch!r}")
+        super().__init__(name or arch)
+        self.model = build_codec(arch, weights=weights).eval()
+        gains = self.model.Gain.detach().abs()
+        scales = torch.logspace(float(gains.max().log10()), float(gains.min().log10()), int(levels))
+        self.levels = [{"arch": arch, "scale": round(float(s), 6)} for s in scales]
+        self.weights = weights
+
+    def code(self, image, level):
+        scale = torch.tensor(self.levels[level]["scale"])
+        with torch.no_grad():  # the z entropy model's CDFs depend on the step: rebuild per level
+            self.model.update(force=True, scale=scale)
+        return _coded_learned(self.model, image, inputscale=scale)
+
+    def provenance(self):
+        prov = getattr(self.model, "icm_provenance", {})
+        return {**super().provenance(), "weights": self.weights, "sha256": prov.get("sha256", "")}
+
+
+def build_ladder(spec: dict[str, Any]) -> Ladder:
+    """``{type: jpeg|webp|avif|hevc|vvc|compressai|compressai-vbr, name?, ...kwargs}``."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in LADDERS:
+        raise ValueError(f"ladder type {kind!r} is not one of {sorted(LADDERS)}")
+    return LADDERS[kind](**spec)

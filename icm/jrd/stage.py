@@ -1,0 +1,243 @@
+"""The OW-JRD job's two stages (Ray-free callable classes; Ray Data chains them).
+
+``LadderStage`` (CPU): decode a unit's images and encode → decode each at every level of every
+ladder. ``LabelStage`` (detector, GPU on a cluster): run the detector on the pristine image and all
+its levels, label every object at every level, and write the unit's rows:
+
+* ``levels/<unit>.parquet`` — one row per (object, ladder, level) with the crop's PNG bytes;
+* ``objects/<unit>.parquet`` — one row per (object, ladder) with its JRD and the original crop;
+* ``manifest/<unit>.parquet`` — one row per image (the manifest contract), written last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from icm.data.manifest import atomic_write_table
+from icm.data.records import load_record
+from icm.data.units import UnitStage
+from icm.detectors.base import map_targets
+from icm.jrd.labelling import error_tolerant_jrd, is_monotonic, jrd, match_objects, not_recognised_labels
+from icm.jrd.ladders import build_ladder
+from icm.maa.canvas import boxes_from_canvas, letterbox, to_tensor
+from icm.maa.stage import build_from_spec, detector_label, resolve_device
+
+BOX = pa.list_(pa.float64(), 4)
+OBJECT_KEY = [("source_id", pa.string()), ("image_id", pa.string()), ("object_index", pa.int64()),
+              ("category_id", pa.int64()), ("CategoryId", pa.int64()), ("class_name", pa.string()),
+              ("box", BOX), ("area", pa.float64()), ("ladder", pa.string())]
+LEVEL_SCHEMA = pa.schema(OBJECT_KEY + [
+    ("level", pa.int64()), ("codec_params", pa.string()), ("bytes", pa.int64()), ("bpp", pa.float64()),
+    ("recognised", pa.bool_()), ("label", pa.int64()), ("best_iou", pa.float64()), ("score", pa.float64()),
+    ("crop_png", pa.binary())])
+OBJECT_SCHEMA = pa.schema(OBJECT_KEY + [
+    ("reference", pa.string()), ("levels", pa.int64()), ("recognised_pristine", pa.bool_()),
+    ("jrd", pa.int64()), ("jrd_tolerant", pa.int64()), ("monotonic", pa.bool_()), ("original_png", pa.binary())])
+JRD_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("objects", pa.int64()),
+                         ("ladders", pa.string()), ("notes", pa.list_(pa.string()))])
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def crop_box(image: np.ndarray, box) -> np.ndarray:
+    """The box's pixels (rounded outwards, at least 1×1)."""
+    h, w = image.shape[:2]
+    x1, y1 = int(np.floor(max(box[0], 0))), int(np.floor(max(box[1], 0)))
+    x2, y2 = int(np.ceil(min(box[2], w))), int(np.ceil(min(box[3], h)))
+    x2, y2 = max(x2, min(x1 + 1, w)), max(y2, min(y1 + 1, h))
+    return np.ascontiguousarray(image[y1:y2, x1:x2])
+
+
+def build_ladders(specs: list[dict]) -> list:
+    ladders = [build_ladder(s) for s in specs]
+    names = [lad.name for lad in ladders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"ladder names must be unique, got {names}; give each a name:")
+    return ladders
+
+
+class LadderStage:
+    """Decode each image of a unit and code it at every ladder level (CPU work)."""
+
+    def __init__(self, ladders: list[dict], min_side: int = 8):
+        self.ladders = build_ladders(ladders)
+        self.min_side = min_side
+
+    def code_image(self, ref: dict) -> dict[str, Any]:
+        return self.code_record(load_record(ref, min_side=self.min_side))
+
+    def code_record(self, record: dict) -> dict[str, Any]:
+        """``{"record", "coded": {ladder: [(bytes, decoded, level params), ...]}}``."""
+        if record["status"] != "ok":
+            return {"record": record}
+        try:
+            coded = {lad.name: [(c.num_bytes, c.decoded, {"type": lad.kind, **params})
+                                for c, params in zip(lad.code_all(record["image"]), lad.levels)]
+                     for lad in self.ladders}
+        except Exception as exc:  # noqa: BLE001 - one image's codec failure is that image's error
+            return {"record": {**record, "image": None, "status": "error",
+                               "error": f"coding failed: {type(exc).__name__}: {exc}"}}
+        return {"record": record, "coded": coded}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        payloads = []
+        for unit_json in batch["unit_json"]:
+            unit = json.loads(str(unit_json))
+            payloads.append(pickle.dumps({r["source_id"]: self.code_image(r) for r in unit["refs"]},
+                                         protocol=pickle.HIGHEST_PROTOCOL))
+        return {"unit_json": batch["unit_json"], "payload": np.array(payloads, dtype=object)}
+
+
+class LabelStage(UnitStage):
+    """Label every object at every level of every ladder with one detector."""
+
+    extra_schema = JRD_COLUMNS
+
+    def __init__(self, out_dir: str, params: dict, dataset_classes: list[str], category_ids: list[int]):
+        self.cfg = params
+        self.device = resolve_device(params.get("device"))
+        self.canvas = int(params.get("canvas", 512))
+        self.iou_threshold = float(params.get("iou_threshold", 0.5))
+        self.score_threshold = float(params.get("score_threshold", 0.5))
+        self.reference = params.get("reference", "gt")
+        if self.reference not in ("gt", "detector"):
+            raise ValueError(f"reference must be 'gt' or 'detector', got {self.reference!r}")
+        self.batch_size = int(params.get("detect_batch", 16))
+        spec = params["detector"]
+        self.det = build_from_spec(spec, dataset_classes, self.canvas).to(self.device)
+        self.class_map = spec.get("class_map")
+        self.dataset_classes, self.category_ids = list(dataset_classes), list(category_ids)
+        self.coded: dict[str, dict] = {}
+        models = [{**self.det.icm_provenance, "label": detector_label(spec)}]
+        super().__init__(out_dir, params, models=models, seed=int(params.get("seed", 0)))
+
+    def load_unit(self, batch, i):
+        self.coded = pickle.loads(batch["payload"][i])
+        return super().load_unit(batch, i)
+
+    def error_row(self, ref, reason, started_at):
+        return self.row(ref, status="error", error=reason, started_at=started_at, width=0, height=0, objects=0,
+                        ladders="", notes=list(ref.get("notes") or []))
+
+    @torch.no_grad()
+    def detect(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Detections (image pixels, detector class ids, score ≥ the threshold) per image."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            placed = [letterbox(to_tensor(im), self.canvas) for im in images[i:i + self.batch_size]]
+            x = torch.stack([c for c, _, _ in placed]).to(self.device)
+            for pred, (_, _, p) in zip(self.det.predict(x, score_threshold=self.score_threshold), placed):
+                out.append({"boxes": boxes_from_canvas(pred["boxes"].cpu(), p).numpy(),
+                            "scores": pred["scores"].cpu().numpy(), "labels": pred["labels"].cpu().numpy()})
+        return out
+
+    def reference_objects(self, record: dict, pristine: dict) -> tuple[list[dict], list[str]]:
+        """Objects to label: ``{box, det_label, CategoryId}``; the ground truth (in the detector's
+        classes) or the detector's own detections on the pristine image."""
+        notes = []
+        index = {c: i for i, c in enumerate(self.dataset_classes)}
+        if self.reference == "gt":
+            names = list(record["class_names"])
+            boxes = torch.as_tensor(np.asarray(record["boxes"], np.float32)).reshape(-1, 4)
+            mapped = map_targets(boxes, names, self.det.classes, self.class_map)
+            kept = [i for i, n in enumerate(names) if (self.class_map or {}).get(n, n) in self.det.classes]
+            if len(kept) < len(names):
+                notes.append(f"{len(names) - len(kept)} object(s) of classes the detector lacks were skipped")
+            return [{"box": mapped["boxes"][j].tolist(), "det_label": int(mapped["labels"][j]),
+                     "CategoryId": int(record["class_ids"][i])} for j, i in enumerate(kept)], notes
+        inverse = {v: k for k, v in (self.class_map or {}).items()}
+        objects = []
+        for box, label in zip(pristine["boxes"], pristine["labels"]):
+            name = self.det.classes[int(label)]
+            name = inverse.get(name, name)
+            if name in index:
+                objects.append({"box": [float(v) for v in box], "det_label": int(label), "CategoryId": index[name]})
+        return objects, notes
+
+    def process_unit(self, refs):
+        started = time.time()
+        rows, level_rows, object_rows = [], [], []
+        for ref in refs:
+            entry = self.coded.get(ref["source_id"], {})
+            record = entry.get("record") or {"status": "error", "error": "no ladder output for this image"}
+            if record["status"] != "ok":
+                rows.append(self.error_row(ref, record["error"], started))
+                continue
+            try:
+                levels, objects, notes = self.label_image(record, entry["coded"])
+            except Exception as exc:  # noqa: BLE001 - the image fails, the unit goes on
+                rows.append(self.error_row(ref, f"labelling failed: {type(exc).__name__}: {exc}", started))
+                continue
+            level_rows += levels
+            object_rows += objects
+            rows.append(self.row(ref, status="ok", output_path=f"levels/{self.unit_id}.parquet", started_at=started,
+                                 width=record["width"], height=record["height"],
+                                 objects=len({(o["object_index"]) for o in objects}),
+                                 ladders=json.dumps({k: len(v) for k, v in entry["coded"].items()}, sort_keys=True),
+                                 notes=list(record["notes"]) + notes))
+        atomic_write_table(pa.Table.from_pylist(level_rows, schema=LEVEL_SCHEMA),
+                           self.out_dir / "levels" / f"{self.unit_id}.parquet")
+        atomic_write_table(pa.Table.from_pylist(object_rows, schema=OBJECT_SCHEMA),
+                           self.out_dir / "objects" / f"{self.unit_id}.parquet")
+        return rows
+
+    def label_image(self, record: dict, coded: dict[str, list]) -> tuple[list[dict], list[dict], list[str]]:
+        image = record["image"]
+        h, w = image.shape[:2]
+        names = list(coded)
+        decoded = [image] + [d for name in names for _, d, _ in coded[name]]
+        detections = self.detect(decoded)
+        pristine, per_level = detections[0], detections[1:]
+        objects, notes = self.reference_objects(record, pristine)
+        if not objects:
+            return [], [], notes
+        ref_boxes = [o["box"] for o in objects]
+        ref_labels = [o["det_label"] for o in objects]
+        keys = []
+        for k, o in enumerate(objects):
+            cid = o["CategoryId"]
+            keys.append({"source_id": record["source_id"], "image_id": str(record["image_id"]), "object_index": k,
+                         "category_id": int(self.category_ids[cid]), "CategoryId": cid,
+                         "class_name": self.dataset_classes[cid], "box": [float(v) for v in o["box"]],
+                         "area": float((o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]))})
+        at_pristine = match_objects(ref_boxes, ref_labels, pristine["boxes"], pristine["scores"], pristine["labels"],
+                                    self.iou_threshold, self.score_threshold)
+        originals = [png_bytes(crop_box(image, o["box"])) for o in objects]
+        level_rows, object_rows, offset = [], [], 0
+        for name in names:
+            recognised = []
+            for level, (num_bytes, dec, level_params) in enumerate(coded[name]):
+                d = per_level[offset + level]
+                m = match_objects(ref_boxes, ref_labels, d["boxes"], d["scores"], d["labels"],
+                                  self.iou_threshold, self.score_threshold)
+                recognised.append(m.recognised)
+                params = json.dumps(level_params, sort_keys=True)
+                for k, key in enumerate(keys):
+                    level_rows.append({**key, "ladder": name, "level": level, "codec_params": params,
+                                       "bytes": int(num_bytes), "bpp": 8.0 * num_bytes / (h * w),
+                                       "recognised": bool(m.recognised[k]), "label": int(not m.recognised[k]),
+                                       "best_iou": float(m.best_iou[k]), "score": float(m.score[k]),
+                                       "crop_png": png_bytes(crop_box(dec, key["box"]))})
+            offset += len(coded[name])
+            table = np.stack(recognised, axis=1)  # objects × levels
+            for k, key in enumerate(keys):
+                labels = not_recognised_labels(table[k])
+                tolerant = error_tolerant_jrd(labels) if len(labels) >= 8 else jrd(labels)
+                object_rows.append({**key, "ladder": name, "reference": self.reference, "levels": len(labels),
+                                    "recognised_pristine": bool(at_pristine.recognised[k]), "jrd": jrd(labels),
+                                    "jrd_tolerant": int(tolerant), "monotonic": is_monotonic(labels),
+                                    "original_png": originals[k]})
+        return level_rows, object_rows, notes

@@ -20,9 +20,12 @@ class ConfigError(ValueError):
 
 
 def deep_merge(base: dict, update: dict) -> dict:
+    """Merge ``update`` into ``base``; a mapping whose ``type`` changes (a dataset, a loss) is
+    replaced, not merged, so keys of the old type do not leak into the new one."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("type", old.get("type")) == old.get("type"):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

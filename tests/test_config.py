@@ -12,6 +12,15 @@ def test_profile_and_overrides(tmp_path):
     assert load_config(out) == cfg
 
 
+def test_profile_replaces_a_mapping_of_another_type(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("dataset: {type: coco, annotation_file: a.json, image_root: im}\nloss: {type: rd, lmbda: 1}\n"
+                    "profiles:\n  demo: {dataset: {type: shapes, split: val}, loss: {lmbda: 2}}\n")
+    cfg = load_config(path, profile="demo")
+    assert cfg["dataset"] == {"type": "shapes", "split": "val"}
+    assert cfg["loss"] == {"type": "rd", "lmbda": 2}
+
+
 def test_config_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

@@ -5,11 +5,27 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from icm.detectors.base import Detector, map_targets, total
 from icm.maa.canvas import boxes_from_canvas, boxes_to_canvas, letterbox, to_tensor
 from icm.metrics.detection import coco_map, detections_to_coco, records_to_coco_gt
+
+
+@torch.no_grad()
+def detect_images(det: Detector, images: Sequence, canvas: int, score_threshold: float = 0.01,
+                  batch_size: int = 8, device: str | torch.device = "cpu") -> list[dict[str, np.ndarray]]:
+    """Detections on HxWx3 uint8 images of any size (letterboxed to ``canvas``), as numpy
+    ``{"boxes" (xyxy px of the image), "scores", "labels" (detector class ids)}``."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        placed = [letterbox(to_tensor(im), canvas) for im in images[i:i + batch_size]]
+        x = torch.stack([c for c, _, _ in placed]).to(device)
+        for pred, (_, _, p) in zip(det.predict(x, score_threshold=score_threshold), placed):
+            out.append({"boxes": boxes_from_canvas(pred["boxes"].cpu(), p).numpy(),
+                        "scores": pred["scores"].cpu().numpy(), "labels": pred["labels"].cpu().numpy()})
+    return out
 
 
 @torch.no_grad()

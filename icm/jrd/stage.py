@@ -26,9 +26,9 @@ from icm.data.manifest import atomic_write_table
 from icm.data.records import load_record
 from icm.data.units import UnitStage
 from icm.detectors.base import map_targets
+from icm.detectors.evaluate import detect_images
 from icm.jrd.labelling import error_tolerant_jrd, is_monotonic, jrd, match_objects, not_recognised_labels
 from icm.jrd.ladders import build_ladder
-from icm.maa.canvas import boxes_from_canvas, letterbox, to_tensor
 from icm.maa.stage import build_from_spec, detector_label, resolve_device
 
 BOX = pa.list_(pa.float64(), 4)
@@ -132,17 +132,8 @@ class LabelStage(UnitStage):
         return self.row(ref, status="error", error=reason, started_at=started_at, width=0, height=0, objects=0,
                         ladders="", notes=list(ref.get("notes") or []))
 
-    @torch.no_grad()
     def detect(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        """Detections (image pixels, detector class ids, score ≥ the threshold) per image."""
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            placed = [letterbox(to_tensor(im), self.canvas) for im in images[i:i + self.batch_size]]
-            x = torch.stack([c for c, _, _ in placed]).to(self.device)
-            for pred, (_, _, p) in zip(self.det.predict(x, score_threshold=self.score_threshold), placed):
-                out.append({"boxes": boxes_from_canvas(pred["boxes"].cpu(), p).numpy(),
-                            "scores": pred["scores"].cpu().numpy(), "labels": pred["labels"].cpu().numpy()})
-        return out
+        return detect_images(self.det, images, self.canvas, self.score_threshold, self.batch_size, self.device)
 
     def reference_objects(self, record: dict, pristine: dict) -> tuple[list[dict], list[str]]:
         """Objects to label: ``{box, det_label, CategoryId}``; the ground truth (in the detector's

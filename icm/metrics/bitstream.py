@@ -29,6 +29,7 @@ class CodedImage:
     num_bytes: int
     bpp: float                    # 8 * bytes / (H * W) of the original size
     x_hat: torch.Tensor           # decoded, cropped back, clamped to [0, 1]
+    pad: tuple = (0, 0, 0, 0)     # padding added before compress (left, right, top, bottom)
 
 
 @torch.no_grad()
@@ -46,6 +47,13 @@ def code_image(model, x: torch.Tensor, multiple: int = 64, compress_kwargs: dict
     padded, pad = pad_to_multiple(x, multiple)
     out = model.compress(padded, **(compress_kwargs or {}))
     num_bytes = sum(len(s) for group in out["strings"] for s in group)
-    decoded = model.decompress(out["strings"], out["shape"], **(decode_kwargs or {}))["x_hat"]
-    x_hat = crop_padding(decoded, pad).clamp(0, 1)
-    return CodedImage(out["strings"], tuple(out["shape"]), num_bytes, 8.0 * num_bytes / (h * w), x_hat)
+    coded = CodedImage(out["strings"], tuple(out["shape"]), num_bytes, 8.0 * num_bytes / (h * w), x, pad)
+    coded.x_hat = decode_again(model, coded, decode_kwargs)
+    return coded
+
+
+@torch.no_grad()
+def decode_again(model, coded: CodedImage, decode_kwargs: dict | None = None) -> torch.Tensor:
+    """Decompress the same bitstream (e.g. a conditional decoder at another β), cropped back."""
+    decoded = model.decompress(coded.strings, coded.shape, **(decode_kwargs or {}))["x_hat"]
+    return crop_padding(decoded, coded.pad).clamp(0, 1)

@@ -29,29 +29,59 @@ def _compressai_hub(arch: str, quality: int):
 VARIABLE_ENTROPY_BOTTLENECK = ("bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr")
 
 
+def _compressai_model(name: str, quality: int, metric: str, channels, **kwargs):
+    from compressai.zoo import image_models
+    from compressai.zoo.image import model_architectures
+
+    if channels is None:
+        return image_models[name](quality=quality, metric=metric, pretrained=False, **kwargs)
+    arch = model_architectures.get(name) or model_architectures.get(name.replace("-", "_"))
+    if arch is None:
+        raise ValueError(f"channels= is supported for {sorted(model_architectures)}, not {name!r}")
+    return arch(*channels, **kwargs)
+
+
 def _register_codecs():
     from compressai.zoo import image_models
 
-    def build_codec(name: str, quality: int = 3, weights: str = "random", metric: str = "mse", **kwargs):
+    def build_codec(name: str, quality: int = 3, weights: str = "random", metric: str = "mse",
+                    channels: list[int] | None = None, **kwargs):
         """Any CompressAI image codec by architecture and quality (weights ``compressai:mse``
-        resolve to CompressAI's published checkpoints)."""
+        resolve to CompressAI's published checkpoints). ``channels`` ([N, M], or [N] for
+        cheng2020) builds the architecture at another width — small models for tests and demos."""
         from compressai.zoo.pretrained import load_pretrained
 
         if name in VARIABLE_ENTROPY_BOTTLENECK:  # as CompressAI builds its published vbr models
             kwargs.setdefault("vr_entbttlnck", True)
         resolved = resolve(weights, hub=_compressai_hub(name, quality), family=name)
-        if resolved.path is None:
-            with seeded(resolved.seed):
-                model = image_models[name](quality=quality, metric=metric, pretrained=False, **kwargs)
-        else:
-            state = load_pretrained(load_state_dict(resolved.path))
-            model = image_models[name](quality=quality, metric=metric, pretrained=False, **kwargs)
+        with seeded(resolved.seed if resolved.path is None else 0):
+            model = _compressai_model(name, quality, metric, channels, **kwargs)
+        if resolved.path is not None:
             # The model's own load_state_dict resizes the entropy coders' CDF buffers.
-            model.load_state_dict(state)
+            model.load_state_dict(load_pretrained(load_state_dict(resolved.path)))
         attach_provenance(model, f"{name}@q{quality}", "compressai", resolved)
         return model
 
     register("codec", *image_models)(build_codec)
+
+    @register("codec", "ugicm:")
+    def build_ugicm(name: str, quality: int = 3, weights: str = "random", metric: str = "mse",
+                    channels: list[int] | None = None, cond_dim: int = 512, base_weights: str | None = None,
+                    **kwargs):
+        """UG-ICM on a CompressAI codec: ``ugicm:<arch>``. ``weights`` is a UG-ICM checkpoint
+        (this project's export, e.g. ``trained:<label>``) or ``random``; ``base_weights`` starts a
+        new UG-ICM from a trained plain codec (its conditioned blocks start as the identity)."""
+        from icm.codecs.ugicm import UGICM
+
+        arch = name.partition(":")[2]
+        resolved = resolve(weights, family=name)
+        base = build_codec(arch, quality, base_weights or f"random:{resolved.seed or 0}", metric, channels, **kwargs)
+        with seeded(resolved.seed if resolved.path is None else 0):
+            model = UGICM(base, cond_dim=cond_dim)
+        if resolved.path is not None:
+            model.load_state_dict(load_state_dict(resolved.path))
+        attach_provenance(model, f"{name}@q{quality}", "ugicm", resolved)
+        return model
 
 
 _register_codecs()

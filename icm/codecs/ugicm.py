@@ -1,0 +1,139 @@
+"""UG-ICM's β-conditioned decoder (AAAI 2025, "Unified Coding for Both Human Perception and
+Generalized Machine Analytics with CLIP Supervision"; METHODS.md §2).
+
+One bitstream: the encoder and entropy model of any CompressAI codec stay as they are; its
+synthesis transform gets conditioned residual blocks at the end of each resolution stage, driven
+by a condition vector c = MLP(Fourier(β)) — β = 0 decodes for humans, β = 1 for machines.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def fourier_features(beta: torch.Tensor, frequencies: int = 10) -> torch.Tensor:
+    """β (B,) → [β, sin(2^k β), cos(2^k β)] for k = 0..frequencies-1: (B, 1 + 2·frequencies)."""
+    beta = beta.reshape(-1, 1).float()
+    scaled = beta * (2.0 ** torch.arange(frequencies, device=beta.device, dtype=beta.dtype))
+    return torch.cat([beta, scaled.sin(), scaled.cos()], dim=1)
+
+
+class ConditionedBlock(nn.Module):
+    """conv–GELU–shift–conv–GELU–shift + skip, each shift a ``Linear(c)`` per channel. The second
+    conv and both shifts start at zero, so an untrained block is the identity and a pretrained
+    codec decodes as before until training moves it."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.shift1 = nn.Linear(cond_dim, channels)
+        self.shift2 = nn.Linear(cond_dim, channels)
+        self.act = nn.GELU()
+        for layer in (self.conv2, self.shift1, self.shift2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv1(x)) + self.shift1(c)[:, :, None, None]
+        h = self.act(self.conv2(h)) + self.shift2(c)[:, :, None, None]
+        return x + h
+
+
+def _upsampling_children(layers: nn.Sequential, latent_channels: int) -> tuple[list[int], list[int]]:
+    """Indices of the children that enlarge their input, and every child's output channels
+    (from one dry run on a small latent)."""
+    h = torch.zeros(1, latent_channels, 4, 4)
+    ups, channels = [], []
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            out = layer(h)
+            if out.shape[-1] > h.shape[-1]:
+                ups.append(i)
+            channels.append(out.shape[1])
+            h = out
+    return ups, channels
+
+
+class ConditionalSynthesis(nn.Module):
+    """A CompressAI ``g_s`` (a ``nn.Sequential``) with a conditioned block before every
+    upsampling stage but the first, and the β → c MLP. ``c`` is set by ``UGICM`` per call."""
+
+    def __init__(self, g_s: nn.Sequential, cond_dim: int = 512, frequencies: int = 10):
+        super().__init__()
+        latent = next(m.in_channels for m in g_s.modules() if hasattr(m, "in_channels"))
+        ups, channels = _upsampling_children(g_s, latent)
+        self.layers = g_s
+        self.blocks = nn.ModuleDict({str(j - 1): ConditionedBlock(channels[j - 1], cond_dim) for j in ups[1:]})
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(1 + 2 * frequencies, cond_dim), nn.GELU(), nn.Linear(cond_dim, cond_dim))
+        self.c: torch.Tensor | None = None
+
+    def condition(self, beta: torch.Tensor) -> torch.Tensor:
+        return self.mlp(fourier_features(beta, self.frequencies))
+
+    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
+        if self.c is None:
+            raise RuntimeError("ConditionalSynthesis called without a condition: use UGICM(x, beta)")
+        c = self.c.expand(y_hat.shape[0], -1) if self.c.shape[0] == 1 else self.c
+        h = y_hat
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if str(i) in self.blocks:
+                h = self.blocks[str(i)](h, c)
+        return h
+
+
+class UGICM(nn.Module):
+    """A CompressAI codec whose decoder is conditioned on β; ``compress`` is the codec's own.
+
+    ``forward(x, beta)`` → CompressAI's ``{"x_hat", "likelihoods"}`` with one β per sample;
+    ``decompress(strings, shape, beta)`` decodes one bitstream for humans (0) or machines (1).
+    ``state_dict`` keys are the codec's own plus ``g_s.blocks.*`` / ``g_s.mlp.*``.
+    """
+
+    def __init__(self, codec: nn.Module, cond_dim: int = 512, frequencies: int = 10):
+        super().__init__()
+        codec.g_s = ConditionalSynthesis(codec.g_s, cond_dim, frequencies)
+        self.codec = codec
+
+    @contextmanager
+    def conditioned(self, beta):
+        g_s = self.codec.g_s
+        beta = torch.as_tensor(beta, dtype=torch.float32, device=next(g_s.mlp.parameters()).device).reshape(-1)
+        g_s.c = g_s.condition(beta)
+        try:
+            yield
+        finally:
+            g_s.c = None
+
+    def forward(self, x: torch.Tensor, beta) -> dict:
+        with self.conditioned(beta):
+            return self.codec(x)
+
+    def compress(self, x: torch.Tensor, **kwargs) -> dict:
+        return self.codec.compress(x, **kwargs)
+
+    def decompress(self, strings, shape, beta=0.0, **kwargs) -> dict:
+        with self.conditioned(beta):
+            return self.codec.decompress(strings, shape, **kwargs)
+
+    def aux_loss(self) -> torch.Tensor:
+        return self.codec.aux_loss()
+
+    def update(self, *args, **kwargs):
+        return self.codec.update(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # the codec's own load_state_dict resizes its entropy coders' CDF buffers
+        return self.codec.load_state_dict(state_dict, strict=strict)
+
+    def state_dict(self, *args, **kwargs):
+        return self.codec.state_dict(*args, **kwargs)
+
+    def decoder_parameters(self):
+        """What UG-ICM's stage 2 trains: the synthesis transform, its blocks and the condition MLP."""
+        return self.codec.g_s.parameters()

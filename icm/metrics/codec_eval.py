@@ -1,0 +1,257 @@
+"""Codec evaluation with real bitstreams (Ray-free; ``pipelines/evaluate.py`` runs it on Ray Data).
+
+Per image and per rate point of every configured codec: compress → bytes → decompress; bpp from
+the bytes; PSNR and MS-SSIM of each decode against the original; detections of every configured
+detector on each decode. A conditional codec (UG-ICM) is compressed once and its one bitstream
+decoded at β = 0 (``human``) and β = 1 (``machine``); other codecs have one decode (``single``).
+Anchors (JPEG, WebP, HEVC, …) are the OW-JRD ladders, each level a rate point; ``original`` is the
+uncompressed reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from icm.codecs.ugicm import UGICM
+from icm.data.classes import class_list
+from icm.data.manifest import atomic_write_table
+from icm.data.records import load_record
+from icm.data.units import UnitStage
+from icm.detectors.base import map_targets
+from icm.detectors.evaluate import detect_images
+from icm.jrd.ladders import build_ladder
+from icm.maa.stage import build_from_spec, detector_label, resolve_device
+from icm.metrics.bitstream import code_image, decode_again
+from icm.metrics.detection import coco_map
+from icm.metrics.image import ms_ssim, psnr
+
+POINT_SCHEMA = pa.schema([
+    ("source_id", pa.string()), ("curve", pa.string()), ("point", pa.int64()), ("params", pa.string()),
+    ("decode", pa.string()), ("bytes", pa.int64()), ("bpp", pa.float64()), ("psnr", pa.float64()),
+    ("ms_ssim", pa.float64()), ("detections", pa.string())])
+EVAL_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("gt", pa.string())])
+
+
+def to_float_image(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+
+
+def to_uint8_image(x: torch.Tensor) -> np.ndarray:
+    return x[0].mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+
+
+class LearnedPoint:
+    """One trained codec = one rate point."""
+
+    def __init__(self, spec: dict, device):
+        from icm.zoo import build_codec
+
+        kwargs = {k: v for k, v in spec.items() if k not in ("label", "curve", "name")}
+        self.model = build_codec(spec["name"], **kwargs).eval().to(device)
+        self.model.update(force=True)
+        self.device = device
+        self.conditional = isinstance(self.model, UGICM)
+        self.params = {k: v for k, v in spec.items() if k not in ("label", "curve")}
+
+    @torch.no_grad()
+    def decodes(self, image: np.ndarray) -> tuple[int, dict[str, np.ndarray]]:
+        x = to_float_image(image).to(self.device)
+        if not self.conditional:
+            coded = code_image(self.model, x)
+            return coded.num_bytes, {"single": to_uint8_image(coded.x_hat)}
+        coded = code_image(self.model, x, decode_kwargs={"beta": 0.0})
+        machine = decode_again(self.model, coded, {"beta": 1.0})
+        return coded.num_bytes, {"human": to_uint8_image(coded.x_hat), "machine": to_uint8_image(machine)}
+
+
+class LadderPoint:
+    def __init__(self, ladder, level: int):
+        self.ladder, self.level = ladder, level
+        self.params = {"type": ladder.kind, **ladder.levels[level]}
+
+    def decodes(self, image):
+        coded = self.ladder.code(image, self.level)
+        return coded.num_bytes, {"single": coded.decoded}
+
+
+class OriginalPoint:
+    params = {"type": "original"}
+
+    def decodes(self, image):
+        return image.nbytes, {"single": image}
+
+
+def rate_points(codecs: list[dict], device) -> list[tuple[str, int, Any]]:
+    """(curve, point index, coder) for every rate point of every codec entry."""
+    points, per_curve = [("original", 0, OriginalPoint())], defaultdict(int)
+    for spec in codecs:
+        curve = spec.get("curve") or spec["label"]
+        if "ladder" in spec:
+            ladder = build_ladder({**spec["ladder"], "name": curve})
+            for level in range(len(ladder.levels)):
+                points.append((curve, per_curve[curve], LadderPoint(ladder, level)))
+                per_curve[curve] += 1
+        else:
+            points.append((curve, per_curve[curve], LearnedPoint(spec, device)))
+            per_curve[curve] += 1
+    return points
+
+
+class EvalStage(UnitStage):
+    extra_schema = EVAL_COLUMNS
+
+    def __init__(self, out_dir: str, params: dict, dataset_classes: list[str]):
+        self.device = resolve_device(params.get("device"))
+        self.canvas = int(params.get("canvas", 512))
+        self.score_threshold = float(params.get("score_threshold", 0.01))
+        self.points = rate_points(params["codecs"], self.device)
+        self.detectors = [(detector_label(s), build_from_spec(s, dataset_classes, self.canvas).to(self.device))
+                          for s in params.get("detectors", [])]
+        models = [{**getattr(c.model, "icm_provenance", {}), "label": curve}
+                  for curve, _, c in self.points if isinstance(c, LearnedPoint)]
+        models += [{**d.icm_provenance, "label": label} for label, d in self.detectors]
+        super().__init__(out_dir, params, models=models, seed=int(params.get("seed", 0)))
+
+    def error_row(self, ref, reason, started_at):
+        return self.row(ref, status="error", error=reason, started_at=started_at, width=0, height=0, gt="")
+
+    def evaluate_image(self, record: dict) -> list[dict]:
+        image = record["image"]
+        x = to_float_image(image)
+        rows = []
+        for curve, point, coder in self.points:
+            num_bytes, decodes = coder.decodes(image)
+            for mode, decoded in decodes.items():
+                y = to_float_image(decoded)
+                dets = {label: _as_lists(detect_images(det, [decoded], self.canvas, self.score_threshold,
+                                                       device=self.device)[0])
+                        for label, det in self.detectors}
+                rows.append({"source_id": record["source_id"], "curve": curve, "point": point,
+                             "params": json.dumps(coder.params, sort_keys=True), "decode": mode,
+                             "bytes": int(num_bytes), "bpp": 8.0 * num_bytes / (image.shape[0] * image.shape[1]),
+                             "psnr": psnr(y, x), "ms_ssim": ms_ssim(y, x), "detections": json.dumps(dets)})
+        return rows
+
+    def process_unit(self, refs):
+        started = time.time()
+        rows, points = [], []
+        for ref in refs:
+            record = load_record(ref, min_side=8)
+            if record["status"] != "ok":
+                rows.append(self.error_row(ref, record["error"], started))
+                continue
+            try:
+                points += self.evaluate_image(record)
+            except Exception as exc:  # noqa: BLE001 - this image fails, the unit goes on
+                rows.append(self.error_row(ref, f"evaluation failed: {type(exc).__name__}: {exc}", started))
+                continue
+            gt = {"boxes": np.asarray(record["boxes"]).tolist(), "class_names": list(record["class_names"])}
+            rows.append(self.row(ref, status="ok", output_path=f"points/{self.unit_id}.parquet", started_at=started,
+                                 width=record["width"], height=record["height"], gt=json.dumps(gt)))
+        atomic_write_table(pa.Table.from_pylist(points, schema=POINT_SCHEMA),
+                           self.out_dir / "points" / f"{self.unit_id}.parquet")
+        return rows
+
+
+def _finite(value) -> float | None:
+    """PSNR of a lossless decode is infinite: None in the JSON summary."""
+    return float(value) if np.isfinite(value) else None
+
+
+def _as_lists(pred: dict[str, np.ndarray]) -> dict[str, list]:
+    return {"boxes": np.round(pred["boxes"], 3).tolist(), "scores": np.round(pred["scores"], 5).tolist(),
+            "labels": pred["labels"].astype(int).tolist()}
+
+
+def rd_points(manifest_rows: list[dict], point_rows: list[dict], detectors: list[dict],
+              dataset_classes: list[str]) -> list[dict]:
+    """One RD point per (curve, rate point, decode): mean bpp / PSNR / MS-SSIM over the images and
+    COCO mAP per detector (pycocotools) over the same images, ground truth mapped into each
+    detector's classes."""
+    ok = sorted((r for r in manifest_rows if r["status"] == "ok"), key=lambda r: r["source_id"])
+    image_ids = {r["source_id"]: i for i, r in enumerate(ok, start=1)}
+    groups = defaultdict(list)
+    for row in point_rows:
+        if row["source_id"] in image_ids:
+            groups[(row["curve"], row["point"], row["decode"])].append(row)
+    out = []
+    for (curve, point, decode), rows in sorted(groups.items()):
+        entry = {"curve": curve, "point": point, "decode": decode, "params": json.loads(rows[0]["params"]),
+                 "images": len(rows), "bpp": float(np.mean([r["bpp"] for r in rows])),
+                 "psnr": _finite(np.mean([r["psnr"] for r in rows])),
+                 "ms_ssim": float(np.mean([r["ms_ssim"] for r in rows])), "map": {}, "map50": {}}
+        for spec in detectors:
+            label = detector_label(spec)
+            classes = class_list(spec.get("classes")) or dataset_classes
+            result = coco_map(*_coco(ok, image_ids, rows, label, classes, spec.get("class_map")))
+            entry["map"][label], entry["map50"][label] = result["map"], result["map50"]
+        out.append(entry)
+    return out
+
+
+def _coco(manifest_rows, image_ids, rows, label, classes, class_map) -> tuple[dict, list[dict]]:
+    images, annotations = [], []
+    for r in manifest_rows:
+        img_id = image_ids[r["source_id"]]
+        images.append({"id": img_id, "width": r["width"], "height": r["height"]})
+        gt = json.loads(r["gt"])
+        mapped = map_targets(torch.as_tensor(gt["boxes"], dtype=torch.float32).reshape(-1, 4), gt["class_names"],
+                             classes, class_map)
+        for box, cls in zip(mapped["boxes"].tolist(), mapped["labels"].tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": img_id, "category_id": cls + 1,
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
+    detections = []
+    for row in rows:
+        pred = json.loads(row["detections"])[label]
+        for box, score, cls in zip(pred["boxes"], pred["scores"], pred["labels"]):
+            detections.append({"image_id": image_ids[row["source_id"]], "category_id": cls + 1, "score": score,
+                               "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+    gt = {"images": images, "annotations": annotations,
+          "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]}
+    return gt, detections
+
+
+def rd_figure(points: list[dict], detectors: list[str], path: str | Path) -> Path:
+    """PSNR vs bpp (human / single decodes) and mAP@.5 vs bpp per detector (machine / single)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + len(detectors)
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.8), squeeze=False)
+    curves = sorted({(p["curve"], p["decode"]) for p in points if p["curve"] != "original"})
+    for curve, decode in curves:
+        pts = sorted((p for p in points if p["curve"] == curve and p["decode"] == decode), key=lambda p: p["bpp"])
+        name = curve if decode == "single" else f"{curve} (β={'0' if decode == 'human' else '1'})"
+        style = "--" if decode == "machine" else "-"
+        if decode != "machine" and all(p["psnr"] is not None for p in pts):
+            axes[0, 0].plot([p["bpp"] for p in pts], [p["psnr"] for p in pts], style, marker="o", label=name)
+        if decode != "human":
+            for k, det in enumerate(detectors, start=1):
+                axes[0, k].plot([p["bpp"] for p in pts], [p["map50"][det] for p in pts], style, marker="o", label=name)
+    original = [p for p in points if p["curve"] == "original"]
+    for k, det in enumerate(detectors, start=1):
+        if original:
+            axes[0, k].axhline(original[0]["map50"][det], color="gray", lw=0.8, label="uncompressed")
+        axes[0, k].set_title(f"{det}: mAP@.5 vs bpp", fontsize=9)
+        axes[0, k].set_ylabel("mAP@.5")
+    axes[0, 0].set_title("PSNR vs bpp (human decode)", fontsize=9)
+    axes[0, 0].set_ylabel("PSNR (dB)")
+    for ax in axes[0]:
+        ax.set_xlabel("bpp (real bitstream)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,172 @@
+"""Per-worker training loop for codecs: any CompressAI codec with the RD loss, or UG-ICM (AAAI
+2025) with its three stages. Ray-free; ``icm.train.ray_trainer.fit`` runs it on Ray Train.
+
+Samples are ``{"x", "target", "boxes"}`` rows — a random crop of the image, the same crop of its
+machine target (the image itself, or its MAA image), and the object boxes in crop coordinates
+(flattened xyxy) — made on the CPU side by ``crop_pair``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from icm.codecs.ugicm import UGICM
+from icm.losses import ClipDistance, UGICMLoss, rd_loss
+from icm.train.session import Session
+from icm.zoo import build_clip, build_codec
+
+
+def crop_pair(image: np.ndarray, target: np.ndarray, boxes: np.ndarray, size: int,
+              rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One random ``size`` crop and horizontal flip, the same for the image, its machine target
+    and its boxes (TRAPS.md: a crop applied to an image must be applied to its MAA target).
+    Images smaller than the crop are padded by edge replication."""
+    if image.shape != target.shape:
+        raise ValueError(f"image {image.shape} and machine target {target.shape} differ in size")
+    h, w = image.shape[:2]
+    pad = ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0))
+    if any(p[1] for p in pad[:2]):
+        image, target = np.pad(image, pad, mode="edge"), np.pad(target, pad, mode="edge")
+        h, w = image.shape[:2]
+    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    x = image[top:top + size, left:left + size]
+    t = target[top:top + size, left:left + size]
+    b = np.asarray(boxes, np.float32).reshape(-1, 4) - np.array([left, top, left, top], np.float32)
+    b = b.clip(0, size)
+    b = b[(b[:, 2] - b[:, 0] >= 2) & (b[:, 3] - b[:, 1] >= 2)]
+    if rng.random() < 0.5:
+        x, t = x[:, ::-1], t[:, ::-1]
+        b = np.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1) if len(b) else b
+    return {"x": np.ascontiguousarray(x), "target": np.ascontiguousarray(t),
+            "boxes": b.reshape(-1).astype(np.float32)}
+
+
+def batches(rows: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
+    batch = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+
+
+def to_tensors(batch: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def stack(key):
+        return torch.from_numpy(np.stack([np.asarray(r[key]) for r in batch])).permute(0, 3, 1, 2).float().div(255)
+    boxes = [torch.as_tensor(np.asarray(r["boxes"], np.float32)).reshape(-1, 4).to(device) for r in batch]
+    return stack("x").to(device), stack("target").to(device), boxes
+
+
+def split_parameters(model: torch.nn.Module) -> tuple[list, list]:
+    """CompressAI's split: the entropy bottleneck's ``.quantiles`` go to the aux optimizer."""
+    main, aux = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (aux if name.endswith(".quantiles") else main).append(p)
+    return main, aux
+
+
+def build_training_codec(config: dict) -> torch.nn.Module:
+    spec = dict(config["codec"])
+    return build_codec(spec.pop("name"), **spec)
+
+
+def train_codec_loop(config: dict[str, Any], session: Session) -> None:
+    """config: codec (zoo spec: name, quality, weights, channels, ...), steps, batch_size, lr,
+    aux_lr, loss (``rd``: lmbda | ``ugicm``: stage, lmbda, lmbda_machine, lmbda_clip, clip {name,
+    weights}), checkpoint_every, log_every, seed, threads, tensorboard_dir."""
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    model = build_training_codec(config).to(session.device)
+    loss_cfg = config.get("loss", {"type": "rd"})
+    conditional = isinstance(model, UGICM)
+    if conditional != (loss_cfg["type"] == "ugicm"):
+        raise ValueError(f"loss {loss_cfg['type']!r} does not fit codec {config['codec']['name']!r}: "
+                         "ugicm:<arch> codecs train with the ugicm loss, plain codecs with rd")
+    stage = int(loss_cfg.get("stage", 1))
+    if stage >= 2:  # stage 2/3: only the synthesis transform, its blocks and the condition MLP train
+        model.requires_grad_(False)
+        for p in model.decoder_parameters():
+            p.requires_grad_(True)
+    main_params, aux_params = split_parameters(model)
+    opt = torch.optim.Adam(main_params, lr=float(config.get("lr", 1e-4)))
+    aux_opt = torch.optim.Adam(aux_params, lr=float(config.get("aux_lr", 1e-3))) if aux_params else None
+    step = 0
+    state = session.restore()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if aux_opt is not None:
+            aux_opt.load_state_dict(state["aux_optimizer"])
+        step = int(state["step"])
+    net = session.prepare(model)
+    if conditional:
+        clip = None
+        if float(loss_cfg.get("lmbda_clip", 0)) > 0:
+            clip_cfg = loss_cfg.get("clip") or {}
+            clip = ClipDistance(build_clip(clip_cfg.get("name", "ViT-B-32"), clip_cfg.get("weights", "random"))
+                                ).to(session.device)
+        criterion = UGICMLoss(float(loss_cfg.get("lmbda", 0.0022)), float(loss_cfg.get("lmbda_machine", 0.0011)),
+                              float(loss_cfg.get("lmbda_clip", 0)), clip, instance=stage >= 3)
+    writer = None
+    if session.rank == 0 and config.get("tensorboard_dir"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(config["tensorboard_dir"])
+    steps, batch_size = int(config["steps"]), int(config.get("batch_size", 8))
+    every, log_every = int(config.get("checkpoint_every", 100)), int(config.get("log_every", 10))
+    epoch, started, window = 0, time.time(), []
+    while step < steps:
+        seen = False
+        for batch in batches(session.records("train", epoch), batch_size):
+            seen = True
+            x, target, boxes = to_tensors(batch, session.device)
+            if conditional:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + session.rank)
+                beta = (torch.rand(len(batch), generator=g) < 0.5).float().to(session.device)
+                terms = criterion(net(x, beta), x, target, beta, boxes)
+            else:
+                terms = rd_loss(net(x), x, float(loss_cfg.get("lmbda", 0.0130)))
+            # One backward of the RD loss plus the aux loss (which reaches only .quantiles): with
+            # separate backwards DDP replicas drifted apart (TRAPS.md); this keeps them bitwise equal.
+            aux = model.aux_loss() if aux_opt is not None else x.new_zeros(())
+            opt.zero_grad(set_to_none=True)
+            if aux_opt is not None:
+                aux_opt.zero_grad(set_to_none=True)
+            (terms["loss"] + aux).backward()
+            opt.step()
+            if aux_opt is not None:
+                aux_opt.step()
+            step += 1
+            window.append({k: float(v.detach()) for k, v in terms.items()} | {"aux_loss": float(aux.detach())})
+            last = step >= steps
+            if step % log_every == 0 or step % every == 0 or last:
+                metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                mse_key = "mse_human" if conditional else "mse_loss"
+                metrics |= {"step": step, "epoch": epoch, "samples_per_s": len(window) * batch_size * session.world_size
+                            / max(time.time() - started, 1e-9)}
+                if metrics[mse_key] > 0:
+                    metrics["psnr"] = float(10 * np.log10(1.0 / metrics[mse_key]))
+                if writer is not None:
+                    for k, v in metrics.items():
+                        if k not in ("step", "epoch"):
+                            writer.add_scalar(f"train/{k}", v, step)
+                    writer.flush()
+                save = session.rank == 0 and (step % every == 0 or last)
+                session.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                         "aux_optimizer": aux_opt.state_dict() if aux_opt else {},
+                                         "step": step, "epoch": epoch} if save else None)
+                window, started = [], time.time()
+            if last:
+                break
+        if not seen:
+            raise RuntimeError("the training split yielded no batch: fewer images than batch_size?")
+        epoch += 1
+    if writer is not None:
+        writer.close()

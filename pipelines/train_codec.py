@@ -1,0 +1,137 @@
+"""Distributed codec training on Ray Train: any CompressAI codec (RD loss) or UG-ICM (AAAI 2025,
+β-conditioned decoder, CLIP supervision, MAA images as machine targets).
+
+    python pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml [--profile demo] [key=value ...]
+    ray job submit --working-dir . -- python pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml
+
+Ray Data decodes the images (and their MAA targets) on CPU workers and streams random crops to
+the train workers (``get_dataset_shard``); checkpoints go to ``out_dir/ray-train/<name>``; rerun
+the same command to resume from the latest one. TensorBoard: ``tensorboard --logdir out_dir/tensorboard``.
+The exported model (``out_dir/model.pth`` + ``model.json``) loads back with ``icm.zoo.build_codec``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import parse_args, resolve_config, start_ray, write_resolved, write_summary
+
+from icm.data.readers import build_reader
+from icm.data.records import decode_rgb
+from icm.data.ray_io import records_dataset
+from icm.train.codec import build_training_codec, crop_pair, train_codec_loop
+from icm.train.ray_trainer import final_state, fit
+from icm.zoo.weights import sha256_file, trained_dir
+
+LOOP_KEYS = ("codec", "loss", "steps", "batch_size", "lr", "aux_lr", "checkpoint_every", "log_every", "seed", "threads")
+
+
+def machine_targets(maa_dir: str | None) -> dict[str, str]:
+    """source_id → MAA image path, from an MAA job's manifest (empty without one)."""
+    if not maa_dir:
+        return {}
+    import pyarrow.parquet as pq
+
+    manifest = Path(maa_dir) / "manifest.parquet"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"machine_targets.maa_dir: {manifest} not found — run pipelines/maa_augment.py "
+                                "into that out_dir first, or set machine_targets.maa_dir to null")
+    return {r["source_id"]: str(Path(maa_dir) / r["output_path"])
+            for r in pq.read_table(manifest, columns=["source_id", "output_path", "status"]).to_pylist()
+            if r["status"] == "ok"}
+
+
+def with_target(row: dict, targets: dict[str, str]) -> dict:
+    """The decoded image, its machine target (the MAA image, else the image itself), its boxes."""
+    target = row["image"]
+    path = targets.get(str(row["source_id"]))
+    if path:
+        target, _ = decode_rgb(path)
+        if target.shape != row["image"].shape:
+            raise ValueError(f"MAA target {path} is {target.shape}, its source {row['source_id']} {row['image'].shape}")
+    return {"image": row["image"], "target": target,
+            "boxes": np.asarray(row["boxes"], np.float32).reshape(-1).tolist()}
+
+
+def random_crop(row: dict, size: int) -> dict:
+    return crop_pair(row["image"], row["target"], np.asarray(row["boxes"], np.float32), size, np.random.default_rng())
+
+
+def export_model(state: dict, cfg: dict, out_dir: Path) -> dict:
+    """CompressAI-style export: the state dict after ``update(force=True, update_quantiles=True)``
+    on the unwrapped model (TRAPS.md), plus ``model.json`` with the zoo spec to rebuild it."""
+    model = build_training_codec({"codec": {**cfg["codec"], "weights": "random"}})
+    model.load_state_dict(state["model"])
+    model.update(force=True, update_quantiles=True)
+    path = out_dir / "model.pth"
+    torch.save(model.state_dict(), path)
+    spec = {k: v for k, v in cfg["codec"].items() if k not in ("weights", "base_weights")}
+    info = {"codec": spec, "weights": str(path), "sha256": sha256_file(path), "steps": state["step"],
+            "loss": cfg["loss"]}
+    if cfg.get("label"):
+        dest = trained_dir()
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, dest / f"{cfg['label']}.pth")
+        info["zoo_spec"] = {**spec, "weights": f"trained:{cfg['label']}"}
+        (dest / f"{cfg['label']}.json").write_text(json.dumps(info, indent=2))
+    (out_dir / "model.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def run(cfg: dict, address: str | None = None) -> dict:
+    out_dir = Path(cfg["out_dir"]).resolve()
+    write_resolved(cfg, out_dir)
+    loss = cfg.get("loss", {})
+    if loss.get("type") == "ugicm" and float(loss.get("lmbda_clip", 0)) > 0 and \
+            str((loss.get("clip") or {}).get("weights", "random")).startswith("random"):
+        raise SystemExit("loss.lmbda_clip > 0 with random CLIP weights trains towards noise: give "
+                         "loss.clip.weights (open_clip:openai or a local file) or set loss.lmbda_clip=0")
+    build_training_codec(cfg)  # an unreachable weights spec fails here, not in every restarted worker
+    start_ray(cfg, address)
+    reader = build_reader(cfg["dataset"])
+    targets = machine_targets((cfg.get("machine_targets") or {}).get("maa_dir"))
+    data_cpus = float((cfg.get("data") or {}).get("num_cpus", 1))
+    decoded = (records_dataset(reader, min_side=int(cfg["crop"]) // 2, num_cpus=data_cpus)
+               .filter(lambda r: r["status"] == "ok")
+               .map(partial(with_target, targets=targets), num_cpus=data_cpus)
+               .materialize())  # decode once; only the random crops are redone every epoch
+    images = decoded.count()
+    if images == 0:
+        raise SystemExit(f"{reader.name}: no decodable training images")
+    train = decoded.map(partial(random_crop, size=int(cfg["crop"])), num_cpus=data_cpus)
+    workers = cfg.get("workers", {}) or {}
+    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
+    loop_cfg["tensorboard_dir"] = str(out_dir / "tensorboard" / cfg["name"])
+    start = time.time()
+    result = fit(train_codec_loop, loop_cfg, name=cfg["name"], storage_path=out_dir / "ray-train",
+                 datasets={"train": train}, num_workers=int(workers.get("num_workers", 1)),
+                 use_gpu=bool(workers.get("use_gpu", False)), cpus_per_worker=float(workers.get("cpus_per_worker", 1)))
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
+    state = final_state(result)
+    info = export_model(state, cfg, out_dir)
+    summary = {"job": "train_codec", "codec": cfg["codec"]["name"], "loss": loss.get("type"),
+               "stage": loss.get("stage", 1), "train_images": images,
+               "machine_targets": f"MAA images for {len(targets)} source ids" if targets else "the originals",
+               "clip": "on" if float(loss.get("lmbda_clip", 0)) > 0 else "off (lmbda_clip = 0)",
+               "steps": state["step"], "final_metrics": {k: round(v, 4) if isinstance(v, float) else v
+                                                          for k, v in (result.metrics or {}).items()},
+               "train_wall_s": round(time.time() - start, 1), "checkpoints": str(result.path),
+               "tensorboard": loop_cfg["tensorboard_dir"], "model": info}
+    write_summary(out_dir, summary, "codec training summary")
+    return summary
+
+
+def main() -> None:
+    args = parse_args(__doc__, "pipelines/configs/codec_ugicm.yaml")
+    run(resolve_config(args), args.address)
+
+
+if __name__ == "__main__":
+    main()

@@ -73,12 +73,13 @@ def load_config(path: str | Path | None, profile: str | None = None,
     return cfg
 
 
-def write_resolved(cfg: dict, out_dir: str | Path, name: str = "config.resolved.yaml") -> Path:
-    """Write the resolved config beside a job's outputs (provenance)."""
-    out = Path(out_dir) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(cfg, sort_keys=True))
-    return out
+def write_resolved(cfg: dict, out_dir: str | Path, name: str = "config.resolved.yaml") -> str:
+    """Write the resolved config beside a job's outputs (provenance); ``out_dir`` may be a URI."""
+    from icm.data.storage import Storage
+
+    storage = Storage(out_dir)
+    storage.write_text(name, yaml.safe_dump(cfg, sort_keys=True))
+    return storage.display(name)
 
 
 def canonical_json(obj: Any) -> str:

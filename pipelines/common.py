@@ -16,6 +16,7 @@ if str(REPO) not in sys.path:  # `python pipelines/x.py` from a checkout without
 from icm.config import load_config, write_resolved  # noqa: E402
 from icm.data.manifest import ManifestStore  # noqa: E402
 from icm.data.ray_io import init_ray, run_units  # noqa: E402
+from icm.data.storage import Storage  # noqa: E402
 
 
 def parse_args(description: str, default_config: str) -> argparse.Namespace:
@@ -38,19 +39,18 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def guard_params(out_dir: Path, params: dict[str, Any]) -> None:
+def guard_params(out_dir: str | Path, params: dict[str, Any]) -> None:
     """Refuse to resume into an ``out_dir`` whose outputs were made with other job parameters:
     skipping its finished units would mix two settings in one output set."""
-    path = Path(out_dir) / "job_params.json"
+    storage = Storage(out_dir)
     current = json.loads(json.dumps(params, sort_keys=True, default=str))
-    if path.is_file():
-        previous = json.loads(path.read_text())
+    if storage.exists("job_params.json"):
+        previous = json.loads(storage.read_text("job_params.json"))
         if previous != current:
             changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             raise SystemExit(f"{out_dir} holds outputs made with other parameters (changed: {changed}); "
                              "use a new out_dir, or delete this one to start over")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2, sort_keys=True))
+    storage.write_text("job_params.json", json.dumps(current, indent=2, sort_keys=True))
 
 
 def start_ray(cfg: dict[str, Any], address: str | None) -> None:
@@ -59,7 +59,7 @@ def start_ray(cfg: dict[str, Any], address: str | None) -> None:
              node_ip_address=ray_cfg.get("node_ip_address"))
 
 
-def run_resumable(units: list[dict], stage_cls: type, stage_kwargs: dict, out_dir: Path,
+def run_resumable(units: list[dict], stage_cls: type, stage_kwargs: dict, out_dir: str | Path,
                   extra_schema, workers: dict[str, Any], pre_stage: dict[str, Any] | None = None) -> dict[str, Any]:
     """Skip units whose manifest shard exists, run the rest, consolidate the manifest."""
     store = ManifestStore(out_dir, extra_schema)
@@ -85,9 +85,10 @@ def run_resumable(units: list[dict], stage_cls: type, stage_kwargs: dict, out_di
             "images_per_s": (counts["done"] + counts["failed"]) / elapsed if elapsed > 0 and rows else 0.0}
 
 
-def write_summary(out_dir: Path, summary: dict[str, Any], title: str) -> Path:
-    path = Path(out_dir) / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+def write_summary(out_dir: str | Path, summary: dict[str, Any], title: str) -> str:
+    storage = Storage(out_dir)
+    path = storage.display("summary.json")
+    storage.write_text("summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str))
     print(f"\n== {title} ==")
     for key, value in summary.items():
         if isinstance(value, dict):

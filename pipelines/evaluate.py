@@ -12,13 +12,12 @@ mode; which detectors were seen in training/MAA) and ``rd.png``. Resumable like 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import pyarrow.parquet as pq
 from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
                     write_summary)
 
 from icm.data.readers import build_reader
+from icm.data.storage import Storage
 from icm.data.ray_io import work_units
 from icm.maa.stage import detector_label
 from icm.metrics.codec_eval import EVAL_COLUMNS, EvalStage, rd_figure, rd_points
@@ -27,7 +26,8 @@ EVAL_KEYS = ("codecs", "detectors", "canvas", "score_threshold", "device", "seed
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
-    out_dir = Path(cfg["out_dir"])
+    out_dir = cfg["out_dir"]
+    storage = Storage(out_dir)
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)
     reader = build_reader(cfg["dataset"])
@@ -35,18 +35,19 @@ def run(cfg: dict, address: str | None = None) -> dict:
     params = {k: cfg[k] for k in EVAL_KEYS if k in cfg}
     guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
     start = time.time()
-    result = run_resumable(units, EvalStage, {"out_dir": str(out_dir), "params": params,
+    result = run_resumable(units, EvalStage, {"out_dir": out_dir, "params": params,
                                               "dataset_classes": reader.classes},
                            out_dir, EVAL_COLUMNS, cfg.get("workers", {}))
-    manifest = pq.read_table(out_dir / "manifest.parquet").to_pylist()
-    point_rows = pq.read_table(out_dir / "points").to_pylist()
+    manifest = storage.read_table("manifest.parquet").to_pylist()
+    point_rows = [r for t in storage.read_tables("points") for r in t.to_pylist()]
     points = rd_points(manifest, point_rows, cfg.get("detectors", []), reader.classes)
     labels = [detector_label(s) for s in cfg.get("detectors", [])]
+    storage.write_bytes("rd.png", rd_figure(points, labels))
     summary = {"job": "evaluate", "dataset": reader.name, "images": result["counts"],
                "detectors": {detector_label(s): "seen in training/MAA" if s.get("seen") else "unseen"
                              for s in cfg.get("detectors", [])},
                "elapsed_s": round(result["elapsed_s"], 2), "rd_points": points,
-               "figure": str(rd_figure(points, labels, out_dir / "rd.png")),
+               "figure": storage.display("rd.png"),
                "manifest": result["manifest"], "errors": result["errors"][:20],
                "wall_s": round(time.time() - start, 1)}
     write_summary(out_dir, summary, "codec evaluation")

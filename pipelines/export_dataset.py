@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
                     write_summary)
@@ -17,7 +16,7 @@ from icm.data.readers import build_reader
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
-    out_dir = Path(cfg["out_dir"])
+    out_dir = cfg["out_dir"]
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)
     reader = build_reader(cfg["dataset"])
@@ -25,7 +24,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     params = {"job": "export", "dataset": cfg["dataset"], "min_side": cfg.get("min_side", 1)}
     guard_params(out_dir, {**params, "unit_size": cfg.get("unit_size", 8)})
     result = run_resumable(units, ExportStage,
-                           {"out_dir": str(out_dir), "params": params, "min_side": cfg.get("min_side", 1)},
+                           {"out_dir": out_dir, "params": params, "min_side": cfg.get("min_side", 1)},
                            out_dir, EXPORT_COLUMNS, cfg.get("workers", {}))
     summary = {"job": "export", "dataset": reader.name, "classes": reader.classes,
                "images": result["counts"], "elapsed_s": round(result["elapsed_s"], 2),

@@ -12,12 +12,12 @@ the same out_dir. Then the authors' layout is exported per ladder (``export/<lad
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
                     write_summary)
 
 from icm.data.readers import build_reader
+from icm.data.storage import Storage
 from icm.data.ray_io import work_units
 from icm.jrd.export import export_authors_layout
 from icm.jrd.report import jrd_figure, jrd_stats
@@ -28,7 +28,8 @@ LABEL_KEYS = ("ladders", "detector", "reference", "iou_threshold", "score_thresh
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
-    out_dir = Path(cfg["out_dir"])
+    out_dir = cfg["out_dir"]
+    storage = Storage(out_dir)
     write_resolved(cfg, out_dir)
     ladders = build_ladders(cfg["ladders"])  # fail on a bad ladder (or a missing VVC binary) before Ray starts
     start_ray(cfg, address)
@@ -40,7 +41,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     pre_stage = {"cls": LadderStage, "kwargs": {"ladders": cfg["ladders"]},
                  "actors": coders.get("actors", 1), "num_cpus": coders.get("num_cpus", 1)}
     start = time.time()
-    result = run_resumable(units, LabelStage, {"out_dir": str(out_dir), "params": params,
+    result = run_resumable(units, LabelStage, {"out_dir": out_dir, "params": params,
                                                "dataset_classes": reader.classes,
                                                "category_ids": reader.category_ids},
                            out_dir, JRD_COLUMNS, cfg.get("workers", {}), pre_stage=pre_stage)
@@ -53,10 +54,11 @@ def run(cfg: dict, address: str | None = None) -> dict:
                "object_levels_per_s_this_run": round(object_levels / result["elapsed_s"], 1)
                if result["units_run"] == result["units_total"] and result["elapsed_s"] > 0 else None,
                "per_ladder": stats, "manifest": result["manifest"],
-               "figure": str(jrd_figure(out_dir, out_dir / "jrd.png")), "errors": result["errors"][:20]}
+               "figure": storage.display("jrd.png"), "errors": result["errors"][:20]}
+    storage.write_bytes("jrd.png", jrd_figure(out_dir))
     export = cfg.get("export") or {}
     if export.get("enabled", True):
-        summary["export"] = [export_authors_layout(out_dir, lad.name, out_dir / "export" / lad.name,
+        summary["export"] = [export_authors_layout(out_dir, lad.name, storage.display(f"export/{lad.name}"),
                                                    fractions=export.get("fractions"), seed=int(export.get("seed", 0)),
                                                    include_unrecognised=bool(export.get("include_unrecognised", False)))
                              for lad in ladders if lad.name in (export.get("ladders") or [lad.name])]

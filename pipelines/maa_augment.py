@@ -12,12 +12,13 @@ out_dir to finish an interrupted job.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
                     write_summary)
 
-from icm.data.readers import ManifestReader, build_reader
+from icm.data.readers import build_reader
+from icm.data.storage import Storage
+from icm.data.writers import decode_png
 from icm.data.ray_io import work_units
 from icm.maa.report import manifest_stats, summary_figure
 from icm.maa.stage import MAA_COLUMNS, MAAStage, detector_groups, detector_label
@@ -26,13 +27,21 @@ METHOD_KEYS = ("method", "canvas", "steps", "outer", "inner_steps", "alpha", "bo
                "class_map", "device", "seed")
 
 
-def evaluate(cfg: dict, reader, out_dir: Path) -> list[dict]:
+def produced_images(storage: Storage, source_ids=None) -> dict[str, dict]:
+    """The job's ok manifest rows with their decoded output images (read through the storage,
+    so an s3:// out_dir works too)."""
+    rows = storage.read_table("manifest.parquet").to_pylist()
+    return {r["source_id"]: {**r, "image": decode_png(storage.read_bytes(r["output_path"]))} for r in rows
+            if r["status"] == "ok" and (source_ids is None or r["source_id"] in source_ids)}
+
+
+def evaluate(cfg: dict, reader, storage: Storage) -> list[dict]:
     """Per detector: mean training loss and mAP@.5 on the original vs the MAA images."""
     from icm.detectors.evaluate import evaluate_detector
     from icm.maa.stage import build_from_spec, resolve_device
 
     seen = {detector_label(s) for g in detector_groups(cfg) for s in g["detectors"]}
-    produced = {r["source_id"]: r for r in ManifestReader(out_dir / "manifest.parquet").records()}
+    produced = produced_images(storage)
     originals = list(reader.records(source_ids=produced))
     maa = [{**produced[r["source_id"]], "boxes": r["boxes"], "class_ids": r["class_ids"],
             "class_names": r["class_names"]} for r in originals]
@@ -56,7 +65,8 @@ def evaluate(cfg: dict, reader, out_dir: Path) -> list[dict]:
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
-    out_dir = Path(cfg["out_dir"])
+    out_dir = cfg["out_dir"]
+    storage = Storage(out_dir)
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)
     reader = build_reader(cfg["dataset"])
@@ -65,23 +75,24 @@ def run(cfg: dict, address: str | None = None) -> dict:
     detector_groups(params)  # fail on a bad method/detector config before starting workers
     guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
     start = time.time()
-    result = run_resumable(units, MAAStage, {"out_dir": str(out_dir), "params": params,
+    result = run_resumable(units, MAAStage, {"out_dir": out_dir, "params": params,
                                              "dataset_classes": reader.classes},
                            out_dir, MAA_COLUMNS, cfg.get("workers", {}))
-    stats = manifest_stats(result["manifest"])
-    outputs = ManifestReader(out_dir / "manifest.parquet")
-    shown = [r.source_id for r in outputs.refs()][: int(cfg.get("figure_images", 3))]  # decode only these
+    stats = manifest_stats(storage.read_table("manifest.parquet"))
+    ok_ids = sorted(r["source_id"] for r in storage.read_table("manifest.parquet", ["source_id", "status"]).to_pylist()
+                    if r["status"] == "ok")
+    shown = set(ok_ids[: int(cfg.get("figure_images", 3))])  # decode only these
     originals = {r["source_id"]: r for r in reader.records(source_ids=shown)}
-    summary_figure([(originals[p["source_id"]]["image"], p["image"], p["source_id"])
-                    for p in outputs.records(source_ids=shown) if p["source_id"] in originals],
-                   out_dir / "summary.png")
+    outputs = produced_images(storage, shown)
+    storage.write_bytes("summary.png", summary_figure(
+        [(originals[k]["image"], outputs[k]["image"], k) for k in sorted(outputs) if k in originals]))
     summary = {"job": "maa", "method": cfg["method"], "dataset": reader.name, "images": result["counts"],
                "elapsed_s": round(result["elapsed_s"], 2), "images_per_s": round(result["images_per_s"], 3),
-               **stats, "manifest": result["manifest"], "figure": str(out_dir / "summary.png"),
+               **stats, "manifest": result["manifest"], "figure": storage.display("summary.png"),
                "wall_s": round(time.time() - start, 1),
                "errors": result["errors"][:20]}
     if cfg.get("evaluate"):
-        summary["evaluation"] = evaluate(cfg, reader, out_dir)
+        summary["evaluation"] = evaluate(cfg, reader, storage)
     write_summary(out_dir, summary, f"MAA summary ({cfg['method']})")
     return summary
 

@@ -18,14 +18,13 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
+
 import torch
 from common import parse_args, resolve_config, start_ray, write_resolved, write_summary
 
 from icm.data.readers import build_reader
-from icm.data.records import decode_rgb
 from icm.data.ray_io import records_dataset
-from icm.train.codec import build_training_codec, crop_pair, train_codec_loop
+from icm.train.codec import build_training_codec, random_crops, train_codec_loop, with_target
 from icm.train.ray_trainer import final_state, fit
 from icm.zoo.weights import sha256_file, trained_dir
 
@@ -45,22 +44,6 @@ def machine_targets(maa_dir: str | None) -> dict[str, str]:
     return {r["source_id"]: str(Path(maa_dir) / r["output_path"])
             for r in pq.read_table(manifest, columns=["source_id", "output_path", "status"]).to_pylist()
             if r["status"] == "ok"}
-
-
-def with_target(row: dict, targets: dict[str, str]) -> dict:
-    """The decoded image, its machine target (the MAA image, else the image itself), its boxes."""
-    target = row["image"]
-    path = targets.get(str(row["source_id"]))
-    if path:
-        target, _ = decode_rgb(path)
-        if target.shape != row["image"].shape:
-            raise ValueError(f"MAA target {path} is {target.shape}, its source {row['source_id']} {row['image'].shape}")
-    return {"image": row["image"], "target": target,
-            "boxes": np.asarray(row["boxes"], np.float32).reshape(-1).tolist()}
-
-
-def random_crop(row: dict, size: int) -> dict:
-    return crop_pair(row["image"], row["target"], np.asarray(row["boxes"], np.float32), size, np.random.default_rng())
 
 
 def export_model(state: dict, cfg: dict, out_dir: Path) -> dict:
@@ -92,6 +75,9 @@ def run(cfg: dict, address: str | None = None) -> dict:
             str((loss.get("clip") or {}).get("weights", "random")).startswith("random"):
         raise SystemExit("loss.lmbda_clip > 0 with random CLIP weights trains towards noise: give "
                          "loss.clip.weights (open_clip:openai or a local file) or set loss.lmbda_clip=0")
+    if int(cfg["crop"]) % 64:
+        raise SystemExit(f"crop={cfg['crop']}: training crops must be a multiple of 64 (hyperprior codecs "
+                         "downsample by 64; other sizes misalign their latents)")
     build_training_codec(cfg)  # an unreachable weights spec fails here, not in every restarted worker
     start_ray(cfg, address)
     reader = build_reader(cfg["dataset"])
@@ -104,7 +90,8 @@ def run(cfg: dict, address: str | None = None) -> dict:
     images = decoded.count()
     if images == 0:
         raise SystemExit(f"{reader.name}: no decodable training images")
-    train = decoded.map(partial(random_crop, size=int(cfg["crop"])), num_cpus=data_cpus)
+    train = decoded.map_batches(partial(random_crops, size=int(cfg["crop"])), batch_size=16, batch_format="numpy",
+                                num_cpus=data_cpus)
     workers = cfg.get("workers", {}) or {}
     loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
     loop_cfg["tensorboard_dir"] = str(out_dir / "tensorboard" / cfg["name"])

@@ -66,8 +66,10 @@ class ConditionalSynthesis(nn.Module):
         super().__init__()
         latent = next(m.in_channels for m in g_s.modules() if hasattr(m, "in_channels"))
         ups, channels = _upsampling_children(g_s, latent)
-        self.layers = g_s
-        self.blocks = nn.ModuleDict({str(j - 1): ConditionedBlock(channels[j - 1], cond_dim) for j in ups[1:]})
+        self.order = [name for name, _ in g_s.named_children()]
+        for name, child in g_s.named_children():  # same keys as the plain codec's g_s.<i>.*
+            self.add_module(name, child)
+        self.blocks = nn.ModuleDict({self.order[j - 1]: ConditionedBlock(channels[j - 1], cond_dim) for j in ups[1:]})
         self.frequencies = frequencies
         self.mlp = nn.Sequential(nn.Linear(1 + 2 * frequencies, cond_dim), nn.GELU(), nn.Linear(cond_dim, cond_dim))
         self.c: torch.Tensor | None = None
@@ -80,10 +82,10 @@ class ConditionalSynthesis(nn.Module):
             raise RuntimeError("ConditionalSynthesis called without a condition: use UGICM(x, beta)")
         c = self.c.expand(y_hat.shape[0], -1) if self.c.shape[0] == 1 else self.c
         h = y_hat
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if str(i) in self.blocks:
-                h = self.blocks[str(i)](h, c)
+        for name in self.order:
+            h = getattr(self, name)(h)
+            if name in self.blocks:
+                h = self.blocks[name](h, c)
         return h
 
 

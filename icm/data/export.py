@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from icm.data.records import load_record
 from icm.data.units import UnitStage, output_relpath
-from icm.data.writers import write_png
+from icm.data.writers import png_bytes
 
 EXPORT_COLUMNS = pa.schema([
     ("width", pa.int64()), ("height", pa.int64()),
@@ -41,7 +41,7 @@ class ExportStage(UnitStage):
                 rows.append(self.error_row(ref, record["error"], started))
                 continue
             rel = output_relpath(ref["source_id"])
-            write_png(self.out_dir / rel, record["image"])
+            self.storage.write_bytes(rel, png_bytes(record["image"]))
             rows.append(self.row(ref, status="ok", output_path=rel, started_at=started,
                                  width=record["width"], height=record["height"],
                                  boxes=record["boxes"].tolist(), class_ids=record["class_ids"].tolist(),

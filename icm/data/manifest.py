@@ -8,11 +8,11 @@ sha256}), ``seed``; and the volatile columns (``VOLATILE``) ``node_id``, ``start
 
 A job writes one shard per fixed work unit under ``<out>/manifest/`` (atomically), so a resumed
 job knows which units are done; ``consolidate`` joins the shards into ``<out>/manifest.parquet``.
+``<out>`` is a local directory or an object-store URI (``icm.data.storage``).
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from icm.config import canonical_json
+from icm.data.storage import Storage
 
 CONTRACT = pa.schema([
     ("source_id", pa.string()),
@@ -84,41 +85,27 @@ def to_table(rows: list[dict[str, Any]], extra_schema: pa.Schema | None = None) 
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def atomic_write_table(table: pa.Table, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
-
-
 class ManifestStore:
     """Per-unit manifest shards under ``<out>/manifest/`` plus the consolidated file."""
 
     def __init__(self, out_dir: str | Path, extra_schema: pa.Schema | None = None):
-        self.out_dir = Path(out_dir)
-        self.shard_dir = self.out_dir / "manifest"
+        self.storage = Storage(out_dir)
         self.extra_schema = extra_schema
 
-    def shard_path(self, unit_id: str) -> Path:
-        return self.shard_dir / f"{unit_id}.parquet"
-
     def done_units(self) -> set[str]:
-        if not self.shard_dir.is_dir():
-            return set()
-        return {p.stem for p in self.shard_dir.glob("*.parquet")}
+        return {name.removesuffix(".parquet") for name in self.storage.list("manifest", ".parquet")}
 
-    def write_unit(self, unit_id: str, rows: list[dict[str, Any]]) -> Path:
-        return atomic_write_table(to_table(rows, self.extra_schema), self.shard_path(unit_id))
+    def write_unit(self, unit_id: str, rows: list[dict[str, Any]]) -> str:
+        return self.storage.write_table(f"manifest/{unit_id}.parquet", to_table(rows, self.extra_schema))
 
-    def consolidate(self, name: str = "manifest.parquet") -> Path:
-        shards = sorted(self.shard_dir.glob("*.parquet"))
+    def consolidate(self, name: str = "manifest.parquet") -> str:
+        """Join the shards into ``<out>/<name>``; returns where it went (a path or a URI)."""
+        shards = self.storage.read_tables("manifest")
         if not shards:
-            raise FileNotFoundError(f"no manifest shards under {self.shard_dir}")
-        table = pa.concat_tables([pq.read_table(p) for p in shards], promote_options="default")
-        table = table.sort_by("source_id")
-        return atomic_write_table(table, self.out_dir / name)
+            raise FileNotFoundError(f"no manifest shards under {self.storage.display('manifest')}")
+        table = pa.concat_tables(shards, promote_options="default").sort_by("source_id")
+        self.storage.write_table(name, table)
+        return self.storage.display(name)
 
 
 def comparable(table_or_path: pa.Table | str | Path):

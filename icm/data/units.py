@@ -37,11 +37,11 @@ class UnitStage:
 
     def __init__(self, out_dir: str, params: dict[str, Any], models: list[dict] | None = None,
                  seed: int = 0):
-        self.out_dir = Path(out_dir)
+        self.store = ManifestStore(out_dir, self.extra_schema)
+        self.storage = self.store.storage     # outputs go here: a local directory or a URI
         self.params = params
         self.models = models or []
         self.seed = seed
-        self.store = ManifestStore(self.out_dir, self.extra_schema)
 
     def row(self, ref: dict, *, status: str, started_at: float, output_path: str = "",
             error: str = "", seed: int | None = None, **extra) -> dict[str, Any]:

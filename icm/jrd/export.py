@@ -17,20 +17,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from icm.data.manifest import atomic_write_table
+from icm.data.storage import Storage
 
 SPLITS = ("train", "val", "test")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def read_table(run_dir: str | Path, kind: str, ladder: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """All unit shards of ``kind`` (``levels`` or ``objects``) of a run, sorted, optionally one ladder."""
-    shards = sorted((Path(run_dir) / kind).glob("*.parquet"))
+    """All unit shards of ``kind`` (``levels`` or ``objects``) of a run (a path or URI), sorted,
+    optionally of one ladder."""
+    storage = Storage(run_dir)
+    shards = storage.read_tables(kind, columns)
     if not shards:
-        raise FileNotFoundError(f"no {kind} shards under {Path(run_dir) / kind}: run pipelines/jrd_dataset.py first")
-    table = pa.concat_tables([pq.read_table(p, columns=columns) for p in shards])
+        raise FileNotFoundError(f"no {kind} shards under {storage.display(kind)}: run pipelines/jrd_dataset.py first")
+    table = pa.concat_tables(shards)
     if ladder is not None:
         table = table.filter(pc.equal(table["ladder"], ladder))
     keys = [k for k in ("source_id", "object_index", "ladder", "level") if k in table.column_names]
@@ -58,9 +59,10 @@ def split_images(source_ids: list[str], fractions: dict[str, float], seed: int) 
 def export_authors_layout(run_dir: str | Path, ladder: str, out_dir: str | Path,
                           fractions: dict[str, float] | None = None, seed: int = 0,
                           include_unrecognised: bool = False) -> dict[str, Any]:
-    """Write the authors' files for one ladder of a run. Objects the detector never recognises,
-    not even in the pristine image, carry no JRD and are left out unless ``include_unrecognised``."""
-    out_dir = Path(out_dir)
+    """Write the authors' files for one ladder of a run into ``out_dir`` (a path or URI). Objects
+    the detector never recognises, not even in the pristine image, carry no JRD and are left out
+    unless ``include_unrecognised``."""
+    out = Storage(out_dir)
     objects = read_table(run_dir, "objects", ladder).to_pylist()
     if not objects:
         raise ValueError(f"{run_dir}: no objects for ladder {ladder!r}")
@@ -74,7 +76,7 @@ def export_authors_layout(run_dir: str | Path, ladder: str, out_dir: str | Path,
         infos[name] = {"CategoryId": o["CategoryId"], "category_id": o["category_id"], "class_name": o["class_name"],
                        "box": o["box"], "area": o["area"], "image_id": o["image_id"], "source_id": o["source_id"],
                        "jrd_tolerant": o["jrd_tolerant"], "monotonic": o["monotonic"], "split": split_of[o["source_id"]]}
-        _write(out_dir / "original" / name / f"{name}.png", o["original_png"])
+        out.write_bytes(f"original/{name}/{name}.png", o["original_png"])
     entries = {s: {"paths": [], "labels": [], "names": []} for s in SPLITS}
     crops = []
     levels = read_table(run_dir, "levels", ladder)
@@ -83,7 +85,7 @@ def export_authors_layout(run_dir: str | Path, ladder: str, out_dir: str | Path,
             continue
         name = object_name(row["image_id"], row["object_index"])
         rel = f"distorted/{name}/{name}_{row['level']:03d}.png"
-        _write(out_dir / rel, row["crop_png"])
+        out.write_bytes(rel, row["crop_png"])
         split = split_of[row["source_id"]]
         entries[split]["paths"].append(rel)
         entries[split]["labels"].append(int(row["label"]))
@@ -92,18 +94,13 @@ def export_authors_layout(run_dir: str | Path, ladder: str, out_dir: str | Path,
                       "bytes": row["bytes"], "bpp": row["bpp"], "codec_params": row["codec_params"],
                       "source_id": row["source_id"], "object_index": row["object_index"]})
     for split, entry in entries.items():
-        (out_dir / f"{split}.json").write_text(json.dumps(entry))
-    (out_dir / "JRD_info.json").write_text(json.dumps(jrd_info, indent=1, sort_keys=True))
-    (out_dir / "objects_infos.json").write_text(json.dumps(infos, indent=1, sort_keys=True))
-    atomic_write_table(pa.Table.from_pylist(crops), out_dir / "crops.parquet")
-    return {"dir": str(out_dir), "ladder": ladder, "objects": len(kept),
+        out.write_text(f"{split}.json", json.dumps(entry))
+    out.write_text("JRD_info.json", json.dumps(jrd_info, indent=1, sort_keys=True))
+    out.write_text("objects_infos.json", json.dumps(infos, indent=1, sort_keys=True))
+    out.write_table("crops.parquet", pa.Table.from_pylist(crops))
+    return {"dir": out.display(), "ladder": ladder, "objects": len(kept),
             "objects_left_out_unrecognised": len(objects) - len(kept),
             "crops": {s: len(e["paths"]) for s, e in entries.items()}}
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
 
 
 def load_split(export_dir: str | Path, split: str) -> list[dict[str, Any]]:

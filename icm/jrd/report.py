@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from icm.data.writers import figure_png
 from icm.jrd.export import read_table
 
 AREA_BINS = (("small", 0, 32 ** 2), ("medium", 32 ** 2, 96 ** 2), ("large", 96 ** 2, float("inf")))
@@ -39,7 +40,7 @@ def jrd_stats(run_dir: str | Path) -> dict:
     return stats
 
 
-def jrd_figure(run_dir: str | Path, path: str | Path) -> Path:
+def jrd_figure(run_dir: str | Path) -> bytes:
     """Per ladder: histogram of JRD per class, and JRD vs object area."""
     import matplotlib
 
@@ -70,6 +71,4 @@ def jrd_figure(run_dir: str | Path, path: str | Path) -> Path:
         ax.set_xlabel("box area (px², log)")
         ax.set_ylabel("JRD (level)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return figure_png(fig)

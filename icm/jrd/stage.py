@@ -11,7 +11,6 @@ its levels, label every object at every level, and write the unit's rows:
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import time
@@ -20,11 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
-from icm.data.manifest import atomic_write_table
 from icm.data.records import load_record
 from icm.data.units import UnitStage
+from icm.data.writers import png_bytes
 from icm.detectors.base import map_targets
 from icm.detectors.evaluate import detect_images
 from icm.jrd.labelling import error_tolerant_jrd, is_monotonic, jrd, match_objects, not_recognised_labels
@@ -44,12 +42,6 @@ OBJECT_SCHEMA = pa.schema(OBJECT_KEY + [
     ("jrd", pa.int64()), ("jrd_tolerant", pa.int64()), ("monotonic", pa.bool_()), ("original_png", pa.binary())])
 JRD_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("objects", pa.int64()),
                          ("ladders", pa.string()), ("notes", pa.list_(pa.string()))])
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
 
 
 def crop_box(image: np.ndarray, box) -> np.ndarray:
@@ -179,10 +171,8 @@ class LabelStage(UnitStage):
                                  objects=len({(o["object_index"]) for o in objects}),
                                  ladders=json.dumps({k: len(v) for k, v in entry["coded"].items()}, sort_keys=True),
                                  notes=list(record["notes"]) + notes))
-        atomic_write_table(pa.Table.from_pylist(level_rows, schema=LEVEL_SCHEMA),
-                           self.out_dir / "levels" / f"{self.unit_id}.parquet")
-        atomic_write_table(pa.Table.from_pylist(object_rows, schema=OBJECT_SCHEMA),
-                           self.out_dir / "objects" / f"{self.unit_id}.parquet")
+        self.storage.write_table(f"levels/{self.unit_id}.parquet", pa.Table.from_pylist(level_rows, schema=LEVEL_SCHEMA))
+        self.storage.write_table(f"objects/{self.unit_id}.parquet", pa.Table.from_pylist(object_rows, schema=OBJECT_SCHEMA))
         return rows
 
     def label_image(self, record: dict, coded: dict[str, list]) -> tuple[list[dict], list[dict], list[str]]:

@@ -4,15 +4,16 @@ seen-vs-held-out detector comparison on original vs MAA images."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+
+from icm.data.writers import figure_png
 
 
-def manifest_stats(manifest_path: str | Path) -> dict:
-    rows = pq.read_table(manifest_path).to_pylist()
+def manifest_stats(manifest: pa.Table) -> dict:
+    rows = manifest.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     change: dict[str, list[float]] = {}
     for r in ok:
@@ -29,8 +30,7 @@ def manifest_stats(manifest_path: str | Path) -> dict:
     }
 
 
-def summary_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], path: str | Path,
-                   amplify: float = 15.0) -> Path:
+def summary_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], amplify: float = 15.0) -> bytes:
     """Rows of (original, MAA, signed difference × amplify around mid-gray) for a few images."""
     import matplotlib
 
@@ -47,6 +47,4 @@ def summary_figure(pairs: Sequence[tuple[np.ndarray, np.ndarray, str]], path: st
             axes[row, col].set_title(f"{title}\n{name}" if col == 0 else name, fontsize=8)
             axes[row, col].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return figure_png(fig)

@@ -16,7 +16,7 @@ import torch
 from icm.data.classes import class_list
 from icm.data.records import load_record
 from icm.data.units import UnitStage, output_relpath
-from icm.data.writers import to_uint8, write_png
+from icm.data.writers import png_bytes, to_uint8
 from icm.detectors.base import map_targets
 from icm.maa.bounds import build_bound
 from icm.maa.canvas import boxes_to_canvas, letterbox, paste_back, to_tensor
@@ -189,7 +189,7 @@ class MAAStage(UnitStage):
                 step = int(np.floor(self.bound.eps * 255 + 1e-6))
                 out_u8 = np.clip(out_u8.astype(np.int16), orig - step, orig + step).astype(np.uint8)
             rel = output_relpath(ref["source_id"])
-            write_png(self.out_dir / rel, out_u8)
+            self.storage.write_bytes(rel, png_bytes(out_u8))
             diff = (out_u8.astype(np.float64) - record["image"].astype(np.float64)) / 255.0
             rows.append(self.row(
                 ref, status="ok", output_path=rel, started_at=started, seed=seeds[i], method=method,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,9 +21,9 @@ import torch
 
 from icm.codecs.ugicm import UGICM
 from icm.data.classes import class_list
-from icm.data.manifest import atomic_write_table
 from icm.data.records import load_record
 from icm.data.units import UnitStage
+from icm.data.writers import figure_png
 from icm.detectors.base import map_targets
 from icm.detectors.evaluate import detect_images
 from icm.jrd.ladders import build_ladder
@@ -156,8 +155,7 @@ class EvalStage(UnitStage):
             gt = {"boxes": np.asarray(record["boxes"]).tolist(), "class_names": list(record["class_names"])}
             rows.append(self.row(ref, status="ok", output_path=f"points/{self.unit_id}.parquet", started_at=started,
                                  width=record["width"], height=record["height"], gt=json.dumps(gt)))
-        atomic_write_table(pa.Table.from_pylist(points, schema=POINT_SCHEMA),
-                           self.out_dir / "points" / f"{self.unit_id}.parquet")
+        self.storage.write_table(f"points/{self.unit_id}.parquet", pa.Table.from_pylist(points, schema=POINT_SCHEMA))
         return rows
 
 
@@ -220,7 +218,7 @@ def _coco(manifest_rows, image_ids, rows, label, classes, class_map) -> tuple[di
     return gt, detections
 
 
-def rd_figure(points: list[dict], detectors: list[str], path: str | Path) -> Path:
+def rd_figure(points: list[dict], detectors: list[str]) -> bytes:
     """PSNR vs bpp (human / single decodes) and mAP@.5 vs bpp per detector (machine / single)."""
     import matplotlib
 
@@ -252,6 +250,4 @@ def rd_figure(points: list[dict], detectors: list[str], path: str | Path) -> Pat
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return figure_png(fig)

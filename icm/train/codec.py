@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from icm.codecs.ugicm import UGICM
+from icm.data.records import decode_rgb
 from icm.losses import ClipDistance, UGICMLoss, rd_loss
 from icm.train.session import Session
 from icm.zoo import build_clip, build_codec
@@ -43,6 +44,30 @@ def crop_pair(image: np.ndarray, target: np.ndarray, boxes: np.ndarray, size: in
         b = np.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1) if len(b) else b
     return {"x": np.ascontiguousarray(x), "target": np.ascontiguousarray(t),
             "boxes": b.reshape(-1).astype(np.float32)}
+
+
+# The two Ray Data steps of the training input (they live here, not in the driver, because Ray
+# workers must import them).
+def with_target(row: dict, targets: dict[str, str]) -> dict:
+    """The decoded image, its machine target (the MAA image, else the image itself), its boxes."""
+    target = row["image"]
+    path = targets.get(str(row["source_id"]))
+    if path:
+        target, _ = decode_rgb(path)
+        if target.shape != row["image"].shape:
+            raise ValueError(f"MAA target {path} is {target.shape}, its source {row['source_id']} {row['image'].shape}")
+    return {"image": row["image"], "target": target,
+            "boxes": np.asarray(row["boxes"], np.float32).reshape(-1).tolist()}
+
+
+def random_crops(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """A Ray Data batch of decoded images → one fresh random crop + flip each (a batch-wise map:
+    per-row maps of variable-sized images ran ~4× slower here)."""
+    rng = np.random.default_rng()
+    crops = [crop_pair(image, target, np.asarray(boxes, np.float32), size, rng)
+             for image, target, boxes in zip(batch["image"], batch["target"], batch["boxes"])]
+    return {"x": np.stack([c["x"] for c in crops]), "target": np.stack([c["target"] for c in crops]),
+            "boxes": [c["boxes"] for c in crops]}
 
 
 def batches(rows: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
@@ -75,10 +100,12 @@ def build_training_codec(config: dict) -> torch.nn.Module:
     return build_codec(spec.pop("name"), **spec)
 
 
-def train_codec_loop(config: dict[str, Any], session: Session) -> None:
+def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Module:
     """config: codec (zoo spec: name, quality, weights, channels, ...), steps, batch_size, lr,
     aux_lr, loss (``rd``: lmbda | ``ugicm``: stage, lmbda, lmbda_machine, lmbda_clip, clip {name,
-    weights}), checkpoint_every, log_every, seed, threads, tensorboard_dir."""
+    weights}), checkpoint_every, log_every, seed, threads, tensorboard_dir. Returns the trained
+    (unwrapped) model. A resumed run continues at the saved step, epoch and batch, so with a
+    deterministic record order it equals an uninterrupted run."""
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     if config.get("threads"):
@@ -97,14 +124,14 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> None:
     main_params, aux_params = split_parameters(model)
     opt = torch.optim.Adam(main_params, lr=float(config.get("lr", 1e-4)))
     aux_opt = torch.optim.Adam(aux_params, lr=float(config.get("aux_lr", 1e-3))) if aux_params else None
-    step = 0
+    step, epoch, skip = 0, 0, 0
     state = session.restore()
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if aux_opt is not None:
             aux_opt.load_state_dict(state["aux_optimizer"])
-        step = int(state["step"])
+        step, epoch, skip = int(state["step"]), int(state["epoch"]), int(state["batch"])
     net = session.prepare(model)
     if conditional:
         clip = None
@@ -121,15 +148,19 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> None:
         writer = SummaryWriter(config["tensorboard_dir"])
     steps, batch_size = int(config["steps"]), int(config.get("batch_size", 8))
     every, log_every = int(config.get("checkpoint_every", 100)), int(config.get("log_every", 10))
-    epoch, started, window = 0, time.time(), []
+    started, window = time.time(), []
     while step < steps:
         seen = False
-        for batch in batches(session.records("train", epoch), batch_size):
+        for index, batch in enumerate(batches(session.records("train", epoch), batch_size)):
             seen = True
+            if index < skip:  # resuming inside an epoch: these batches were trained on already
+                continue
             x, target, boxes = to_tensors(batch, session.device)
+            # The quantisation noise and β come from the global RNG, seeded per step and rank so a
+            # resumed run draws what the uninterrupted one would have.
+            torch.manual_seed(seed * 1_000_003 + step * 101 + session.rank)
             if conditional:
-                g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + session.rank)
-                beta = (torch.rand(len(batch), generator=g) < 0.5).float().to(session.device)
+                beta = (torch.rand(len(batch)) < 0.5).float().to(session.device)
                 terms = criterion(net(x, beta), x, target, beta, boxes)
             else:
                 terms = rd_loss(net(x), x, float(loss_cfg.get("lmbda", 0.0130)))
@@ -161,12 +192,14 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> None:
                 save = session.rank == 0 and (step % every == 0 or last)
                 session.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                          "aux_optimizer": aux_opt.state_dict() if aux_opt else {},
-                                         "step": step, "epoch": epoch} if save else None)
+                                         "step": step, "epoch": epoch, "batch": index + 1} if save else None)
                 window, started = [], time.time()
             if last:
                 break
         if not seen:
             raise RuntimeError("the training split yielded no batch: fewer images than batch_size?")
-        epoch += 1
+        if step < steps:
+            epoch, skip = epoch + 1, 0
     if writer is not None:
         writer.close()
+    return model

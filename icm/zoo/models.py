@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torchvision
 
 from icm.zoo.registry import attach_provenance, register

@@ -25,6 +25,10 @@ DASHBOARD_PORT="${ICM_DASHBOARD_PORT:-8275}"
 HEAD_CPUS="${ICM_HEAD_CPUS:-1}"
 WORKER_CPUS="${ICM_WORKER_CPUS:-1}"
 
+if (( ${#STATE} > 40 )); then  # Ray's unix sockets live below it: AF_UNIX paths end at 107 bytes
+  echo "local.sh: ICM_LOCAL_CLUSTER_DIR=$STATE is too long (keep it under 40 characters)" >&2; exit 2
+fi
+
 # The job entrypoint's `python` is the first on the head's PATH: the project's venv when present.
 if [[ -x "$REPO/.venv/bin/ray" ]]; then export PATH="$REPO/.venv/bin:$PATH"; fi
 command -v ray >/dev/null || { echo "local.sh: no 'ray' on PATH (run 'make venv' first)" >&2; exit 1; }

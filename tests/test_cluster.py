@@ -89,6 +89,7 @@ def test_runtime_env_leaves_data_outputs_and_venv_behind():
 # --- the real two-node cluster -------------------------------------------------------------
 
 HEAD_IP, WORKER_IP, GCS_PORT, DASHBOARD_PORT = "127.0.0.2", "127.0.0.3", 6391, 8276
+N_IMAGES = 16
 
 
 def _env(state):
@@ -141,7 +142,7 @@ def local_cluster(tmp_path_factory):
     state = Path(tempfile.mkdtemp(prefix="icm-c", dir="/tmp"))   # Ray's socket paths must stay < 108 bytes
     images = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    for i in range(8):
+    for i in range(N_IMAGES):   # enough units that both actors get some, however fast one starts
         Image.fromarray(rng.integers(0, 256, (56, 64, 3), dtype=np.uint8)).save(images / f"im{i}.png")
     up = _local("up", state)
     assert up.returncode == 0, up.stdout + up.stderr
@@ -172,7 +173,7 @@ def test_job_submission_runs_on_both_nodes_and_survives_a_dead_worker_node(local
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert _job_status(state, _job_id(done)) == "succeeded"
     manifest = pq.read_table(ref_out / "manifest.parquet").to_pylist()
-    assert len(manifest) == 8 and all(r["status"] == "ok" for r in manifest)
+    assert len(manifest) == N_IMAGES and all(r["status"] == "ok" for r in manifest)
     assert all((ref_out / r["output_path"]).is_file() for r in manifest)
     assert {r["node_id"] for r in manifest} == {nodes[HEAD_IP], nodes[WORKER_IP]}   # work ran on both nodes
 
@@ -185,10 +186,10 @@ def test_job_submission_runs_on_both_nodes_and_survives_a_dead_worker_node(local
     while time.time() < deadline:   # kill the worker node once it has finished a unit, mid-job
         shards = [pq.read_table(p).to_pylist()[0] for p in (out / "manifest").glob("unit-*.parquet")] \
             if (out / "manifest").is_dir() else []
-        if any(s["node_id"] == nodes[WORKER_IP] for s in shards) and len(shards) < 8:
+        if any(s["node_id"] == nodes[WORKER_IP] for s in shards) and len(shards) < N_IMAGES:
             break
         time.sleep(0.5)
-    assert any(s["node_id"] == nodes[WORKER_IP] for s in shards) and len(shards) < 8, "no mid-job moment caught"
+    assert any(s["node_id"] == nodes[WORKER_IP] for s in shards) and len(shards) < N_IMAGES, "no mid-job moment"
     os.kill(raylet, signal.SIGKILL)
     deadline = time.time() + 240
     while time.time() < deadline and _job_status(state, job_id) == "running":

@@ -12,8 +12,9 @@ The exported model (``out_dir/model.pth`` + ``model.json``) loads back with ``ic
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -23,10 +24,11 @@ import torch
 from common import parse_args, resolve_config, start_ray, write_resolved, write_summary
 
 from icm.data.readers import build_reader
+from icm.data.storage import Storage
 from icm.data.ray_io import records_dataset
 from icm.train.codec import build_training_codec, random_crops, train_codec_loop, with_target
 from icm.train.ray_trainer import final_state, fit
-from icm.zoo.weights import sha256_file, trained_dir
+from icm.zoo.weights import trained_dir
 
 LOOP_KEYS = ("codec", "loss", "steps", "batch_size", "lr", "aux_lr", "checkpoint_every", "log_every", "seed", "threads")
 
@@ -35,40 +37,41 @@ def machine_targets(maa_dir: str | None) -> dict[str, str]:
     """source_id → MAA image path, from an MAA job's manifest (empty without one)."""
     if not maa_dir:
         return {}
-    import pyarrow.parquet as pq
-
-    manifest = Path(maa_dir) / "manifest.parquet"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"machine_targets.maa_dir: {manifest} not found — run pipelines/maa_augment.py "
-                                "into that out_dir first, or set machine_targets.maa_dir to null")
-    return {r["source_id"]: str(Path(maa_dir) / r["output_path"])
-            for r in pq.read_table(manifest, columns=["source_id", "output_path", "status"]).to_pylist()
+    maa = Storage(maa_dir)
+    if not maa.exists("manifest.parquet"):
+        raise FileNotFoundError(f"machine_targets.maa_dir: {maa.display('manifest.parquet')} not found — run "
+                                "pipelines/maa_augment.py into that out_dir first, or set machine_targets.maa_dir to null")
+    return {r["source_id"]: maa.display(r["output_path"])
+            for r in maa.read_table("manifest.parquet", ["source_id", "output_path", "status"]).to_pylist()
             if r["status"] == "ok"}
 
 
-def export_model(state: dict, cfg: dict, out_dir: Path) -> dict:
+def export_model(state: dict, cfg: dict, storage: Storage) -> dict:
     """CompressAI-style export: the state dict after ``update(force=True, update_quantiles=True)``
     on the unwrapped model (TRAPS.md), plus ``model.json`` with the zoo spec to rebuild it."""
     model = build_training_codec({"codec": {**cfg["codec"], "weights": "random"}})
     model.load_state_dict(state["model"])
     model.update(force=True, update_quantiles=True)
-    path = out_dir / "model.pth"
-    torch.save(model.state_dict(), path)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    data = buf.getvalue()
+    storage.write_bytes("model.pth", data)
     spec = {k: v for k, v in cfg["codec"].items() if k not in ("weights", "base_weights")}
-    info = {"codec": spec, "weights": str(path), "sha256": sha256_file(path), "steps": state["step"],
-            "loss": cfg["loss"]}
-    if cfg.get("label"):
+    info = {"codec": spec, "weights": storage.display("model.pth"), "sha256": hashlib.sha256(data).hexdigest(),
+            "steps": state["step"], "loss": cfg["loss"]}
+    if cfg.get("label"):  # this machine's weights dir; `python -m icm.zoo.stage` puts it on shared storage
         dest = trained_dir()
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, dest / f"{cfg['label']}.pth")
+        (dest / f"{cfg['label']}.pth").write_bytes(data)
         info["zoo_spec"] = {**spec, "weights": f"trained:{cfg['label']}"}
         (dest / f"{cfg['label']}.json").write_text(json.dumps(info, indent=2))
-    (out_dir / "model.json").write_text(json.dumps(info, indent=2))
+    storage.write_text("model.json", json.dumps(info, indent=2))
     return info
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
-    out_dir = Path(cfg["out_dir"]).resolve()
+    storage = Storage(cfg["out_dir"])
+    out_dir = storage.display()   # an absolute path, or a URI (Ray Train writes checkpoints there too)
     write_resolved(cfg, out_dir)
     loss = cfg.get("loss", {})
     if loss.get("type") == "ugicm" and float(loss.get("lmbda_clip", 0)) > 0 and \
@@ -94,15 +97,18 @@ def run(cfg: dict, address: str | None = None) -> dict:
                                 num_cpus=data_cpus)
     workers = cfg.get("workers", {}) or {}
     loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
-    loop_cfg["tensorboard_dir"] = str(out_dir / "tensorboard" / cfg["name"])
+    # TensorBoard writes local files: beside the outputs, or under ./tensorboard on rank 0's node
+    # when the outputs are in object storage
+    loop_cfg["tensorboard_dir"] = str(cfg.get("tensorboard_dir") or (
+        storage.local_path(f"tensorboard/{cfg['name']}") if storage.local else Path("tensorboard").resolve() / cfg["name"]))
     start = time.time()
-    result = fit(train_codec_loop, loop_cfg, name=cfg["name"], storage_path=out_dir / "ray-train",
+    result = fit(train_codec_loop, loop_cfg, name=cfg["name"], storage_path=f"{out_dir}/ray-train",
                  datasets={"train": train}, num_workers=int(workers.get("num_workers", 1)),
                  use_gpu=bool(workers.get("use_gpu", False)), cpus_per_worker=float(workers.get("cpus_per_worker", 1)))
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
     state = final_state(result)
-    info = export_model(state, cfg, out_dir)
+    info = export_model(state, cfg, storage)
     summary = {"job": "train_codec", "codec": cfg["codec"]["name"], "loss": loss.get("type"),
                "stage": loss.get("stage", 1), "train_images": images,
                "machine_targets": f"MAA images for {len(targets)} source ids" if targets else "the originals",

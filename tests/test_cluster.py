@@ -198,3 +198,79 @@ def test_job_submission_runs_on_both_nodes_and_survives_a_dead_worker_node(local
     assert comparable(out / "manifest.parquet").equals(comparable(ref_out / "manifest.parquet"))
     for r in manifest:
         assert (out / r["output_path"]).read_bytes() == (ref_out / r["output_path"]).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3-compatible server on loopback, with a bucket."""
+    import socket
+
+    import pyarrow.fs as pafs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            break
+        except OSError:
+            assert time.time() < deadline, "moto server did not start"
+            time.sleep(0.2)
+    pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
+                      region="us-east-1", allow_bucket_creation=True).create_dir("icm")
+    yield env
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.mark.slow
+def test_outputs_and_staged_weights_on_s3(local_cluster, s3_server, tmp_path, monkeypatch):
+    import torch
+
+    from icm.data.storage import Storage
+    from icm.zoo import build_detector
+    from icm.zoo.weights import sha256_file
+
+    state, images = local_cluster
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    local_weights = tmp_path / "weights"
+    (local_weights / "trained").mkdir(parents=True)
+    det = build_detector("centernet_resnet18", ["a", "b"], weights="random:4")
+    torch.save(det.state_dict(), local_weights / "trained" / "s3-cn.pth")
+    staged = subprocess.run([sys.executable, "-m", "icm.zoo.stage", "trained:s3-cn", "--to", "s3://icm/weights"],
+                            env={**os.environ, "ICM_WEIGHTS_DIR": str(local_weights)}, capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert staged.returncode == 0, staged.stderr
+    cache = tmp_path / "node-cache"
+    env_file = tmp_path / "runtime_env.yaml"
+    runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    runtime_env["env_vars"].update(s3_server, ICM_WEIGHTS_DIR="s3://icm/weights", ICM_WEIGHTS_CACHE=str(cache))
+    env_file.write_text(yaml.safe_dump(runtime_env))
+    config = _maa_config(tmp_path / "s3.yaml", "s3://icm/outputs/maa", images)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["detectors"] = [{"label": "cn", "name": "centernet_resnet18", "weights": "trained:s3-cn", "classes": ["a", "b"]}]
+    config.write_text(yaml.safe_dump(cfg))
+    for attempt in ("first", "rerun"):
+        done = subprocess.run(
+            ["ray", "job", "submit", "--address", f"http://{HEAD_IP}:{DASHBOARD_PORT}", "--working-dir", str(REPO),
+             "--runtime-env", str(env_file), "--", "python", "pipelines/maa_augment.py", "--config", str(config)],
+            env=_env(state), capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert done.returncode == 0 and _job_status(state, _job_id(done)) == "succeeded", done.stdout[-2000:]
+    out = Storage("s3://icm/outputs/maa")
+    manifest = out.read_table("manifest.parquet").to_pylist()
+    assert len(manifest) == N_IMAGES and all(r["status"] == "ok" for r in manifest)
+    assert len({r["node_id"] for r in manifest}) == 2
+    assert sorted(r["output_path"].rsplit("/", 1)[-1] for r in manifest) == \
+        sorted(p.name for p in images.glob("*.png"))
+    assert all(out.exists(r["output_path"]) for r in manifest)
+    assert json.loads(manifest[0]["models"])[0]["sha256"] == sha256_file(local_weights / "trained" / "s3-cn.pth")
+    assert (cache / "trained" / "s3-cn.pth").is_file()        # copied from the shared store, not downloaded
+    assert "0 to run" in done.stdout + done.stderr             # the rerun found every unit done on s3
+    assert json.loads(out.read_text("summary.json"))["images"]["skipped"] == N_IMAGES

@@ -16,6 +16,7 @@ import torch
 
 from icm.codecs.ugicm import UGICM
 from icm.data.records import decode_rgb
+from icm.data.writers import decode_png
 from icm.losses import ClipDistance, UGICMLoss, rd_loss
 from icm.train.session import Session
 from icm.zoo import build_clip, build_codec
@@ -53,7 +54,14 @@ def with_target(row: dict, targets: dict[str, str]) -> dict:
     target = row["image"]
     path = targets.get(str(row["source_id"]))
     if path:
-        target, _ = decode_rgb(path)
+        if "://" in path:  # MAA outputs in object storage
+            import pyarrow.fs as pafs
+
+            fs, key = pafs.FileSystem.from_uri(path)
+            with fs.open_input_stream(key) as f:
+                target = decode_png(f.read())
+        else:
+            target, _ = decode_rgb(path)
         if target.shape != row["image"].shape:
             raise ValueError(f"MAA target {path} is {target.shape}, its source {row['source_id']} {row['image'].shape}")
     return {"image": row["image"], "target": target,

@@ -74,12 +74,14 @@ def _run_loop(loop: Callable[[dict, Any], None]):
 def fit(loop: Callable[[dict, Any], None], loop_config: dict, *, name: str, storage_path: str | Path,
         datasets: dict | None = None, num_workers: int = 1, use_gpu: bool = False,
         cpus_per_worker: float = 1, max_failures: int = 2, keep_checkpoints: int = 2):
-    """Run ``loop`` on Ray Train; rerunning with the same ``name``/``storage_path`` resumes."""
+    """Run ``loop`` on Ray Train; rerunning with the same ``name``/``storage_path`` resumes.
+    ``storage_path`` is a local/shared directory or a URI (``s3://…``) every worker can reach."""
     trainer = TorchTrainer(
         _run_loop(loop), train_loop_config=loop_config, datasets=datasets or {},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=name, storage_path=str(storage_path) if "://" in str(storage_path)
+                             else str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)))
     return trainer.fit()

@@ -4,9 +4,13 @@
 * a local file (or ``file://...``) — loaded with ``torch.load(..., weights_only=True)``
   (ultralytics ``.pt`` through ultralytics' own safe loader); provenance is its sha256.
 * ``http(s)://...`` — downloaded once into the weights cache (``$ICM_WEIGHTS_DIR``, default
-  ``~/.cache/icm-ray/weights``); on a cluster point the cache at shared storage and stage the file
-  there once (``python -m icm.zoo.stage <spec> ...``) so that workers read it instead of
-  downloading it each.
+  ``~/.cache/icm-ray/weights``).
+
+On a cluster, set ``$ICM_WEIGHTS_DIR`` to shared storage (``s3://bucket/weights``, ``gs://…``, or a
+shared filesystem) and stage each file there once (``python -m icm.zoo.stage <spec> --to <dir>``):
+a worker then copies it from the shared store into its node-local cache (``$ICM_WEIGHTS_CACHE``,
+default ``~/.cache/icm-ray/weights``) the first time it needs it — 64 workers never each download
+it from the internet, and a worker never uploads anything.
 * ``trained:<label>`` — weights produced by this project's own training jobs, looked up as
   ``$ICM_WEIGHTS_DIR/trained/<label>.{pt,pth}``.
 * a hub name such as ``torchvision:DEFAULT``, ``compressai:mse``, ``ultralytics:yolov8n.pt`` or
@@ -50,8 +54,39 @@ class ResolvedWeights:
         return self.path is None
 
 
+def shared_weights_uri() -> str | None:
+    """``$ICM_WEIGHTS_DIR`` when it names object storage (``s3://``, ``gs://``, …)."""
+    value = os.environ.get("ICM_WEIGHTS_DIR") or ""
+    return value if "://" in value else None
+
+
 def weights_dir() -> Path:
+    """The local weights directory: ``$ICM_WEIGHTS_DIR`` (a local or shared filesystem path), or,
+    when that is an object-store URI, this node's cache (``$ICM_WEIGHTS_CACHE``)."""
+    if shared_weights_uri():
+        return Path(os.environ.get("ICM_WEIGHTS_CACHE") or Path.home() / ".cache" / "icm-ray" / "weights")
     return Path(os.environ.get("ICM_WEIGHTS_DIR") or Path.home() / ".cache" / "icm-ray" / "weights")
+
+
+def from_shared(rel: str) -> Path | None:
+    """Copy ``<$ICM_WEIGHTS_DIR>/<rel>`` from object storage into the node cache (atomically, once
+    per node); None when there is no shared store or the file is not staged there."""
+    uri = shared_weights_uri()
+    if uri is None:
+        return None
+    from icm.data.storage import Storage
+
+    dest = weights_dir() / rel
+    if dest.is_file():
+        return dest
+    store = Storage(uri)
+    if not store.exists(rel):
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+        tmp.write(store.read_bytes(rel))
+    os.replace(tmp.name, dest)
+    return dest
 
 
 def trained_dir() -> Path:
@@ -72,6 +107,9 @@ def download(url: str, spec: str, dest_dir: Path | None = None) -> Path:
     dest = dest_dir / Path(urllib.request.urlparse(url).path).name
     if dest.is_file():
         return dest
+    staged = from_shared(dest.name) if dest_dir == weights_dir() else None
+    if staged is not None:
+        return staged
     dest_dir.mkdir(parents=True, exist_ok=True)
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
@@ -103,11 +141,12 @@ def resolve(spec: str | None, hub: Callable[[str], str] | None = None, family: s
         label = spec.partition(":")[2]
         for suffix in (".pt", ".pth"):
             path = trained_dir() / f"{label}{suffix}"
-            if path.is_file():
+            if path.is_file() or (path := from_shared(f"trained/{label}{suffix}")) is not None:
                 return ResolvedWeights(spec, path, None, sha256_file(path))
+        where = f"{trained_dir()} or {shared_weights_uri()}/trained" if shared_weights_uri() else str(trained_dir())
         raise WeightsUnavailable(
-            f"weights {spec!r}: no {label}.pt/.pth under {trained_dir()}; train it first "
-            "(python pipelines/train_detectors.py) or pass a local file")
+            f"weights {spec!r}: no {label}.pt/.pth under {where}; train it first "
+            "(python pipelines/train_detectors.py), stage it (python -m icm.zoo.stage), or pass a local file")
     if spec.startswith(("http://", "https://")):
         path = download(spec, spec)
         return ResolvedWeights(spec, path, None, sha256_file(path))

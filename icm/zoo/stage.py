@@ -1,0 +1,46 @@
+"""Stage weights on shared storage once, for every worker of a cluster to read.
+
+    python -m icm.zoo.stage trained:photo-yolov8n https://host/w.pth /local/ckpt.pth --to s3://bucket/weights
+
+``trained:<label>`` goes to ``<to>/trained/<label>.<ext>`` (with its ``.json`` record when there is
+one), a URL or a local file to ``<to>/<file name>`` — where ``icm.zoo.weights`` looks when
+``$ICM_WEIGHTS_DIR=<to>``. Hub names (``compressai:mse``, ``torchvision:DEFAULT``, …) resolve per
+model: fetch them once on a machine with a network (they land in ``~/.cache/icm-ray/weights``) and
+stage that file's URL or path.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from icm.data.storage import Storage
+from icm.zoo.weights import resolve, sha256_file
+
+
+def stage(spec: str, to: str) -> str:
+    """Upload the file ``spec`` resolves to; returns where it went."""
+    resolved = resolve(spec)
+    if resolved.path is None:
+        raise ValueError(f"{spec!r} names random weights: nothing to stage")
+    store = Storage(to)
+    rel = f"trained/{resolved.path.name}" if spec.startswith("trained:") else resolved.path.name
+    store.write_bytes(rel, resolved.path.read_bytes())
+    record = resolved.path.with_suffix(".json")
+    if spec.startswith("trained:") and record.is_file():
+        store.write_bytes(f"trained/{record.name}", record.read_bytes())
+    return store.display(rel)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("specs", nargs="+", help="trained:<label>, a URL, or a local file")
+    parser.add_argument("--to", required=True, help="shared weights dir: s3://…, gs://… or a shared path")
+    args = parser.parse_args()
+    for spec in args.specs:
+        where = stage(spec, args.to)
+        print(f"{spec} -> {where} (sha256 {sha256_file(resolve(spec).path)[:16]}…)")
+    print(f"workers: export ICM_WEIGHTS_DIR={args.to}")
+
+
+if __name__ == "__main__":
+    main()

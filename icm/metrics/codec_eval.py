@@ -40,7 +40,7 @@ EVAL_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("gt", 
 
 
 def to_float_image(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255).unsqueeze(0)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255).unsqueeze(0)  # a writable copy
 
 
 def to_uint8_image(x: torch.Tensor) -> np.ndarray:

@@ -94,7 +94,7 @@ def main() -> None:
     rows = [crop_pair(r["image"], r["image"], r["boxes"], args.crop, rng) for r in records]
     train = training(args, rows)
     code = coding([r["image"] for r in records[:16]])
-    print("\n== codec training (UG-ICM bmshj2018-hyperprior 64/96 ch, batch "
+    print("\n== codec training (UG-ICM bmshj2018-hyperprior 32/48 ch, batch "
           f"{args.batch}, crop {args.crop}, 1 core per worker) ==")
     for name, value in train.items():
         print(f"{name:<22}{value:>8.2f} samples/s")

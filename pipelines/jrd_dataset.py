@@ -20,7 +20,7 @@ from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.ray_io import work_units
 from icm.jrd.export import export_authors_layout
-from icm.jrd.report import jrd_figure, jrd_stats
+from icm.jrd.report import jrd_figure, jrd_stats, read_objects
 from icm.jrd.stage import JRD_COLUMNS, LabelStage, LadderStage, build_ladders
 
 LABEL_KEYS = ("ladders", "detector", "reference", "iou_threshold", "score_threshold", "canvas", "detect_batch",
@@ -45,7 +45,8 @@ def run(cfg: dict, address: str | None = None) -> dict:
                                                "dataset_classes": reader.classes,
                                                "category_ids": reader.category_ids},
                            out_dir, JRD_COLUMNS, cfg.get("workers", {}), pre_stage=pre_stage)
-    stats = jrd_stats(out_dir)
+    objects = read_objects(out_dir)
+    stats = jrd_stats(objects)
     object_levels = sum(s["objects"] * s["levels"] for s in stats.values())
     summary = {"job": "jrd", "dataset": reader.name, "images": result["counts"],
                "ladders": {lad.name: len(lad.levels) for lad in ladders},
@@ -55,7 +56,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
                if result["units_run"] == result["units_total"] and result["elapsed_s"] > 0 else None,
                "per_ladder": stats, "manifest": result["manifest"],
                "figure": storage.display("jrd.png"), "errors": result["errors"][:20]}
-    storage.write_bytes("jrd.png", jrd_figure(out_dir))
+    storage.write_bytes("jrd.png", jrd_figure(objects))
     export = cfg.get("export") or {}
     if export.get("enabled", True):
         summary["export"] = [export_authors_layout(out_dir, lad.name, storage.display(f"export/{lad.name}"),

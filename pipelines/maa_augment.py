@@ -27,21 +27,20 @@ METHOD_KEYS = ("method", "canvas", "steps", "outer", "inner_steps", "alpha", "bo
                "class_map", "device", "seed")
 
 
-def produced_images(storage: Storage, source_ids=None) -> dict[str, dict]:
-    """The job's ok manifest rows with their decoded output images (read through the storage,
-    so an s3:// out_dir works too)."""
-    rows = storage.read_table("manifest.parquet").to_pylist()
-    return {r["source_id"]: {**r, "image": decode_png(storage.read_bytes(r["output_path"]))} for r in rows
+def produced_images(storage: Storage, manifest: list[dict], source_ids=None) -> dict[str, dict]:
+    """The ok manifest rows with their decoded output images (read through the storage, so an
+    s3:// out_dir works too)."""
+    return {r["source_id"]: {**r, "image": decode_png(storage.read_bytes(r["output_path"]))} for r in manifest
             if r["status"] == "ok" and (source_ids is None or r["source_id"] in source_ids)}
 
 
-def evaluate(cfg: dict, reader, storage: Storage) -> list[dict]:
+def evaluate(cfg: dict, reader, storage: Storage, manifest: list[dict]) -> list[dict]:
     """Per detector: mean training loss and mAP@.5 on the original vs the MAA images."""
     from icm.detectors.evaluate import evaluate_detector
     from icm.maa.stage import build_from_spec, resolve_device
 
     seen = {detector_label(s) for g in detector_groups(cfg) for s in g["detectors"]}
-    produced = produced_images(storage)
+    produced = produced_images(storage, manifest)
     originals = list(reader.records(source_ids=produced))
     maa = [{**produced[r["source_id"]], "boxes": r["boxes"], "class_ids": r["class_ids"],
             "class_names": r["class_names"]} for r in originals]
@@ -78,12 +77,12 @@ def run(cfg: dict, address: str | None = None) -> dict:
     result = run_resumable(units, MAAStage, {"out_dir": out_dir, "params": params,
                                              "dataset_classes": reader.classes},
                            out_dir, MAA_COLUMNS, cfg.get("workers", {}))
-    stats = manifest_stats(storage.read_table("manifest.parquet"))
-    ok_ids = sorted(r["source_id"] for r in storage.read_table("manifest.parquet", ["source_id", "status"]).to_pylist()
-                    if r["status"] == "ok")
+    manifest = storage.read_table("manifest.parquet").to_pylist()
+    stats = manifest_stats(manifest)
+    ok_ids = sorted(r["source_id"] for r in manifest if r["status"] == "ok")
     shown = set(ok_ids[: int(cfg.get("figure_images", 3))])  # decode only these
     originals = {r["source_id"]: r for r in reader.records(source_ids=shown)}
-    outputs = produced_images(storage, shown)
+    outputs = produced_images(storage, manifest, shown)
     storage.write_bytes("summary.png", summary_figure(
         [(originals[k]["image"], outputs[k]["image"], k) for k in sorted(outputs) if k in originals]))
     summary = {"job": "maa", "method": cfg["method"], "dataset": reader.name, "images": result["counts"],
@@ -92,7 +91,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
                "wall_s": round(time.time() - start, 1),
                "errors": result["errors"][:20]}
     if cfg.get("evaluate"):
-        summary["evaluation"] = evaluate(cfg, reader, storage)
+        summary["evaluation"] = evaluate(cfg, reader, storage, manifest)
     write_summary(out_dir, summary, f"MAA summary ({cfg['method']})")
     return summary
 

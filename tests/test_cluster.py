@@ -155,12 +155,10 @@ def local_cluster(tmp_path_factory):
 
 
 def _node_ids(state):
-    import ray
-
     code = ("import json, ray; ray.init(address='%s:%d', logging_level='ERROR', log_to_driver=False); "
             "print(json.dumps({n['NodeManagerAddress']: n['NodeID'] for n in ray.nodes()}))" % (HEAD_IP, GCS_PORT))
     out = subprocess.run([sys.executable, "-c", code], env=_env(state), capture_output=True, text=True, timeout=60)
-    assert ray is not None and out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -189,12 +189,12 @@ class VvcLadder(Ladder):
 
 
 def _coded_learned(model, image: np.ndarray, **kwargs) -> Coded:
+    from icm.data.writers import to_uint8
+    from icm.maa.canvas import to_tensor
     from icm.metrics.bitstream import code_image
 
-    x = torch.from_numpy(image).permute(2, 0, 1).float().div(255).unsqueeze(0)
-    coded = code_image(model, x, compress_kwargs=kwargs, decode_kwargs=kwargs)
-    decoded = coded.x_hat[0].mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    return Coded(coded.num_bytes, np.ascontiguousarray(decoded))
+    coded = code_image(model, to_tensor(image)[None], compress_kwargs=kwargs, decode_kwargs=kwargs)
+    return Coded(coded.num_bytes, to_uint8(coded.x_hat[0].numpy()))
 
 
 @register_ladder("compressai")

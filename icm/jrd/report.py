@@ -15,10 +15,14 @@ STAT_COLUMNS = ["source_id", "object_index", "ladder", "class_name", "area", "le
                 "monotonic", "recognised_pristine"]
 
 
-def jrd_stats(run_dir: str | Path) -> dict:
+def read_objects(run_dir: str | Path) -> list[dict]:
+    """The columns of a run's ``objects`` shards that the statistics and the figure use."""
+    return read_table(run_dir, "objects", columns=STAT_COLUMNS).to_pylist()
+
+
+def jrd_stats(objects: list[dict]) -> dict:
     """Per ladder: objects, how many the detector recognises at all, mean JRD (over recognised
     objects) overall / per class / per area bin (COCO's), and the share with monotonic labels."""
-    objects = read_table(run_dir, "objects", columns=STAT_COLUMNS).to_pylist()
     by_ladder = defaultdict(list)
     for o in objects:
         by_ladder[o["ladder"]].append(o)
@@ -40,14 +44,14 @@ def jrd_stats(run_dir: str | Path) -> dict:
     return stats
 
 
-def jrd_figure(run_dir: str | Path) -> bytes:
+def jrd_figure(objects: list[dict]) -> bytes:
     """Per ladder: histogram of JRD per class, and JRD vs object area."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    objects = [o for o in read_table(run_dir, "objects", columns=STAT_COLUMNS).to_pylist() if o["jrd"] >= 0]
+    objects = [o for o in objects if o["jrd"] >= 0]
     ladders = sorted({o["ladder"] for o in objects}) or ["(no recognised objects)"]
     fig, axes = plt.subplots(len(ladders), 2, figsize=(11, 3.6 * len(ladders)), squeeze=False)
     for row, ladder in enumerate(ladders):

@@ -7,13 +7,11 @@ import json
 from typing import Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from icm.data.writers import figure_png
 
 
-def manifest_stats(manifest: pa.Table) -> dict:
-    rows = manifest.to_pylist()
+def manifest_stats(rows: list[dict]) -> dict:
     ok = [r for r in rows if r["status"] == "ok"]
     change: dict[str, list[float]] = {}
     for r in ok:

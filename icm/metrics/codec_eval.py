@@ -23,13 +23,14 @@ from icm.codecs.ugicm import UGICM
 from icm.data.classes import class_list
 from icm.data.records import load_record
 from icm.data.units import UnitStage
-from icm.data.writers import figure_png
+from icm.data.writers import figure_png, to_uint8
 from icm.detectors.base import map_targets
 from icm.detectors.evaluate import detect_images
 from icm.jrd.ladders import build_ladder
+from icm.maa.canvas import to_tensor
 from icm.maa.stage import build_from_spec, detector_label, resolve_device
 from icm.metrics.bitstream import code_image, decode_again
-from icm.metrics.detection import coco_map
+from icm.metrics.detection import coco_map, detections_to_coco, records_to_coco_gt
 from icm.metrics.image import ms_ssim, psnr
 
 POINT_SCHEMA = pa.schema([
@@ -37,14 +38,6 @@ POINT_SCHEMA = pa.schema([
     ("decode", pa.string()), ("bytes", pa.int64()), ("bpp", pa.float64()), ("psnr", pa.float64()),
     ("ms_ssim", pa.float64()), ("detections", pa.string())])
 EVAL_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("gt", pa.string())])
-
-
-def to_float_image(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255).unsqueeze(0)  # a writable copy
-
-
-def to_uint8_image(x: torch.Tensor) -> np.ndarray:
-    return x[0].mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
 
 
 class LearnedPoint:
@@ -62,13 +55,13 @@ class LearnedPoint:
 
     @torch.no_grad()
     def decodes(self, image: np.ndarray) -> tuple[int, dict[str, np.ndarray]]:
-        x = to_float_image(image).to(self.device)
+        x = to_tensor(image)[None].to(self.device)
         if not self.conditional:
             coded = code_image(self.model, x)
-            return coded.num_bytes, {"single": to_uint8_image(coded.x_hat)}
+            return coded.num_bytes, {"single": to_uint8(coded.x_hat[0].cpu().numpy())}
         coded = code_image(self.model, x, decode_kwargs={"beta": 0.0})
         machine = decode_again(self.model, coded, {"beta": 1.0})
-        return coded.num_bytes, {"human": to_uint8_image(coded.x_hat), "machine": to_uint8_image(machine)}
+        return coded.num_bytes, {"human": to_uint8(coded.x_hat[0].cpu().numpy()), "machine": to_uint8(machine[0].cpu().numpy())}
 
 
 class LadderPoint:
@@ -124,19 +117,22 @@ class EvalStage(UnitStage):
 
     def evaluate_image(self, record: dict) -> list[dict]:
         image = record["image"]
-        x = to_float_image(image)
-        rows = []
+        x = to_tensor(image)[None]
+        rows, decoded = [], []
         for curve, point, coder in self.points:
             num_bytes, decodes = coder.decodes(image)
-            for mode, decoded in decodes.items():
-                y = to_float_image(decoded)
-                dets = {label: _as_lists(detect_images(det, [decoded], self.canvas, self.score_threshold,
-                                                       device=self.device)[0])
-                        for label, det in self.detectors}
+            for mode, dec in decodes.items():
+                y = to_tensor(dec)[None]
+                decoded.append(dec)
                 rows.append({"source_id": record["source_id"], "curve": curve, "point": point,
                              "params": json.dumps(coder.params, sort_keys=True), "decode": mode,
                              "bytes": int(num_bytes), "bpp": 8.0 * num_bytes / (image.shape[0] * image.shape[1]),
-                             "psnr": psnr(y, x), "ms_ssim": ms_ssim(y, x), "detections": json.dumps(dets)})
+                             "psnr": psnr(y, x), "ms_ssim": ms_ssim(y, x)})
+        # every decode of the image through each detector in batches
+        per_detector = {label: detect_images(det, decoded, self.canvas, self.score_threshold, device=self.device)
+                        for label, det in self.detectors}
+        for i, row in enumerate(rows):
+            row["detections"] = json.dumps({label: _as_lists(dets[i]) for label, dets in per_detector.items()})
         return rows
 
     def process_unit(self, refs):
@@ -175,10 +171,10 @@ def rd_points(manifest_rows: list[dict], point_rows: list[dict], detectors: list
     COCO mAP per detector (pycocotools) over the same images, ground truth mapped into each
     detector's classes."""
     ok = sorted((r for r in manifest_rows if r["status"] == "ok"), key=lambda r: r["source_id"])
-    image_ids = {r["source_id"]: i for i, r in enumerate(ok, start=1)}
+    ok_ids = {r["source_id"] for r in ok}
     groups = defaultdict(list)
     for row in point_rows:
-        if row["source_id"] in image_ids:
+        if row["source_id"] in ok_ids:
             groups[(row["curve"], row["point"], row["decode"])].append(row)
     out = []
     for (curve, point, decode), rows in sorted(groups.items()):
@@ -189,33 +185,26 @@ def rd_points(manifest_rows: list[dict], point_rows: list[dict], detectors: list
         for spec in detectors:
             label = detector_label(spec)
             classes = class_list(spec.get("classes")) or dataset_classes
-            result = coco_map(*_coco(ok, image_ids, rows, label, classes, spec.get("class_map")))
+            result = coco_map(*_coco(ok, rows, label, classes, spec.get("class_map")))
             entry["map"][label], entry["map50"][label] = result["map"], result["map50"]
         out.append(entry)
     return out
 
 
-def _coco(manifest_rows, image_ids, rows, label, classes, class_map) -> tuple[dict, list[dict]]:
-    images, annotations = [], []
+def _coco(manifest_rows, rows, label, classes, class_map) -> tuple[dict, list[dict]]:
+    """Ground truth (mapped into the detector's classes) and one decode's detections, in the
+    manifest's image order, for ``coco_map``."""
+    records = []
     for r in manifest_rows:
-        img_id = image_ids[r["source_id"]]
-        images.append({"id": img_id, "width": r["width"], "height": r["height"]})
         gt = json.loads(r["gt"])
         mapped = map_targets(torch.as_tensor(gt["boxes"], dtype=torch.float32).reshape(-1, 4), gt["class_names"],
                              classes, class_map)
-        for box, cls in zip(mapped["boxes"].tolist(), mapped["labels"].tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": img_id, "category_id": cls + 1,
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                                "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
-    detections = []
-    for row in rows:
-        pred = json.loads(row["detections"])[label]
-        for box, score, cls in zip(pred["boxes"], pred["scores"], pred["labels"]):
-            detections.append({"image_id": image_ids[row["source_id"]], "category_id": cls + 1, "score": score,
-                               "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
-    gt = {"images": images, "annotations": annotations,
-          "categories": [{"id": i + 1, "name": n} for i, n in enumerate(classes)]}
-    return gt, detections
+        records.append({"width": r["width"], "height": r["height"], "boxes": mapped["boxes"],
+                        "class_ids": mapped["labels"]})
+    by_image = {row["source_id"]: json.loads(row["detections"])[label] for row in rows}
+    empty = {"boxes": [], "scores": [], "labels": []}
+    predictions = [{k: np.asarray(v) for k, v in by_image.get(r["source_id"], empty).items()} for r in manifest_rows]
+    return records_to_coco_gt(records, classes), detections_to_coco(predictions)
 
 
 def rd_figure(points: list[dict], detectors: list[str]) -> bytes:

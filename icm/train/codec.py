@@ -17,7 +17,9 @@ import torch
 from icm.codecs.ugicm import UGICM
 from icm.data.records import decode_rgb
 from icm.data.writers import decode_png
-from icm.losses import ClipDistance, UGICMLoss, rd_loss
+from compressai.losses import RateDistortionLoss
+
+from icm.losses import ClipDistance, UGICMLoss
 from icm.train.session import Session
 from icm.zoo import build_clip, build_codec
 
@@ -149,6 +151,8 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
                                 ).to(session.device)
         criterion = UGICMLoss(float(loss_cfg.get("lmbda", 0.0022)), float(loss_cfg.get("lmbda_machine", 0.0011)),
                               float(loss_cfg.get("lmbda_clip", 0)), clip, instance=stage >= 3)
+    else:
+        criterion = RateDistortionLoss(lmbda=float(loss_cfg.get("lmbda", 0.0130)))  # CompressAI's: λ·255²·MSE + bpp
     writer = None
     if session.rank == 0 and config.get("tensorboard_dir"):
         from torch.utils.tensorboard import SummaryWriter
@@ -171,7 +175,7 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
                 beta = (torch.rand(len(batch)) < 0.5).float().to(session.device)
                 terms = criterion(net(x, beta), x, target, beta, boxes)
             else:
-                terms = rd_loss(net(x), x, float(loss_cfg.get("lmbda", 0.0130)))
+                terms = criterion(net(x), x)
             # One backward of the RD loss plus the aux loss (which reaches only .quantiles): with
             # separate backwards DDP replicas drifted apart (TRAPS.md); this keeps them bitwise equal.
             aux = model.aux_loss() if aux_opt is not None else x.new_zeros(())

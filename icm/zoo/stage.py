@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 
 from icm.data.storage import Storage
-from icm.zoo.weights import resolve, sha256_file
+from icm.zoo.weights import resolve
 
 
-def stage(spec: str, to: str) -> str:
-    """Upload the file ``spec`` resolves to; returns where it went."""
+def stage(spec: str, to: str) -> tuple[str, str]:
+    """Upload the file ``spec`` resolves to; returns where it went and its sha256."""
     resolved = resolve(spec)
     if resolved.path is None:
         raise ValueError(f"{spec!r} names random weights: nothing to stage")
@@ -28,7 +28,7 @@ def stage(spec: str, to: str) -> str:
     record = resolved.path.with_suffix(".json")
     if spec.startswith("trained:") and record.is_file():
         store.write_bytes(f"trained/{record.name}", record.read_bytes())
-    return store.display(rel)
+    return store.display(rel), resolved.sha256
 
 
 def main() -> None:
@@ -37,8 +37,8 @@ def main() -> None:
     parser.add_argument("--to", required=True, help="shared weights dir: s3://…, gs://… or a shared path")
     args = parser.parse_args()
     for spec in args.specs:
-        where = stage(spec, args.to)
-        print(f"{spec} -> {where} (sha256 {sha256_file(resolve(spec).path)[:16]}…)")
+        where, sha256 = stage(spec, args.to)
+        print(f"{spec} -> {where} (sha256 {sha256[:16]}…)")
     print(f"workers: export ICM_WEIGHTS_DIR={args.to}")
 
 

@@ -5,16 +5,16 @@
   (ultralytics ``.pt`` through ultralytics' own safe loader); provenance is its sha256.
 * ``http(s)://...`` — downloaded once into the weights cache (``$ICM_WEIGHTS_DIR``, default
   ``~/.cache/icm-ray/weights``).
+* ``trained:<label>`` — weights produced by this project's own training jobs, looked up as
+  ``$ICM_WEIGHTS_DIR/trained/<label>.{pt,pth}``.
+* a hub name such as ``torchvision:DEFAULT``, ``compressai:mse``, ``ultralytics:yolov8n.pt`` or
+  ``open_clip:openai`` — each family's builder turns it into a URL, then as above.
 
 On a cluster, set ``$ICM_WEIGHTS_DIR`` to shared storage (``s3://bucket/weights``, ``gs://…``, or a
 shared filesystem) and stage each file there once (``python -m icm.zoo.stage <spec> --to <dir>``):
 a worker then copies it from the shared store into its node-local cache (``$ICM_WEIGHTS_CACHE``,
 default ``~/.cache/icm-ray/weights``) the first time it needs it — 64 workers never each download
 it from the internet, and a worker never uploads anything.
-* ``trained:<label>`` — weights produced by this project's own training jobs, looked up as
-  ``$ICM_WEIGHTS_DIR/trained/<label>.{pt,pth}``.
-* a hub name such as ``torchvision:DEFAULT``, ``compressai:mse``, ``ultralytics:yolov8n.pt`` or
-  ``open_clip:openai`` — each family's builder turns it into a URL, then as above.
 
 An unreachable download fails at once with ``WeightsUnavailable``, naming the spec and how to pass
 a local file. Nothing ever falls back to random weights silently.

@@ -15,8 +15,9 @@ if str(REPO) not in sys.path:  # `python pipelines/x.py` from a checkout without
 
 from icm.config import load_config, write_resolved  # noqa: E402
 from icm.data.manifest import ManifestStore  # noqa: E402
-from icm.data.ray_io import init_ray, run_units  # noqa: E402
+from icm.data.ray_io import init_ray, run_units, work_units  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
+from icm.zoo.weights import weights_fingerprint  # noqa: E402
 
 
 def parse_args(description: str, default_config: str) -> argparse.Namespace:
@@ -39,11 +40,30 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def weight_digests(params: Any, where: str = "") -> dict[str, str]:
+    """``{config path of a weights spec: sha256 of the file it names}`` for every ``weights`` /
+    ``base_weights`` entry in ``params``: retrained ``trained:<label>`` weights change it."""
+    out = {}
+    if isinstance(params, dict):
+        for key, value in params.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key in ("weights", "base_weights") and isinstance(value, str):
+                out[path] = weights_fingerprint(value)
+            else:
+                out |= weight_digests(value, path)
+    elif isinstance(params, list):
+        for i, value in enumerate(params):
+            out |= weight_digests(value, f"{where}[{i}]")
+    return out
+
+
 def guard_params(out_dir: str | Path, params: dict[str, Any]) -> None:
-    """Refuse to resume into an ``out_dir`` whose outputs were made with other job parameters:
-    skipping its finished units would mix two settings in one output set."""
+    """Refuse to resume into an ``out_dir`` whose outputs were made with other job parameters or
+    other weights (compared by sha256, not by name): skipping its finished images would mix two
+    settings in one output set."""
     storage = Storage(out_dir)
-    current = json.loads(json.dumps(params, sort_keys=True, default=str))
+    current = json.loads(json.dumps({**params, "weights_sha256": weight_digests(params)}, sort_keys=True,
+                                    default=str))
     if storage.exists("job_params.json"):
         previous = json.loads(storage.read_text("job_params.json"))
         if previous != current:
@@ -59,30 +79,54 @@ def start_ray(cfg: dict[str, Any], address: str | None) -> None:
              node_ip_address=ray_cfg.get("node_ip_address"))
 
 
-def run_resumable(units: list[dict], stage_cls: type, stage_kwargs: dict, out_dir: str | Path,
+def run_resumable(refs: list[dict], unit_size: int, stage_cls: type, stage_kwargs: dict, out_dir: str | Path,
                   extra_schema, workers: dict[str, Any], pre_stage: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Skip units whose manifest shard exists, run the rest, consolidate the manifest."""
+    """Run the job's images (``refs``) that have no manifest row yet, in units of ``unit_size``,
+    then consolidate the manifest of ``refs``. Counts: ``done`` / ``failed`` (ok / error rows of
+    this run), ``skipped`` (rows from earlier runs), ``not_run`` (images of units that failed as
+    a whole: the next run retries them; ``failed_units`` says why)."""
     store = ManifestStore(out_dir, extra_schema)
-    done = store.done_units()
-    todo = [u for u in units if u["unit_id"] not in done]
-    skipped_images = sum(len(u["refs"]) for u in units if u["unit_id"] in done)
-    print(f"[icm] {len(units)} units: {len(units) - len(todo)} already done, {len(todo)} to run "
-          f"on {workers.get('actors', 1)} actor(s)", flush=True)
+    done_before = store.done_source_ids()
+    selected = {r["source_id"] for r in refs}
+    units = work_units(refs, unit_size, done=done_before)
+    print(f"[icm] {len(refs)} images: {len(selected & done_before)} already done, {len(units)} unit(s) "
+          f"to run on {workers.get('actors', 1)} actor(s)", flush=True)
     start = time.time()
-    results = run_units(todo, stage_cls, stage_kwargs, actors=workers.get("actors", 1),
+    results = run_units(units, stage_cls, stage_kwargs, actors=workers.get("actors", 1),
                         num_gpus_per_actor=workers.get("num_gpus", 0),
                         num_cpus_per_actor=workers.get("num_cpus", 1), pre_stage=pre_stage)
     elapsed = time.time() - start
-    manifest = store.consolidate() if units else None
+    manifest = store.consolidate(source_ids=selected) if store.done_units() else None
     rows = [r for res in results for r in res["rows"]]
+    size = {u["unit_id"]: len(u["refs"]) for u in units}
+    failed_units = [{"unit_id": res["unit_id"], "images": size.get(res["unit_id"], 0), "reason": res["failure"]}
+                    for res in results if res["failure"]]
     counts = {"done": sum(r["status"] == "ok" for r in rows),
               "failed": sum(r["status"] == "error" for r in rows),
-              "skipped": sum(r["status"] == "skipped" for r in rows) + skipped_images}
+              "skipped": len(selected & done_before),
+              "not_run": sum(u["images"] for u in failed_units)}
     errors = [f"{r['source_id']}: {r['error']}" for r in rows if r["status"] == "error"]
+    if failed_units and manifest is None:
+        raise SystemExit(f"no unit finished: all {len(failed_units)} failed as a whole, e.g. "
+                         f"{failed_units[0]['reason']}; fix the cause and rerun the same command")
+    if failed_units:
+        print(f"[icm] {len(failed_units)} unit(s) failed as a whole ({counts['not_run']} images not run); "
+              "rerun the same command to retry them:", flush=True)
+        for u in failed_units[:10]:
+            print(f"  {u['unit_id']} ({u['images']} images): {u['reason']}", flush=True)
     return {"rows": rows, "counts": counts, "errors": errors, "elapsed_s": elapsed,
-            "manifest": str(manifest),
-            "units_run": len(todo), "units_total": len(units),
+            "manifest": manifest, "failed_units": failed_units,
+            "rows_outside_selection": len(done_before - selected),
+            "units_run": len(units), "units_failed": len(failed_units),
             "images_per_s": (counts["done"] + counts["failed"]) / elapsed if elapsed > 0 and rows else 0.0}
+
+
+def exit_status(summary: dict[str, Any]) -> None:
+    """End a driver: non-zero when units failed as a whole, so ``ray job submit`` shows it."""
+    failed = summary.get("failed_units") or []
+    if failed:
+        raise SystemExit(f"{len(failed)} unit(s) failed as a whole ({failed[0]['reason']} …); the summary lists "
+                         "them; rerun the same command to retry them")
 
 
 def write_summary(out_dir: str | Path, summary: dict[str, Any], title: str) -> str:
@@ -102,4 +146,4 @@ def write_summary(out_dir: str | Path, summary: dict[str, Any], title: str) -> s
 
 
 __all__ = ["REPO", "parse_args", "resolve_config", "guard_params", "start_ray", "run_resumable", "write_summary",
-           "write_resolved"]
+           "write_resolved", "exit_status"]

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import time
 
-from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
+from common import (exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
                     write_summary)
 
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
-from icm.data.ray_io import work_units
-from icm.maa.stage import detector_label
+from icm.data.ray_io import select_refs
+from icm.maa.stage import detector_label, reachable_classes
 from icm.metrics.codec_eval import EVAL_COLUMNS, EvalStage, rd_figure, rd_points
 
 EVAL_KEYS = ("codecs", "detectors", "canvas", "score_threshold", "device", "seed")
@@ -28,15 +28,17 @@ EVAL_KEYS = ("codecs", "detectors", "canvas", "score_threshold", "device", "seed
 def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = cfg["out_dir"]
     storage = Storage(out_dir)
+    reader = build_reader(cfg["dataset"])
+    params = {k: cfg[k] for k in EVAL_KEYS if k in cfg}
+    for spec in params.get("detectors", []):
+        reachable_classes(spec, reader.classes)  # a detector that would get no ground truth fails here
+    guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)
-    reader = build_reader(cfg["dataset"])
-    units = work_units(reader, int(cfg.get("batch_size", 4)), limit=cfg.get("limit"))
-    params = {k: cfg[k] for k in EVAL_KEYS if k in cfg}
-    guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
+    refs = select_refs(reader, cfg.get("limit"))
     start = time.time()
-    result = run_resumable(units, EvalStage, {"out_dir": out_dir, "params": params,
-                                              "dataset_classes": reader.classes},
+    result = run_resumable(refs, int(cfg.get("batch_size", 4)), EvalStage,
+                           {"out_dir": out_dir, "params": params, "dataset_classes": reader.classes},
                            out_dir, EVAL_COLUMNS, cfg.get("workers", {}))
     manifest = storage.read_table("manifest.parquet").to_pylist()
     point_rows = [r for t in storage.read_tables("points") for r in t.to_pylist()]
@@ -48,7 +50,8 @@ def run(cfg: dict, address: str | None = None) -> dict:
                              for s in cfg.get("detectors", [])},
                "elapsed_s": round(result["elapsed_s"], 2), "rd_points": points,
                "figure": storage.display("rd.png"),
-               "manifest": result["manifest"], "errors": result["errors"][:20],
+               "manifest": result["manifest"], "failed_units": result["failed_units"],
+               "errors": result["errors"][:20],
                "wall_s": round(time.time() - start, 1)}
     write_summary(out_dir, summary, "codec evaluation")
     print(f"\n{'curve':<16}{'pt':>3} {'decode':<8}{'bpp':>7}{'PSNR':>9}{'MS-SSIM':>8}"
@@ -62,7 +65,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__, "pipelines/configs/evaluate.yaml")
-    run(resolve_config(args), args.address)
+    exit_status(run(resolve_config(args), args.address))
 
 
 if __name__ == "__main__":

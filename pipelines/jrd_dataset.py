@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import time
 
-from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
+from common import (exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
                     write_summary)
 
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
-from icm.data.ray_io import work_units
+from icm.data.ray_io import select_refs
 from icm.jrd.export import export_authors_layout
 from icm.jrd.report import jrd_figure, jrd_stats, read_objects
-from icm.jrd.stage import JRD_COLUMNS, LabelStage, LadderStage, build_ladders
+from icm.jrd.stage import JRD_COLUMNS, LabelStage, LadderStage, build_ladders, label_categories
 
 LABEL_KEYS = ("ladders", "detector", "reference", "iou_threshold", "score_threshold", "canvas", "detect_batch",
               "device", "seed")
@@ -30,20 +30,21 @@ LABEL_KEYS = ("ladders", "detector", "reference", "iou_threshold", "score_thresh
 def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = cfg["out_dir"]
     storage = Storage(out_dir)
-    write_resolved(cfg, out_dir)
     ladders = build_ladders(cfg["ladders"])  # fail on a bad ladder (or a missing VVC binary) before Ray starts
-    start_ray(cfg, address)
     reader = build_reader(cfg["dataset"])
-    units = work_units(reader, int(cfg.get("batch_size", 2)), limit=cfg.get("limit"))
     params = {k: cfg[k] for k in LABEL_KEYS if k in cfg}
+    classes, category_ids = label_categories(params, reader)
     guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 2)})
+    write_resolved(cfg, out_dir)
+    start_ray(cfg, address)
+    refs = select_refs(reader, cfg.get("limit"))
     coders = cfg.get("coders", {}) or {}
     pre_stage = {"cls": LadderStage, "kwargs": {"ladders": cfg["ladders"]},
                  "actors": coders.get("actors", 1), "num_cpus": coders.get("num_cpus", 1)}
     start = time.time()
-    result = run_resumable(units, LabelStage, {"out_dir": out_dir, "params": params,
-                                               "dataset_classes": reader.classes,
-                                               "category_ids": reader.category_ids},
+    result = run_resumable(refs, int(cfg.get("batch_size", 2)), LabelStage,
+                           {"out_dir": out_dir, "params": params, "dataset_classes": classes,
+                            "category_ids": category_ids},
                            out_dir, JRD_COLUMNS, cfg.get("workers", {}), pre_stage=pre_stage)
     objects = read_objects(out_dir)
     stats = jrd_stats(objects)
@@ -53,9 +54,10 @@ def run(cfg: dict, address: str | None = None) -> dict:
                "elapsed_s": round(result["elapsed_s"], 2),
                "object_levels": object_levels,
                "object_levels_per_s_this_run": round(object_levels / result["elapsed_s"], 1)
-               if result["units_run"] == result["units_total"] and result["elapsed_s"] > 0 else None,
+               if not result["counts"]["skipped"] and result["elapsed_s"] > 0 else None,
                "per_ladder": stats, "manifest": result["manifest"],
-               "figure": storage.display("jrd.png"), "errors": result["errors"][:20]}
+               "figure": storage.display("jrd.png"), "failed_units": result["failed_units"],
+               "errors": result["errors"][:20]}
     storage.write_bytes("jrd.png", jrd_figure(objects))
     export = cfg.get("export") or {}
     if export.get("enabled", True):
@@ -70,7 +72,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__, "pipelines/configs/jrd.yaml")
-    run(resolve_config(args), args.address)
+    exit_status(run(resolve_config(args), args.address))
 
 
 if __name__ == "__main__":

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import time
 
-from common import (guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
+from common import (exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
                     write_summary)
 
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.writers import decode_png
-from icm.data.ray_io import work_units
+from icm.data.ray_io import select_refs
 from icm.maa.report import manifest_stats, summary_figure
-from icm.maa.stage import MAA_COLUMNS, MAAStage, detector_groups, detector_label
+from icm.maa.stage import MAA_COLUMNS, MAAStage, check_detectors, detector_groups, detector_label
 
 METHOD_KEYS = ("method", "canvas", "steps", "outer", "inner_steps", "alpha", "bound", "detectors", "domains",
                "class_map", "device", "seed")
@@ -66,16 +66,16 @@ def evaluate(cfg: dict, reader, storage: Storage, manifest: list[dict]) -> list[
 def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = cfg["out_dir"]
     storage = Storage(out_dir)
+    reader = build_reader(cfg["dataset"])
+    params = {k: cfg[k] for k in METHOD_KEYS if k in cfg}
+    check_detectors(params, reader.classes)  # fail on a bad method/detector config before starting workers
+    guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)
-    reader = build_reader(cfg["dataset"])
-    units = work_units(reader, int(cfg.get("batch_size", 4)), limit=cfg.get("limit"))
-    params = {k: cfg[k] for k in METHOD_KEYS if k in cfg}
-    detector_groups(params)  # fail on a bad method/detector config before starting workers
-    guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
+    refs = select_refs(reader, cfg.get("limit"))
     start = time.time()
-    result = run_resumable(units, MAAStage, {"out_dir": out_dir, "params": params,
-                                             "dataset_classes": reader.classes},
+    result = run_resumable(refs, int(cfg.get("batch_size", 4)), MAAStage,
+                           {"out_dir": out_dir, "params": params, "dataset_classes": reader.classes},
                            out_dir, MAA_COLUMNS, cfg.get("workers", {}))
     manifest = storage.read_table("manifest.parquet").to_pylist()
     stats = manifest_stats(manifest)
@@ -88,7 +88,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     summary = {"job": "maa", "method": cfg["method"], "dataset": reader.name, "images": result["counts"],
                "elapsed_s": round(result["elapsed_s"], 2), "images_per_s": round(result["images_per_s"], 3),
                **stats, "manifest": result["manifest"], "figure": storage.display("summary.png"),
-               "wall_s": round(time.time() - start, 1),
+               "wall_s": round(time.time() - start, 1), "failed_units": result["failed_units"],
                "errors": result["errors"][:20]}
     if cfg.get("evaluate"):
         summary["evaluation"] = evaluate(cfg, reader, storage, manifest)
@@ -98,7 +98,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__, "pipelines/configs/maa_model.yaml")
-    run(resolve_config(args), args.address)
+    exit_status(run(resolve_config(args), args.address))
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def test_manifest_contract_and_comparison(tmp_path):
                                              started_at=1.0, duration_s=2.0, node_id="n1", **common)])
     store.write_unit("unit-0", [manifest_row(source_id="d/1", status="error", error="bad",
                                              started_at=5.0, duration_s=1.0, node_id="n2", **common)])
-    assert store.done_units() == {"unit-0", "unit-1"}
+    assert store.done_units() == {"unit-0", "unit-1"} and store.done_source_ids() == {"d/1", "d/2"}
     table = pq.read_table(store.consolidate())
     assert table.schema.names[: len(CONTRACT)] == CONTRACT.names
     assert table.column("source_id").to_pylist() == ["d/1", "d/2"]

@@ -167,7 +167,7 @@ def test_pipeline_resume_bad_input_through_ray(ray_cluster, tmp_path):
     (src / "img9_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
     full = tmp_path / "full"
     summary = maa_augment.run(_pipeline_cfg(src, full))
-    assert summary["images"] == {"done": 5, "failed": 1, "skipped": 0}
+    assert summary["images"] == {"done": 5, "failed": 1, "skipped": 0, "not_run": 0}
     assert summary["resized_to_fit_canvas"] == 1 and summary["max_linf_255"] <= 8
     assert (full / "summary.png").is_file()
     manifest = pq.read_table(full / "manifest.parquet").to_pylist()
@@ -179,12 +179,13 @@ def test_pipeline_resume_bad_input_through_ray(ray_cluster, tmp_path):
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
-    lost = pq.read_table(resumed / "manifest/unit-000001.parquet").to_pylist()
-    (resumed / "manifest/unit-000001.parquet").unlink()
+    shard = sorted((resumed / "manifest").glob("unit-*.parquet"))[1]
+    lost = pq.read_table(shard).to_pylist()
+    shard.unlink()
     for r in lost:
         (resumed / r["output_path"]).unlink()
     again = maa_augment.run(_pipeline_cfg(src, resumed))
-    assert again["images"]["skipped"] == 4 and again["images"]["done"] == 2
+    assert again["images"]["skipped"] == 6 - len(lost) and again["images"]["done"] == len(lost) == 2
     for r in manifest:
         if r["output_path"]:
             assert (full / r["output_path"]).read_bytes() == (resumed / r["output_path"]).read_bytes()
@@ -207,3 +208,57 @@ def test_map_bound_holds_per_pixel(tmp_path):
         orig = np.asarray(Image.open(src / r["source_id"].split("/", 1)[1])).astype(int)
         diff = out - orig
         assert diff.min() >= -3 and diff.max() <= 1 and (diff != 0).any()
+
+
+def _loss_of_png(stage, label, path, row, box):
+    """A detector's loss on a written PNG, letterboxed again, with the row's seed."""
+    from icm.detectors.base import map_targets
+    from icm.maa.canvas import boxes_to_canvas
+
+    det, class_map = next((d, m) for g in stage.groups for lab, d, m in g if lab == label)
+    canvas, _, p = letterbox(to_tensor(np.asarray(Image.open(path))), stage.canvas)
+    target = map_targets(boxes_to_canvas(np.asarray([box]), p), [CLASSES[1]], det.classes, class_map)
+    return per_image_losses(Member(label, det, [target], [row["seed"]]), canvas[None])[0]
+
+
+def test_losses_are_measured_on_the_written_png(tmp_path):
+    # the second image is larger than the canvas: what was optimised (a downscaled canvas) is not
+    # what was written (the full-size image with the upsampled perturbation, rounded to 8 bits)
+    reader = BoxedFolder(_folder(tmp_path / "src", [(48, 56), (100, 140)]), name="f")
+    stage = MAAStage(str(tmp_path / "out"), _params(), CLASSES)
+    rows = stage.run_unit(work_units(reader, 2)[0])
+    for r in rows:
+        after = json.loads(r["loss_after"])
+        for label in ("cn", "yolo"):
+            got = _loss_of_png(stage, label, tmp_path / "out" / r["output_path"], r, [12.0, 10.0, 40.0, 36.0])
+            assert got == after[label]           # the very image written, bit for bit
+            src = tmp_path / "src" / r["source_id"].split("/", 1)[1]
+            assert _loss_of_png(stage, label, src, r, [12.0, 10.0, 40.0, 36.0]) == pytest.approx(
+                json.loads(r["loss_before"])[label], rel=1e-6, abs=1e-9)
+
+
+def test_per_detector_class_maps_and_label_checks(tmp_path):
+    from icm.maa.stage import check_detectors
+
+    reader = BoxedFolder(_folder(tmp_path / "src", [(48, 56)]), name="f")   # one "square" per image
+    params = _params()
+    params["detectors"] = [
+        {"label": "cn", "name": "centernet_resnet18", "weights": "random:0"},
+        {"label": "mapped", "name": "yolov8n", "weights": "random:1", "classes": ["box", "circle"],
+         "class_map": {"square": "box"}},
+        {"label": "unmapped", "name": "yolov8n", "weights": "random:2", "classes": ["box", "circle"]}]
+    stage = MAAStage(str(tmp_path / "out"), params, CLASSES)
+    (row,) = stage.run_unit(work_units(reader, 1)[0])
+    assert row["status"] == "ok"
+    dropped = [n for n in row["notes"] if "left out of its loss" in n]
+    assert dropped == ["unmapped: 1 object(s) of classes outside its label space left out of its loss"]
+    assert _loss_of_png(stage, "mapped", tmp_path / "src/img0.png", row, [12.0, 10.0, 40.0, 36.0]) == pytest.approx(
+        json.loads(row["loss_before"])["mapped"], rel=1e-6)
+
+    no_gt = {**params, "detectors": params["detectors"][:1] + [
+        {"label": "stranger", "name": "yolov8n", "weights": "random:3", "classes": ["car", "person"]}]}
+    with pytest.raises(ValueError, match="stranger.*no ground truth"):
+        check_detectors(no_gt, CLASSES)
+    twice = {**params, "detectors": [params["detectors"][0], {**params["detectors"][0], "weights": "random:5"}]}
+    with pytest.raises(ValueError, match="unique"):
+        check_detectors(twice, CLASSES)

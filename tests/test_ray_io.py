@@ -25,13 +25,21 @@ def test_records_dataset_decodes_in_workers(ray_cluster, small_shapes):
 
 
 def test_work_units_are_fixed():
-    class Fake:
+    from icm.data.readers import Reader
+
+    class Fake(Reader):
+        name = "d"
+
         def refs(self):
             from icm.data.records import ImageRef
             return [ImageRef(f"d/{i}", "d", str(i), "/r", f"{i}.png") for i in (5, 3, 9, 1, 7)]
     units = work_units(Fake(), 2)
     assert [[r["source_id"] for r in u["refs"]] for u in units] == [["d/1", "d/3"], ["d/5", "d/7"], ["d/9"]]
-    assert [u["unit_id"] for u in units] == ["unit-000000", "unit-000001", "unit-000002"]
+    assert [u["unit_id"] for u in units] == [u["unit_id"] for u in work_units(Fake(), 2)]
+    assert len({u["unit_id"] for u in units}) == 3
+    rest = work_units(Fake(), 2, done={"d/3", "d/5"})   # done images are never cut into units again
+    assert [[r["source_id"] for r in u["refs"]] for u in rest] == [["d/1", "d/7"], ["d/9"]]
+    assert not {u["unit_id"] for u in rest} & {u["unit_id"] for u in units[:2]}
 
 
 def _export_cfg(root, out):
@@ -51,7 +59,7 @@ def test_export_job_resumes_to_identical_outputs_and_keeps_bad_rows(ray_cluster,
 
     full = tmp_path / "full"
     summary = export_dataset.run(_export_cfg(src, full))
-    assert summary["images"] == {"done": 8, "failed": 1, "skipped": 0}
+    assert summary["images"] == {"done": 8, "failed": 1, "skipped": 0, "not_run": 0}
     manifest = pq.read_table(full / "manifest.parquet").to_pylist()
     bad = [r for r in manifest if r["source_id"] == "mixed/broken.png"][0]
     assert bad["status"] == "error" and "cannot decode" in bad["error"]
@@ -60,13 +68,14 @@ def test_export_job_resumes_to_identical_outputs_and_keeps_bad_rows(ray_cluster,
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
     (resumed / "manifest.parquet").unlink()
-    lost = pq.read_table(resumed / "manifest/unit-000001.parquet").to_pylist()
-    (resumed / "manifest/unit-000001.parquet").unlink()
+    shard = sorted((resumed / "manifest").glob("unit-*.parquet"))[1]
+    lost = pq.read_table(shard).to_pylist()
+    shard.unlink()
     for r in lost:
         if r["output_path"]:
             (resumed / r["output_path"]).unlink()
     again = export_dataset.run(_export_cfg(src, resumed))
-    assert again["images"]["skipped"] == 6 and again["images"]["done"] + again["images"]["failed"] == 3
+    assert again["images"]["skipped"] == 9 - len(lost) and again["images"]["done"] + again["images"]["failed"] == len(lost)
     for r in manifest:
         if r["output_path"]:
             assert (full / r["output_path"]).read_bytes() == (resumed / r["output_path"]).read_bytes()

@@ -6,8 +6,9 @@ Columns (``CONTRACT``): ``source_id`` (stable: dataset + image id), ``source_pat
 sha256}), ``seed``; and the volatile columns (``VOLATILE``) ``node_id``, ``started_at``,
 ``duration_s`` that comparisons ignore. Jobs add their own columns after these.
 
-A job writes one shard per fixed work unit under ``<out>/manifest/`` (atomically), so a resumed
-job knows which units are done; ``consolidate`` joins the shards into ``<out>/manifest.parquet``.
+A job writes one shard per work unit under ``<out>/manifest/`` (atomically), so a resumed job
+knows which images are done (they have a row); ``consolidate`` joins the shards into
+``<out>/manifest.parquet``.
 ``<out>`` is a local directory or an object-store URI (``icm.data.storage``).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from icm.config import canonical_json
@@ -95,16 +97,24 @@ class ManifestStore:
     def done_units(self) -> set[str]:
         return {name.removesuffix(".parquet") for name in self.storage.list("manifest", ".parquet")}
 
+    def done_source_ids(self) -> set[str]:
+        """Images that have a row (ok or error) in some shard: done, never processed again."""
+        return {sid for t in self.storage.read_tables("manifest", ["source_id"]) for sid in t["source_id"].to_pylist()}
+
     def write_unit(self, unit_id: str, rows: list[dict[str, Any]]) -> str:
         return self.storage.write_table(f"manifest/{unit_id}.parquet", to_table(rows, self.extra_schema))
 
-    def consolidate(self, name: str = "manifest.parquet") -> str:
-        """Join the shards into ``<out>/<name>``; returns where it went (a path or a URI)."""
+    def consolidate(self, name: str = "manifest.parquet", source_ids: set[str] | None = None) -> str:
+        """Join the shards into ``<out>/<name>`` — only the rows of ``source_ids`` when given (the
+        job's current images; rows of images since removed or cut by ``limit`` stay in their
+        shards); returns where it went (a path or a URI)."""
         shards = self.storage.read_tables("manifest")
         if not shards:
             raise FileNotFoundError(f"no manifest shards under {self.storage.display('manifest')}")
-        table = pa.concat_tables(shards, promote_options="default").sort_by("source_id")
-        self.storage.write_table(name, table)
+        table = pa.concat_tables(shards, promote_options="default")
+        if source_ids is not None:
+            table = table.filter(pc.is_in(table["source_id"], pa.array(sorted(source_ids), pa.string())))
+        self.storage.write_table(name, table.sort_by("source_id"))
         return self.storage.display(name)
 
 

@@ -2,16 +2,20 @@
 
 * ``records_dataset(reader)`` — one row per image; only the lightweight references are created on
   the driver, decoding (``load_record``) runs inside the Ray workers.
-* ``work_units(reader, unit_size)`` / ``units_dataset`` — fixed work units: references sorted by
-  ``source_id`` and chunked, so a rerun or a resumed job sees exactly the same batches.
+* ``select_refs(reader, limit)`` / ``work_units(refs, unit_size, done)`` — the job's images
+  (sorted by ``source_id``, the first ``limit``) and the units of those not yet done (no manifest
+  row): a resumed job, a raised ``limit`` or files added to the dataset never skip or redo an
+  image. Unit ids are hashes of their members, so they never collide with earlier units.
 * ``init_ray`` — connect to a cluster (``address`` / ``RAY_ADDRESS``, as under ``ray job
   submit``) or start a local one bound to a loopback address.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+from collections import Counter
 from functools import partial
 from typing import Any
 
@@ -58,15 +62,30 @@ def records_dataset(reader: Reader, min_side: int = 1, override_num_blocks: int 
     return ds.map(partial(_record_row, min_side=min_side), num_cpus=num_cpus)
 
 
-def work_units(reader: Reader, unit_size: int, limit: int | None = None) -> list[dict[str, Any]]:
-    """Fixed work units: refs sorted by ``source_id`` (first ``limit``), chunked by ``unit_size``."""
+def select_refs(reader: Reader, limit: int | None = None) -> list[dict[str, Any]]:
+    """The job's images: refs sorted by ``source_id``, the first ``limit`` of them."""
+    refs = sorted((r.to_dict() for r in reader.refs()), key=lambda r: r["source_id"])
+    repeated = sorted(i for i, n in Counter(r["source_id"] for r in refs).items() if n > 1)
+    if repeated:
+        raise ValueError(f"dataset {reader.name!r} gives several images the same source_id: {repeated[:5]}")
+    return refs if limit is None else refs[:int(limit)]
+
+
+def unit_id(source_ids: list[str]) -> str:
+    return "unit-" + hashlib.sha1("\n".join(source_ids).encode()).hexdigest()[:16]
+
+
+def work_units(refs: Reader | list[dict[str, Any]], unit_size: int, limit: int | None = None,
+               done: set[str] | frozenset = frozenset()) -> list[dict[str, Any]]:
+    """Units of ``unit_size`` images among ``refs`` (a reader: ``select_refs(reader, limit)``)
+    whose ``source_id`` is not in ``done``, in ``source_id`` order."""
     if unit_size < 1:
         raise ValueError(f"unit_size must be ≥ 1, got {unit_size}")
-    refs = sorted((r.to_dict() for r in reader.refs()), key=lambda r: r["source_id"])
-    if limit is not None:
-        refs = refs[:limit]
-    return [{"unit_id": f"unit-{i // unit_size:06d}", "refs": refs[i:i + unit_size]}
-            for i in range(0, len(refs), unit_size)]
+    if isinstance(refs, Reader):
+        refs = select_refs(refs, limit)
+    todo = [r for r in refs if r["source_id"] not in done]
+    chunks = [todo[i:i + unit_size] for i in range(0, len(todo), unit_size)]
+    return [{"unit_id": unit_id([r["source_id"] for r in chunk]), "refs": chunk} for chunk in chunks]
 
 
 def units_dataset(units: list[dict[str, Any]]):
@@ -86,7 +105,8 @@ def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[s
     between the two, so CPU coding and detector work overlap).
 
     The stage takes ``{"unit_json": [...]}`` batches (one unit per batch), does the unit's work,
-    writes its outputs and manifest shard itself, and returns ``{"unit_id", "rows_json"}``. The
+    writes its outputs and manifest shard itself, and returns ``{"unit_id", "rows_json",
+    "failure"}`` (``failure`` non-empty when the unit failed as a whole and wrote no shard). The
     driver only sees the small per-unit results. Ray Data restarts actors that die and retries
     their unit; a unit's outputs are written atomically, so a retry leaves no half files.
     """
@@ -108,5 +128,6 @@ def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[s
         num_cpus=num_cpus_per_actor)
     results = []
     for row in out.iter_rows():
-        results.append({"unit_id": str(row["unit_id"]), "rows": json.loads(str(row["rows_json"]))})
+        results.append({"unit_id": str(row["unit_id"]), "rows": json.loads(str(row["rows_json"])),
+                        "failure": str(row["failure"])})
     return results

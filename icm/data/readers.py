@@ -111,7 +111,7 @@ class VocReader(Reader):
         index = {c: i for i, c in enumerate(self.classes)}
         out = []
         ids = [line.split()[0] for line in self.list_file.read_text().splitlines() if line.strip()]
-        for image_id in sorted(ids):
+        for image_id in sorted(set(ids)):  # a split list naming an id twice means one image
             ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name, image_id=image_id,
                            root=str(self.root), path=f"JPEGImages/{image_id}.jpg")
             try:
@@ -151,7 +151,9 @@ class VocReader(Reader):
 class ListTxtReader(Reader):
     """The seeds' list format: one line per image, ``path x1,y1,x2,y2,cls x1,y1,x2,y2,cls ...``.
 
-    Paths are resolved under ``root`` (default: the list file's folder) and may not escape it.
+    Paths are resolved under ``root`` (default: the list file's folder) and may not escape it. A
+    path listed again is another image (its own boxes): its k-th repetition gets the id
+    ``<name>/<path>#<k>``.
     """
 
     def __init__(self, list_file: str | Path, root: str | Path | None = None, name: str | None = None,
@@ -165,14 +167,18 @@ class ListTxtReader(Reader):
         self.category_ids = list(range(len(self.classes)))
 
     def refs(self) -> list[ImageRef]:
-        out = []
+        out, seen = [], {}
         for lineno, line in enumerate(self.list_file.read_text().splitlines(), start=1):
             parts = line.split()
             if not parts:
                 continue
             path = parts[0]
-            ref = ImageRef(source_id=f"{self.name}/{Path(path).as_posix()}", dataset=self.name,
-                           image_id=Path(path).as_posix(), root=str(self.root), path=path)
+            image_id = Path(path).as_posix()
+            seen[image_id] = seen.get(image_id, 0) + 1
+            if seen[image_id] > 1:
+                image_id = f"{image_id}#{seen[image_id]}"
+            ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name,
+                           image_id=image_id, root=str(self.root), path=path)
             for token in parts[1:]:
                 fields = token.split(",")
                 try:

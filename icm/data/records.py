@@ -85,6 +85,21 @@ def sanitize_boxes(boxes: np.ndarray, class_ids: np.ndarray, class_names: list[s
     return clipped[keep].astype(np.float32), class_ids[keep].astype(np.int64), names, notes
 
 
+def decode_failure(path, exc: Exception) -> str:
+    """What is wrong with a file no decoder could read, in words. (After ``import ultralytics``
+    Pillow's failure to identify a file surfaces as ``ModuleNotFoundError: pi_heif``: ultralytics
+    retries unidentified files with a HEIF plugin it tries to install.)"""
+    if isinstance(exc, (UnidentifiedImageError, ModuleNotFoundError)):
+        with open(path, "rb") as f:
+            head = f.read(12)
+        if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"):
+            return "a HEIF/HEIC image: install pi-heif to read it, or convert it to PNG/JPEG"
+        return "not an image (no decoder recognises its contents)"
+    if isinstance(exc, OSError):
+        return f"truncated or corrupt image ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def error_record(ref: dict[str, Any], reason: str) -> dict[str, Any]:
     return {**_base(ref), "status": STATUS_ERROR, "error": reason,
             "image": None, "width": 0, "height": 0,
@@ -109,11 +124,12 @@ def load_record(ref: dict[str, Any] | ImageRef, min_side: int = 1) -> dict[str, 
         return error_record(ref, str(exc))
     if not path.is_file():
         return error_record(ref, f"file not found: {path}")
+    if path.stat().st_size == 0:
+        return error_record(ref, f"empty file: {path} has 0 bytes")
     try:
         image, decode_notes = decode_rgb(str(path))
     except Exception as exc:  # noqa: BLE001 - any decoder failure (plugins raise odd types) is bad input
-        reason = str(exc) if isinstance(exc, (UnidentifiedImageError, OSError)) else f"{type(exc).__name__}: {exc}"
-        return error_record(ref, f"cannot decode {path}: {reason}")
+        return error_record(ref, f"cannot decode {path}: {decode_failure(path, exc)}")
     height, width = image.shape[:2]
     if min(height, width) < min_side:
         return error_record(ref, f"image {width}x{height} is smaller than the minimum side {min_side}")

@@ -56,9 +56,13 @@ class Storage:
         if self.local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         else:
             self.fs.create_dir(posixpath.dirname(path), recursive=True)
             with self.fs.open_output_stream(path) as f:

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from icm.data.classes import class_list
 from icm.data.records import load_record
 from icm.data.units import UnitStage
 from icm.data.writers import png_bytes
@@ -27,7 +28,7 @@ from icm.detectors.base import map_targets
 from icm.detectors.evaluate import detect_images
 from icm.jrd.labelling import error_tolerant_jrd, is_monotonic, jrd, match_objects, not_recognised_labels
 from icm.jrd.ladders import build_ladder
-from icm.maa.stage import build_from_spec, detector_label, resolve_device
+from icm.maa.stage import build_from_spec, detector_label, reachable_classes, resolve_device
 
 BOX = pa.list_(pa.float64(), 4)
 OBJECT_KEY = [("source_id", pa.string()), ("image_id", pa.string()), ("object_index", pa.int64()),
@@ -59,6 +60,26 @@ def build_ladders(specs: list[dict]) -> list:
     if len(set(names)) != len(names):
         raise ValueError(f"ladder names must be unique, got {names}; give each a name:")
     return ladders
+
+
+def label_categories(params: dict, reader) -> tuple[list[str], list[int]]:
+    """The categories objects are labelled in: the dataset's; or, with ``reference: detector`` on
+    a dataset without a class list, the detector's own (``detector.classes``). Fails at start when
+    nothing could be labelled."""
+    spec, reference = params["detector"], params.get("reference", "gt")
+    if reference not in ("gt", "detector"):
+        raise ValueError(f"reference must be 'gt' or 'detector', got {reference!r}")
+    if reader.classes:
+        reachable_classes(spec, reader.classes)
+        return list(reader.classes), list(reader.category_ids)
+    if reference == "gt":
+        raise ValueError(f"dataset {reader.name!r} has no class list, so it has no ground truth to label: use "
+                         "reference: detector (the detector's detections on the pristine image) with detector.classes")
+    classes = class_list(spec.get("classes"))
+    if not classes:
+        raise ValueError(f"reference: detector on dataset {reader.name!r}, which has no class list: give the "
+                         "detector's classes (detector.classes: a list, voc, coco80, coco91 or a file)")
+    return classes, list(range(len(classes)))
 
 
 class LadderStage:

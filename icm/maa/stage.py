@@ -48,28 +48,67 @@ def image_seed(source_id: str, seed: int) -> int:
 
 
 def detector_groups(cfg: dict) -> list[dict]:
-    """Config → groups: ``{"name", "class_map", "detectors": [spec, ...]}``.
+    """Config → groups: ``{"name", "detectors": [spec, ...]}``, each spec carrying its effective
+    ``class_map`` (the top-level map, then the domain's, then the detector's own, later entries
+    winning), so detectors with different label spaces each get theirs.
 
     aafg: one group of all listed detectors; meta_model: one group per detector;
-    meta_domain: one group per entry of ``domains``.
-    """
+    meta_domain: one group per entry of ``domains``. Detector labels must be unique: each names
+    its loss in the manifest."""
     method = cfg["method"]
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
+
+    def with_map(spec: dict, *maps) -> dict:
+        merged = {k: v for m in (*maps, spec.get("class_map")) for k, v in (m or {}).items()}
+        return {**spec, "class_map": merged or None}
+    top = cfg.get("class_map")
     if method == "meta_domain":
         domains = cfg.get("domains") or []
         if len(domains) < 2:
             raise ValueError("meta_domain needs at least 2 entries under 'domains'")
-        return [{"name": d["name"], "class_map": d.get("class_map"), "detectors": d["detectors"]} for d in domains]
-    detectors = cfg.get("detectors") or []
-    if method == "aafg":
-        if not detectors:
-            raise ValueError("aafg needs at least one entry under 'detectors'")
-        return [{"name": "aafg", "class_map": cfg.get("class_map"), "detectors": detectors}]
-    if len(detectors) < 2:
-        raise ValueError("meta_model needs at least 2 entries under 'detectors'")
-    return [{"name": d.get("label", d["name"]), "class_map": cfg.get("class_map"), "detectors": [d]}
-            for d in detectors]
+        groups = [{"name": d["name"], "detectors": [with_map(s, top, d.get("class_map")) for s in d["detectors"]]}
+                  for d in domains]
+    else:
+        detectors = [with_map(s, top) for s in cfg.get("detectors") or []]
+        if method == "aafg":
+            if not detectors:
+                raise ValueError("aafg needs at least one entry under 'detectors'")
+            groups = [{"name": "aafg", "detectors": detectors}]
+        else:
+            if len(detectors) < 2:
+                raise ValueError("meta_model needs at least 2 entries under 'detectors'")
+            groups = [{"name": detector_label(d), "detectors": [d]} for d in detectors]
+    labels = [detector_label(s) for g in groups for s in g["detectors"]]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ValueError(f"detector labels must be unique (each names its loss in the manifest); repeated: "
+                         f"{repeated}: give each entry its own label:")
+    return groups
+
+
+def reachable_classes(spec: dict, dataset_classes: list[str]) -> list[str]:
+    """The dataset classes whose objects reach the detector of ``spec`` through its
+    ``class_map``; fails when none do (the detector would get no ground truth at all). A dataset
+    without a class list (an image folder) has no ground truth to check."""
+    classes = class_list(spec.get("classes")) or dataset_classes
+    class_map = spec.get("class_map") or {}
+    reached = [c for c in dataset_classes if class_map.get(c, c) in classes]
+    if dataset_classes and not reached:
+        raise ValueError(
+            f"detector {detector_label(spec)!r}: none of the dataset's classes {dataset_classes[:8]} maps into its "
+            f"classes {classes[:8]}, so it would get no ground truth; give it a class_map: {{dataset class: "
+            "detector class} (or the right classes:)")
+    return reached
+
+
+def check_detectors(params: dict, dataset_classes: list[str]) -> list[dict]:
+    """The detector groups of an MAA config, checked before any worker starts."""
+    groups = detector_groups(params)
+    for g in groups:
+        for spec in g["detectors"]:
+            reachable_classes(spec, dataset_classes)
+    return groups
 
 
 def detector_label(spec: dict) -> str:
@@ -98,15 +137,15 @@ class MAAStage(UnitStage):
         self.bound = build_bound({k: (as_float(v) if k == "eps" else v)
                                   for k, v in (params.get("bound") or {"type": "linf"}).items()})
         self.alpha = as_float(params.get("alpha", "2/255"))
-        self.groups = []
+        self.groups = []   # per group: [(label, detector, class_map)]
         models = []
-        for group in detector_groups(params):
+        for group in check_detectors(params, dataset_classes):
             built = []
             for spec in group["detectors"]:
                 det = build_from_spec(spec, dataset_classes, self.canvas).to(self.device)
-                built.append((detector_label(spec), det))
+                built.append((detector_label(spec), det, spec["class_map"]))
                 models.append({**det.icm_provenance, "label": detector_label(spec), "group": group["name"]})
-            self.groups.append((group["class_map"], built))
+            self.groups.append(built)
         super().__init__(out_dir, params, models=models, seed=int(params.get("seed", 0)))
 
     def error_row(self, ref, reason, started_at):
@@ -156,12 +195,16 @@ class MAAStage(UnitStage):
         x = torch.stack(canvases).to(self.device)
         mask = torch.stack(masks).to(self.device)
         seeds = [image_seed(ref["source_id"], self.seed) for ref, _ in good]
-        groups = []
-        for class_map, built in self.groups:
+        groups, dropped = [], [[] for _ in good]
+        for built in self.groups:
             members = []
-            for label, det in built:
+            for label, det, class_map in built:
                 targets = [map_targets(boxes_to_canvas(rec["boxes"], p), list(rec["class_names"]), det.classes,
                                        class_map) for (_, rec), p in zip(good, placements)]
+                for i, ((_, rec), t) in enumerate(zip(good, targets)):
+                    if len(t["labels"]) < len(rec["class_names"]):
+                        dropped[i].append(f"{label}: {len(rec['class_names']) - len(t['labels'])} object(s) of "
+                                          "classes outside its label space left out of its loss")
                 targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
                 members.append(Member(label, det, targets, seeds))
             groups.append(members)
@@ -176,9 +219,7 @@ class MAAStage(UnitStage):
         else:
             adv = meta_aafg(x, mask, groups, project, outer=int(self.cfg.get("outer", 10)),
                             inner_steps=int(self.cfg.get("inner_steps", 8)), alpha=self.alpha)
-        members = [m for g in groups for m in g]
-        before = {m.name: per_image_losses(m, x) for m in members}
-        after = {m.name: per_image_losses(m, adv) for m in members}
+        outputs = []
         for i, ((ref, record), p) in enumerate(zip(good, placements)):
             out = paste_back(originals[i], adv[i].cpu(), x[i].cpu(), p)
             # Re-project at full size: exact after upsampling a downscaled image's perturbation.
@@ -188,6 +229,13 @@ class MAAStage(UnitStage):
                 orig = record["image"].astype(np.int16)
                 step = int(np.floor(self.bound.eps * 255 + 1e-6))
                 out_u8 = np.clip(out_u8.astype(np.int16), orig - step, orig + step).astype(np.uint8)
+            outputs.append(out_u8)
+        # losses of the images as read and as written (the 8-bit PNG, letterboxed again)
+        written = torch.stack([letterbox(to_tensor(out), self.canvas)[0] for out in outputs]).to(self.device)
+        members = [m for g in groups for m in g]
+        before = {m.name: per_image_losses(m, x) for m in members}
+        after = {m.name: per_image_losses(m, written) for m in members}
+        for i, ((ref, record), p, out_u8) in enumerate(zip(good, placements, outputs)):
             rel = output_relpath(ref["source_id"])
             self.storage.write_bytes(rel, png_bytes(out_u8))
             diff = (out_u8.astype(np.float64) - record["image"].astype(np.float64)) / 255.0
@@ -197,6 +245,6 @@ class MAAStage(UnitStage):
                 loss_before=json.dumps({k: v[i] for k, v in before.items()}, sort_keys=True),
                 loss_after=json.dumps({k: v[i] for k, v in after.items()}, sort_keys=True),
                 linf=float(np.abs(diff).max()), l2=float(np.sqrt((diff ** 2).sum())),
-                notes=list(record["notes"]) + ([f"downscaled to {p.placed_w}x{p.placed_h} on the canvas"]
-                                                if p.resized else [])))
+                notes=list(record["notes"]) + dropped[i]
+                + ([f"downscaled to {p.placed_w}x{p.placed_h} on the canvas"] if p.resized else [])))
         return rows

@@ -159,6 +159,18 @@ def resolve(spec: str | None, hub: Callable[[str], str] | None = None, family: s
         f"file, a URL, nor a known hub name; check the path (relative paths are taken from {os.getcwd()})")
 
 
+def weights_fingerprint(spec: str | None) -> str:
+    """What a job records and compares to know which weights it used: the sha256 of the file a
+    spec names (``random:<seed>`` for random weights). A hub name (``torchvision:DEFAULT``) is
+    its own fingerprint: a published checkpoint does not change under its name."""
+    spec = "random" if spec is None else str(spec)
+    hub_name = ":" in spec and not spec.startswith(("/", ".", "~", "file://", "http://", "https://", "trained:",
+                                                     "random"))
+    if hub_name and not Path(spec).is_file():
+        return spec
+    return resolve(spec).sha256
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint safely (``weights_only=True``) and unwrap the usual containers."""
     try:

@@ -18,28 +18,38 @@ from torchvision.ops import box_iou
 @dataclass
 class Match:
     recognised: np.ndarray      # bool per reference object
-    best_iou: np.ndarray        # best IoU among same-class detections above the score threshold
-    score: np.ndarray           # score of that detection (0 when none)
+    best_iou: np.ndarray        # IoU of the detection that recognised it (else the best eligible one's)
+    score: np.ndarray           # that detection's score (0 when none)
 
 
 def match_objects(ref_boxes, ref_labels, det_boxes, det_scores, det_labels,
                   iou_threshold: float = 0.5, score_threshold: float = 0.5) -> Match:
-    """Recognition of each reference object (boxes xyxy px) by one image's detections."""
+    """Recognition of each reference object (boxes xyxy px) by one image's detections, matched
+    one to one as COCO matches: detections with score ≥ ``score_threshold``, in decreasing score
+    order, each claim the unclaimed object of their class they overlap most, if that IoU is ≥
+    ``iou_threshold``. A detection recognises at most one object."""
     ref_boxes = torch.as_tensor(np.asarray(ref_boxes, np.float32)).reshape(-1, 4)
     det_boxes = torch.as_tensor(np.asarray(det_boxes, np.float32)).reshape(-1, 4)
     ref_labels = np.asarray(ref_labels, np.int64).reshape(-1)
     det_labels = np.asarray(det_labels, np.int64).reshape(-1)
     det_scores = np.asarray(det_scores, np.float32).reshape(-1)
     n = len(ref_boxes)
+    recognised = np.zeros(n, bool)
     best_iou, best_score = np.zeros(n, np.float32), np.zeros(n, np.float32)
     if n and len(det_boxes):
-        iou = box_iou(ref_boxes, det_boxes).numpy()
         eligible = (ref_labels[:, None] == det_labels[None, :]) & (det_scores[None, :] >= score_threshold)
-        iou = np.where(eligible, iou, -1.0)
+        iou = np.where(eligible, box_iou(ref_boxes, det_boxes).numpy(), -1.0)
+        for j in np.argsort(-det_scores, kind="stable"):
+            free = np.where(recognised, -1.0, iou[:, j])
+            i = int(free.argmax())
+            if free[i] >= iou_threshold:
+                recognised[i], best_iou[i], best_score[i] = True, iou[i, j], det_scores[j]
+        left = ~recognised
         best = iou.argmax(axis=1)
-        best_iou = np.maximum(iou[np.arange(n), best], 0).astype(np.float32)
-        best_score = np.where(iou[np.arange(n), best] >= 0, det_scores[best], 0).astype(np.float32)
-    return Match(best_iou >= iou_threshold, best_iou, best_score)
+        overlap = iou[np.arange(n), best]
+        best_iou[left] = np.maximum(overlap[left], 0)
+        best_score[left] = np.where(overlap[left] >= 0, det_scores[best[left]], 0)
+    return Match(recognised, best_iou, best_score)
 
 
 def not_recognised_labels(recognised_per_level: Sequence[bool]) -> np.ndarray:
@@ -48,9 +58,17 @@ def not_recognised_labels(recognised_per_level: Sequence[bool]) -> np.ndarray:
 
 
 def jrd(labels: Sequence[int]) -> int:
-    """JRD = the highest level still labelled 0 (recognised); -1 when no level is."""
+    """JRD = the highest level still labelled 0 (recognised); -1 when no level is (the authors'
+    convention: the last recognised level)."""
     zeros = np.flatnonzero(np.asarray(labels) == 0)
     return int(zeros[-1]) if len(zeros) else -1
+
+
+def first_unrecognised(labels: Sequence[int]) -> int:
+    """The other JRD convention: the first level not recognised; ``len(labels)`` when every
+    level is recognised. Equals ``jrd + 1`` exactly when the labels are monotonic."""
+    ones = np.flatnonzero(np.asarray(labels) == 1)
+    return int(ones[0]) if len(ones) else len(labels)
 
 
 def is_monotonic(labels: Sequence[int]) -> bool:

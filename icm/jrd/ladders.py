@@ -127,39 +127,62 @@ def _from_yuv420(planes: np.ndarray) -> np.ndarray:
     return av.VideoFrame.from_ndarray(planes, format="yuv420p").to_ndarray(format="rgb24")
 
 
+CHROMA_FORMATS = {"420": "yuv420p", "444": "yuv444p"}
+
+
 @register_ladder("hevc")
 class HevcLadder(Ladder):
-    """HEVC intra (one I-frame) with libx265 at fixed QP 0..51, decoded with FFmpeg's HEVC decoder."""
+    """HEVC intra (one I-frame) with libx265 at fixed QP 0..51 (52 levels), decoded with FFmpeg's
+    HEVC decoder. ``chroma: 420`` (default) or ``444`` (CompressAI's published HEVC anchors are
+    4:4:4); each level's parameters say which.
+
+    x265 in constant-QP mode would code the I-slice at QP − 3 (``ipratio`` 1.4) and write an info
+    SEI of ~2.3 KB into every picture: ``ipratio=1`` makes the slice QP the level's QP and
+    ``info=0`` leaves only the coded picture (and its parameter sets) in the byte count."""
 
     def __init__(self, levels: int | None = None, qps: list[int] | None = None, preset: str = "medium",
-                 name: str | None = None):
+                 chroma: str | int = "420", name: str | None = None):
         super().__init__(name)
-        self.levels = [{"qp": int(q)} for q in (qps or spread(0, 51, levels))]
+        chroma = str(chroma)
+        if chroma not in CHROMA_FORMATS:
+            raise ValueError(f"hevc ladder: chroma must be one of {sorted(CHROMA_FORMATS)}, got {chroma!r}")
+        self.chroma, self.pix_fmt = chroma, CHROMA_FORMATS[chroma]
+        self.levels = [{"qp": int(q), "chroma": chroma} for q in (qps or spread(0, 51, levels))]
         self.preset = preset
+
+    def bitstream(self, image: np.ndarray, level: int) -> bytes:
+        """The Annex-B bitstream of ``image`` at ``level`` (sides padded to even for 4:2:0)."""
+        import av
+
+        padded = _pad_even(image) if self.chroma == "420" else image
+        enc = av.CodecContext.create("libx265", "w")
+        enc.width, enc.height = padded.shape[1], padded.shape[0]
+        enc.pix_fmt = self.pix_fmt
+        enc.time_base = Fraction(1, 1)
+        enc.options = {"preset": self.preset,
+                       "x265-params": f"qp={self.levels[level]['qp']}:ipratio=1:info=0:log-level=none"}
+        frame = av.VideoFrame.from_ndarray(padded, format="rgb24").reformat(format=self.pix_fmt)
+        return b"".join(bytes(p) for p in [*enc.encode(frame), *enc.encode(None)])
 
     def code(self, image, level):
         import av
 
         h, w = image.shape[:2]
-        padded = _pad_even(image)
-        enc = av.CodecContext.create("libx265", "w")
-        enc.width, enc.height = padded.shape[1], padded.shape[0]
-        enc.pix_fmt = "yuv420p"
-        enc.time_base = Fraction(1, 1)
-        enc.options = {"preset": self.preset, "x265-params": f"qp={self.levels[level]['qp']}:log-level=none"}
-        frame = av.VideoFrame.from_ndarray(padded, format="rgb24").reformat(format="yuv420p")
-        packets = [bytes(p) for p in [*enc.encode(frame), *enc.encode(None)]]
+        data = self.bitstream(image, level)
         dec = av.CodecContext.create("hevc", "r")
-        frames = [f for p in packets for f in dec.decode(av.Packet(p))] + list(dec.decode(None))
+        frames = list(dec.decode(av.Packet(data))) + list(dec.decode(None))
         if len(frames) != 1:
             raise RuntimeError(f"HEVC decode gave {len(frames)} frames for one image")
         decoded = frames[0].to_ndarray(format="rgb24")[:h, :w]
-        return Coded(sum(len(p) for p in packets), np.ascontiguousarray(decoded))
+        return Coded(len(data), np.ascontiguousarray(decoded))
 
 
 @register_ladder("vvc")
 class VvcLadder(Ladder):
-    """VVC intra through Fraunhofer's ``vvencapp``/``vvdecapp`` (QP 0..63, the OW-JRD paper's codec)."""
+    """VVC intra through Fraunhofer's ``vvencapp``/``vvdecapp`` (QP 0..63, the OW-JRD paper's codec).
+
+    Fixed QP means the level's QP in the slice: perceptual QP adaptation off (``--qpa 0``) and no
+    intra QP offset (``IntraQPOffset=0`` through ``--additional``, vvenc ≥ 1.10)."""
 
     def __init__(self, levels: int | None = 64, qps: list[int] | None = None, preset: str = "faster",
                  encoder: str = "vvencapp", decoder: str = "vvdecapp", name: str | None = None):
@@ -181,10 +204,14 @@ class VvcLadder(Ladder):
             src, bits, rec = Path(tmp, "in.yuv"), Path(tmp, "out.266"), Path(tmp, "rec.yuv")
             src.write_bytes(_to_yuv420(padded).tobytes())
             subprocess.run([self.encoder, "-i", str(src), "-s", f"{pw}x{ph}", "-c", "yuv420", "-r", "1", "-f", "1",
-                            "-q", str(self.levels[level]["qp"]), "--preset", self.preset, "-o", str(bits)],
-                           check=True, capture_output=True)
+                            "-q", str(self.levels[level]["qp"]), "--qpa", "0", "--additional", "IntraQPOffset=0",
+                            "--preset", self.preset, "-o", str(bits)], check=True, capture_output=True)
             subprocess.run([self.decoder, "-b", str(bits), "-o", str(rec), "-d", "8"], check=True, capture_output=True)
-            planes = np.frombuffer(rec.read_bytes(), np.uint8)[: ph * pw * 3 // 2].reshape(ph * 3 // 2, pw)
+            data = rec.read_bytes()
+            if len(data) != ph * pw * 3 // 2:
+                raise RuntimeError(f"{self.decoder} wrote {len(data)} bytes of reconstruction for a {pw}x{ph} 8-bit "
+                                   f"4:2:0 picture ({ph * pw * 3 // 2} expected)")
+            planes = np.frombuffer(data, np.uint8).reshape(ph * 3 // 2, pw)
             return Coded(bits.stat().st_size, np.ascontiguousarray(_from_yuv420(planes)[:h, :w]))
 
 

@@ -26,7 +26,8 @@ from icm.data.units import UnitStage
 from icm.data.writers import png_bytes
 from icm.detectors.base import map_targets
 from icm.detectors.evaluate import detect_images
-from icm.jrd.labelling import error_tolerant_jrd, is_monotonic, jrd, match_objects, not_recognised_labels
+from icm.jrd.labelling import (error_tolerant_jrd, first_unrecognised, is_monotonic, jrd, match_objects,
+                               not_recognised_labels)
 from icm.jrd.ladders import build_ladder
 from icm.maa.stage import build_from_spec, detector_label, reachable_classes, resolve_device
 
@@ -40,7 +41,8 @@ LEVEL_SCHEMA = pa.schema(OBJECT_KEY + [
     ("crop_png", pa.binary())])
 OBJECT_SCHEMA = pa.schema(OBJECT_KEY + [
     ("reference", pa.string()), ("levels", pa.int64()), ("recognised_pristine", pa.bool_()),
-    ("jrd", pa.int64()), ("jrd_tolerant", pa.int64()), ("monotonic", pa.bool_()), ("original_png", pa.binary())])
+    ("jrd", pa.int64()), ("first_unrecognised", pa.int64()), ("jrd_tolerant", pa.int64()), ("monotonic", pa.bool_()),
+    ("original_png", pa.binary())])
 JRD_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("objects", pa.int64()),
                          ("ladders", pa.string()), ("notes", pa.list_(pa.string()))])
 
@@ -240,6 +242,7 @@ class LabelStage(UnitStage):
                 tolerant = error_tolerant_jrd(labels) if len(labels) >= 8 else jrd(labels)
                 object_rows.append({**key, "ladder": name, "reference": self.reference, "levels": len(labels),
                                     "recognised_pristine": bool(at_pristine.recognised[k]), "jrd": jrd(labels),
+                                    "first_unrecognised": first_unrecognised(labels),
                                     "jrd_tolerant": int(tolerant), "monotonic": is_monotonic(labels),
                                     "original_png": originals[k]})
         return level_rows, object_rows, notes

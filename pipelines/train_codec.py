@@ -4,8 +4,8 @@
     python pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml [--profile demo] [key=value ...]
     ray job submit --working-dir . -- python pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml
 
-Ray Data decodes the images (and their MAA targets) on CPU workers and streams random crops to
-the train workers (``get_dataset_shard``); checkpoints go to ``out_dir/ray-train/<name>``; rerun
+Ray Data streams the images (and their MAA targets), decoded and randomly cropped on CPU workers
+in a new order every epoch, to the train workers (``get_dataset_shard``); nothing is materialised; checkpoints go to ``out_dir/ray-train/<name>``; rerun
 the same command to resume from the latest one. TensorBoard: ``tensorboard --logdir out_dir/tensorboard``.
 The exported model (``out_dir/model.pth`` + ``model.json``) loads back with ``icm.zoo.build_codec``.
 """
@@ -25,12 +25,13 @@ from common import parse_args, resolve_config, start_ray, write_resolved, write_
 
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
-from icm.data.ray_io import records_dataset
-from icm.train.codec import build_training_codec, random_crops, train_codec_loop, with_target
+from icm.data.ray_io import refs_dataset, select_refs
+from icm.train.codec import build_training_codec, decode_and_crop, train_codec_loop
 from icm.train.ray_trainer import final_state, fit
 from icm.zoo.weights import trained_dir
 
-LOOP_KEYS = ("codec", "loss", "steps", "batch_size", "lr", "aux_lr", "checkpoint_every", "log_every", "seed", "threads")
+LOOP_KEYS = ("codec", "loss", "steps", "batch_size", "lr", "aux_lr", "clip_max_norm", "lr_schedule", "checkpoint_every",
+             "log_every", "seed", "threads")
 
 
 def machine_targets(maa_dir: str | None) -> dict[str, str]:
@@ -82,21 +83,31 @@ def run(cfg: dict, address: str | None = None) -> dict:
         raise SystemExit(f"crop={cfg['crop']}: training crops must be a multiple of 64 (hyperprior codecs "
                          "downsample by 64; other sizes misalign their latents)")
     build_training_codec(cfg)  # an unreachable weights spec fails here, not in every restarted worker
-    start_ray(cfg, address)
     reader = build_reader(cfg["dataset"])
-    targets = machine_targets((cfg.get("machine_targets") or {}).get("maa_dir"))
-    data_cpus = float((cfg.get("data") or {}).get("num_cpus", 1))
-    decoded = (records_dataset(reader, min_side=int(cfg["crop"]) // 2, num_cpus=data_cpus)
-               .filter(lambda r: r["status"] == "ok")
-               .map(partial(with_target, targets=targets), num_cpus=data_cpus)
-               .materialize())  # decode once; only the random crops are redone every epoch
-    images = decoded.count()
-    if images == 0:
-        raise SystemExit(f"{reader.name}: no decodable training images")
-    train = decoded.map_batches(partial(random_crops, size=int(cfg["crop"])), batch_size=16, batch_format="numpy",
-                                num_cpus=data_cpus)
+    refs = select_refs(reader, cfg.get("limit"))
+    if not refs:
+        raise SystemExit(f"{reader.name}: no training images")
+    maa_dir = (cfg.get("machine_targets") or {}).get("maa_dir")
+    targets = machine_targets(maa_dir)
+    matched = len(targets.keys() & {r["source_id"] for r in refs})
+    if maa_dir and not matched:
+        raise SystemExit(f"machine_targets.maa_dir {maa_dir}: none of its {len(targets)} MAA images belongs to the "
+                         f"{len(refs)} training images of {reader.name} (the MAA job ran on another dataset or split)")
+    if maa_dir:
+        print(f"[icm] machine targets: MAA images for {matched} of {len(refs)} training images, "
+              "the originals for the rest", flush=True)
+    start_ray(cfg, address)
+    data = cfg.get("data") or {}
+    data_cpus = float(data.get("num_cpus", 1))
+    # Streamed, never materialised: the blocks come in a new random order each epoch, every image
+    # is decoded and freshly cropped on the CPU workers, and each train worker shuffles what it
+    # receives in a local buffer; memory stays bounded whatever the dataset's size.
+    train = refs_dataset(refs).map_batches(
+        partial(decode_and_crop, size=int(cfg["crop"]), targets=targets, min_side=int(cfg["crop"]) // 2),
+        batch_size=8, batch_format="numpy", num_cpus=data_cpus)
     workers = cfg.get("workers", {}) or {}
     loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
+    loop_cfg["shuffle_buffer"] = {"train": int(data.get("shuffle_buffer", 64))}
     # TensorBoard writes local files: beside the outputs, or under ./tensorboard on rank 0's node
     # when the outputs are in object storage
     loop_cfg["tensorboard_dir"] = str(cfg.get("tensorboard_dir") or (
@@ -110,8 +121,9 @@ def run(cfg: dict, address: str | None = None) -> dict:
     state = final_state(result)
     info = export_model(state, cfg, storage)
     summary = {"job": "train_codec", "codec": cfg["codec"]["name"], "loss": loss.get("type"),
-               "stage": loss.get("stage", 1), "train_images": images,
-               "machine_targets": f"MAA images for {len(targets)} source ids" if targets else "the originals",
+               "stage": loss.get("stage", 1), "train_images_listed": len(refs),
+               "machine_targets": f"MAA images for {matched} of {len(refs)} training images" if maa_dir
+               else "the originals",
                "clip": "on" if float(loss.get("lmbda_clip", 0)) > 0 else "off (lmbda_clip = 0)",
                "steps": state["step"], "final_metrics": {k: round(v, 4) if isinstance(v, float) else v
                                                           for k, v in (result.metrics or {}).items()},

@@ -96,16 +96,64 @@ def test_real_bpp_matches_likelihood_estimate_after_training(rows, tmp_path):
     assert (coded.x_hat - out["x_hat"].clamp(0, 1)).abs().max() < 1e-3
 
 
-def test_resume_equals_uninterrupted(rows, tmp_path):
-    cfg = _cfg("ugicm:bmshj2018-hyperprior", {"type": "ugicm", "lmbda_clip": 0}, 7)
-    straight = train_codec_loop(cfg, LocalSession({"train": rows}, tmp_path / "a"))
+@pytest.mark.parametrize("schedule", [{"type": "multistep", "milestones": [3, 6], "gamma": 0.5},
+                                      {"type": "plateau", "every": 1, "patience": 0, "factor": 0.5}])
+def test_resume_equals_uninterrupted(rows, tmp_path, schedule):
+    cfg = _cfg("ugicm:bmshj2018-hyperprior", {"type": "ugicm", "lmbda_clip": 0}, 7, lr_schedule=schedule)
+    straight_session = LocalSession({"train": rows}, tmp_path / "a")
+    straight = train_codec_loop(cfg, straight_session)
     first = LocalSession({"train": rows}, tmp_path / "b")
     train_codec_loop({**cfg, "steps": 4, "checkpoint_every": 4}, first)
     second = LocalSession({"train": rows}, tmp_path / "b")
     resumed = train_codec_loop(cfg, second)
     assert [r["step"] for r in second.reports] == [5, 6, 7]
+    assert [r["lr"] for r in second.reports] == [r["lr"] for r in straight_session.reports[4:]]
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+    lrs = [r["lr"] for r in straight_session.reports]
+    if schedule["type"] == "multistep":           # halved after steps 3 and 6
+        assert lrs == pytest.approx([2e-3] * 3 + [1e-3] * 3 + [5e-4])
+    else:                                         # halved whenever a step's loss did not improve
+        assert min(lrs) < 2e-3
+
+
+def test_main_gradients_are_clipped_to_norm_one(rows, tmp_path, monkeypatch):
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = real(params, max_norm, *args, **kwargs)
+        after = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        seen.append((float(before), float(after), max_norm))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train_codec_loop(_cfg("bmshj2018-hyperprior", {"type": "rd", "lmbda": 0.5}, 4),
+                     LocalSession({"train": rows}, tmp_path))
+    assert len(seen) == 4 and all(m == 1.0 and after <= 1.0 + 1e-5 for _, after, m in seen)
+    assert max(before for before, _, _ in seen) > 1.0      # the clipping did something
+    seen.clear()
+    train_codec_loop(_cfg("bmshj2018-hyperprior", {"type": "rd", "lmbda": 0.5}, 2, clip_max_norm=0),
+                     LocalSession({"train": rows}, tmp_path / "off"))
+    assert not seen
+
+
+def test_stage3_decodes_every_sample_both_ways_from_one_latent(rows, tmp_path):
+    model = build_codec("ugicm:bmshj2018-hyperprior", **TINY, cond_dim=32).eval()
+    with torch.no_grad():   # move the conditioned blocks off the identity so β matters
+        for p in model.codec.g_s.blocks.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        x = torch.from_numpy(np.stack([r["x"] for r in rows[:3]])).permute(0, 3, 1, 2).float() / 255
+        both = model(x, UGICM.BOTH)
+        human, machine = model(x, torch.zeros(3)), model(x, torch.ones(3))
+    assert both["x_hat"].shape[0] == 6
+    assert torch.allclose(both["x_hat"][:3], human["x_hat"], atol=1e-5)
+    assert torch.allclose(both["x_hat"][3:], machine["x_hat"], atol=1e-5)
+    assert not torch.allclose(human["x_hat"], machine["x_hat"], atol=1e-4)
+    session = LocalSession({"train": rows}, tmp_path)
+    train_codec_loop(_cfg("ugicm:bmshj2018-hyperprior", {"type": "ugicm", "stage": 3, "lmbda_clip": 0}, 3), session)
+    assert all(r["mse_human"] > 0 and r["mse_machine"] > 0 for r in session.reports)   # both terms every step
 
 
 def test_stage2_trains_only_the_decoder(rows, tmp_path):
@@ -178,7 +226,7 @@ def test_train_and_evaluate_drivers(ray_cluster, small_shapes, tmp_path, monkeyp
            "steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 2, "seed": 0, "threads": 1,
            "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "data": {"num_cpus": 0.5}}
     summary = train_codec.run(cfg)
-    assert summary["steps"] == 4 and summary["train_images"] == 24
+    assert summary["steps"] == 4 and summary["train_images_listed"] == 24
     assert list((tmp_path / "train" / "tensorboard" / "t").glob("events.out.tfevents.*"))
     again = train_codec.run({**cfg, "steps": 6})       # same name + storage: resumes at step 4
     assert again["steps"] == 6 and again["final_metrics"]["step"] == 6
@@ -263,3 +311,31 @@ def _check_against_direct_calls(out_dir, model, result, dataset):
         ev.summarize()
         assert entry["map"]["y"] == pytest.approx(max(ev.stats[0], 0.0))
         assert entry["map50"]["y"] == pytest.approx(max(ev.stats[1], 0.0))
+
+
+def test_maa_targets_of_other_images_are_refused(small_shapes, tmp_path):
+    import train_codec
+
+    from icm.data.manifest import ManifestStore, manifest_row
+
+    maa = ManifestStore(tmp_path / "maa")
+    maa.write_unit("u", [manifest_row(source_id=f"voc/{i}", source_path="", output_path=f"images/{i}.png",
+                                      status="ok", params={}, models=[], seed=0, started_at=0, duration_s=0)
+                         for i in range(3)])
+    maa.consolidate()
+    cfg = {"name": "t", "dataset": {"type": "shapes", "domain": "photo", "split": "train", "n_train": 24, "n_val": 12,
+                                    "seed": 7},
+           "out_dir": str(tmp_path / "train"), "crop": 64, "machine_targets": {"maa_dir": str(tmp_path / "maa")},
+           "codec": {"name": "ugicm:bmshj2018-hyperprior", **TINY, "cond_dim": 32},
+           "loss": {"type": "ugicm", "lmbda_clip": 0}, "steps": 1}
+    with pytest.raises(SystemExit, match="none of its 3 MAA images belongs to the 24 training images"):
+        train_codec.run(cfg)
+
+
+def test_training_stream_comes_in_a_new_order_each_epoch(ray_cluster):
+    from icm.data.ray_io import refs_dataset
+
+    ds = refs_dataset([{"source_id": f"d/{i:03d}"} for i in range(60)])
+    orders = [[json.loads(r["ref_json"])["source_id"] for r in ds.iter_rows()] for _ in range(2)]
+    assert sorted(orders[0]) == sorted(orders[1]) == [f"d/{i:03d}" for i in range(60)]
+    assert orders[0] != orders[1]

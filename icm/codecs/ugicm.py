@@ -80,6 +80,8 @@ class ConditionalSynthesis(nn.Module):
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         if self.c is None:
             raise RuntimeError("ConditionalSynthesis called without a condition: use UGICM(x, beta)")
+        if self.c.shape[0] == 2 * y_hat.shape[0]:  # both decodes of every latent (UGICM.BOTH)
+            y_hat = torch.cat([y_hat, y_hat])
         c = self.c.expand(y_hat.shape[0], -1) if self.c.shape[0] == 1 else self.c
         h = y_hat
         for name in self.order:
@@ -92,10 +94,14 @@ class ConditionalSynthesis(nn.Module):
 class UGICM(nn.Module):
     """A CompressAI codec whose decoder is conditioned on β; ``compress`` is the codec's own.
 
-    ``forward(x, beta)`` → CompressAI's ``{"x_hat", "likelihoods"}`` with one β per sample;
-    ``decompress(strings, shape, beta)`` decodes one bitstream for humans (0) or machines (1).
+    ``forward(x, beta)`` → CompressAI's ``{"x_hat", "likelihoods"}`` with one β per sample, or
+    with ``beta=UGICM.BOTH`` both decodes of every sample from one encode (``x_hat`` holds the
+    n human decodes, then the n machine decodes); ``decompress(strings, shape, beta)`` decodes
+    one bitstream for humans (0) or machines (1).
     ``state_dict`` keys are the codec's own plus ``g_s.blocks.*`` / ``g_s.mlp.*``.
     """
+
+    BOTH = "both"
 
     def __init__(self, codec: nn.Module, cond_dim: int = 512, frequencies: int = 10):
         super().__init__()
@@ -113,6 +119,8 @@ class UGICM(nn.Module):
             g_s.c = None
 
     def forward(self, x: torch.Tensor, beta) -> dict:
+        if isinstance(beta, str) and beta == self.BOTH:
+            beta = torch.cat([torch.zeros(len(x)), torch.ones(len(x))])
         with self.conditioned(beta):
             return self.codec(x)
 

@@ -1,10 +1,17 @@
-"""UG-ICM's training loss (AAAI 2025; METHODS.md §2), one β ∈ {0, 1} per sample:
+"""UG-ICM's training loss (AAAI 2025; METHODS.md §2):
 
 ``L = bpp + 0.5·(λ·255²·MSE(x̂_β=0, x) + λ₁·255²·MSE(x̂_β=1, target) + λ_clip·CLIP(x̂_β=1, x))``
 
-where each MSE/CLIP term averages over the samples decoded with that β (a term is 0 when the
-batch has none), ``target`` is the original or its MAA image, and stage 3 adds the instance CLIP
-term on object boxes (same weight).
+where each MSE/CLIP term averages over the decodes made with that β, ``target`` is the original
+or its MAA image. Stages 1–2 draw one β ∈ {0, 1} per sample (a term is 0 when the batch has
+none). Stage 3, as the authors train it, decodes every sample both ways from its one latent
+(``x_hat`` then holds 2n decodes: n human, n machine) and adds the instance CLIP term on object
+boxes to the global one, with the same λ_clip.
+
+Where this departs from the authors: their training script is unreleased, so the weights are
+METHODS.md's (λ = 0.0022, λ₁ = 0.0011, λ_clip = 11, stage 2 λ_clip = 22); stage 3 keeps stage 1's
+factor 0.5, which makes its loss the expectation of stage 1's over β, so a stage-3 fine-tune
+continues on the scale the model was trained at. CLIP runs on CompressAI-sized crops, not MLIC++'s.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ class UGICMLoss(nn.Module):
         n, _, h, w = x.shape
         bpp = bpp_of(output["likelihoods"], n * h * w)
         x_hat = output["x_hat"]
+        if len(x_hat) == 2 * n:  # both decodes of every sample
+            x, target = torch.cat([x, x]), torch.cat([target, target])
+            boxes = None if boxes is None else list(boxes) + list(boxes)
         human, machine = beta < 0.5, beta >= 0.5
         zero = x_hat.sum() * 0.0
         mse_h = F.mse_loss(x_hat[human], x[human]) if human.any() else zero

@@ -8,6 +8,7 @@ machine target (the image itself, or its MAA image), and the object boxes in cro
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Iterator
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from icm.codecs.ugicm import UGICM
-from icm.data.records import decode_rgb
+from icm.data.records import decode_rgb, load_record
 from icm.data.writers import decode_png
 from compressai.losses import RateDistortionLoss
 
@@ -49,35 +50,43 @@ def crop_pair(image: np.ndarray, target: np.ndarray, boxes: np.ndarray, size: in
             "boxes": b.reshape(-1).astype(np.float32)}
 
 
-# The two Ray Data steps of the training input (they live here, not in the driver, because Ray
-# workers must import them).
-def with_target(row: dict, targets: dict[str, str]) -> dict:
-    """The decoded image, its machine target (the MAA image, else the image itself), its boxes."""
-    target = row["image"]
-    path = targets.get(str(row["source_id"]))
-    if path:
-        if "://" in path:  # MAA outputs in object storage
-            import pyarrow.fs as pafs
+# The Ray Data step of the training input (it lives here, not in the driver, because Ray workers
+# must import it).
+def read_target(path: str) -> np.ndarray:
+    """A machine target image (an MAA output) from a local path or an object-store URI."""
+    if "://" in path:
+        import pyarrow.fs as pafs
 
-            fs, key = pafs.FileSystem.from_uri(path)
-            with fs.open_input_stream(key) as f:
-                target = decode_png(f.read())
-        else:
-            target, _ = decode_rgb(path)
-        if target.shape != row["image"].shape:
-            raise ValueError(f"MAA target {path} is {target.shape}, its source {row['source_id']} {row['image'].shape}")
-    return {"image": row["image"], "target": target,
-            "boxes": np.asarray(row["boxes"], np.float32).reshape(-1).tolist()}
+        fs, key = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(key) as f:
+            return decode_png(f.read())
+    return decode_rgb(path)[0]
 
 
-def random_crops(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """A Ray Data batch of decoded images → one fresh random crop + flip each (a batch-wise map:
-    per-row maps of variable-sized images ran ~4× slower here)."""
+def decode_and_crop(batch: dict[str, np.ndarray], size: int, targets: dict[str, str],
+                    min_side: int = 1) -> dict[str, np.ndarray]:
+    """A Ray Data batch of image references → one fresh random crop + flip of each decodable image,
+    the same crop of its machine target (its MAA image, else itself) and of its boxes. Decoding
+    happens here, every epoch, so the training set is streamed, never held in memory."""
     rng = np.random.default_rng()
-    crops = [crop_pair(image, target, np.asarray(boxes, np.float32), size, rng)
-             for image, target, boxes in zip(batch["image"], batch["target"], batch["boxes"])]
+    crops = []
+    for ref_json in batch["ref_json"]:
+        record = load_record(json.loads(str(ref_json)), min_side=min_side)
+        if record["status"] != "ok":
+            continue
+        path = targets.get(record["source_id"])
+        target = read_target(path) if path else record["image"]
+        if target.shape != record["image"].shape:
+            raise ValueError(f"MAA target {path} is {target.shape}, its source {record['source_id']} "
+                             f"{record['image'].shape}: the MAA job ran on other images")
+        crops.append(crop_pair(record["image"], target, record["boxes"], size, rng))
+    if not crops:
+        return {"x": np.zeros((0, size, size, 3), np.uint8), "target": np.zeros((0, size, size, 3), np.uint8),
+                "boxes": np.zeros((0,), object)}
+    boxes = np.empty(len(crops), object)
+    boxes[:] = [c["boxes"] for c in crops]
     return {"x": np.stack([c["x"] for c in crops]), "target": np.stack([c["target"] for c in crops]),
-            "boxes": [c["boxes"] for c in crops]}
+            "boxes": boxes}
 
 
 def batches(rows: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
@@ -110,12 +119,60 @@ def build_training_codec(config: dict) -> torch.nn.Module:
     return build_codec(spec.pop("name"), **spec)
 
 
+class LearningRateSchedule:
+    """The learning-rate schedule of the main optimizer, from ``lr_schedule`` in the config:
+
+    * ``{type: plateau, every: 100, factor: 0.1, patience: 10}`` (default) — CompressAI's
+      ``ReduceLROnPlateau(optimizer, "min")``, stepped every ``every`` steps on the mean loss of
+      those steps (CompressAI steps it per epoch on the test loss; streams have no epochs of fixed
+      size, and the training loss is what every worker has);
+    * ``{type: multistep, milestones: [steps…], gamma: 0.1}`` — the step schedule many ICM papers use;
+    * ``{type: none}``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: dict | None):
+        cfg = dict(cfg or {"type": "plateau"})
+        self.kind = cfg.pop("type", "plateau")
+        self.every = int(cfg.pop("every", 100))
+        self.losses: list[float] = []
+        if self.kind == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, "min", factor=float(cfg.get("factor", 0.1)), patience=int(cfg.get("patience", 10)))
+        elif self.kind == "multistep":
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, [int(m) for m in cfg.get("milestones", [])], gamma=float(cfg.get("gamma", 0.1)))
+        elif self.kind == "none":
+            self.scheduler = None
+        else:
+            raise ValueError(f"lr_schedule type {self.kind!r} is not one of plateau, multistep, none")
+
+    def step(self, step: int, loss: float) -> None:
+        """After optimiser step number ``step`` (1-based) whose loss was ``loss``."""
+        if self.kind == "multistep":
+            self.scheduler.step()
+        elif self.kind == "plateau":
+            self.losses.append(loss)
+            if step % self.every == 0:
+                self.scheduler.step(float(np.mean(self.losses)))
+                self.losses = []
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict() if self.scheduler else {},
+                "losses": torch.tensor(self.losses, dtype=torch.float64)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.losses = [float(v) for v in state.get("losses", torch.zeros(0))]
+
+
 def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Module:
     """config: codec (zoo spec: name, quality, weights, channels, ...), steps, batch_size, lr,
-    aux_lr, loss (``rd``: lmbda | ``ugicm``: stage, lmbda, lmbda_machine, lmbda_clip, clip {name,
-    weights}), checkpoint_every, log_every, seed, threads, tensorboard_dir. Returns the trained
-    (unwrapped) model. A resumed run continues at the saved step, epoch and batch, so with a
-    deterministic record order it equals an uninterrupted run."""
+    aux_lr, clip_max_norm (gradient clipping of the main parameters, default 1.0 as CompressAI's
+    example and the UG-ICM authors; 0 turns it off), lr_schedule (``LearningRateSchedule``), loss
+    (``rd``: lmbda | ``ugicm``: stage, lmbda, lmbda_machine, lmbda_clip, clip {name, weights}),
+    checkpoint_every, log_every, seed, threads, tensorboard_dir. Returns the trained (unwrapped)
+    model. A resumed run continues at the saved step, epoch and batch with the saved optimiser and
+    schedule, so with a deterministic record order it equals an uninterrupted run."""
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     if config.get("threads"):
@@ -134,6 +191,8 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
     main_params, aux_params = split_parameters(model)
     opt = torch.optim.Adam(main_params, lr=float(config.get("lr", 1e-4)))
     aux_opt = torch.optim.Adam(aux_params, lr=float(config.get("aux_lr", 1e-3))) if aux_params else None
+    schedule = LearningRateSchedule(opt, config.get("lr_schedule"))
+    clip_max_norm = float(config.get("clip_max_norm", 1.0))
     step, epoch, skip = 0, 0, 0
     state = session.restore()
     if state is not None:
@@ -141,6 +200,7 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
         opt.load_state_dict(state["optimizer"])
         if aux_opt is not None:
             aux_opt.load_state_dict(state["aux_optimizer"])
+        schedule.load_state_dict(state.get("lr_schedule", {}))
         step, epoch, skip = int(state["step"]), int(state["epoch"]), int(state["batch"])
     net = session.prepare(model)
     if conditional:
@@ -171,7 +231,10 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
             # The quantisation noise and β come from the global RNG, seeded per step and rank so a
             # resumed run draws what the uninterrupted one would have.
             torch.manual_seed(seed * 1_000_003 + step * 101 + session.rank)
-            if conditional:
+            if conditional and stage >= 3:  # every sample decoded both ways from its one latent
+                beta = torch.cat([torch.zeros(len(batch)), torch.ones(len(batch))]).to(session.device)
+                terms = criterion(net(x, UGICM.BOTH), x, target, beta, boxes)
+            elif conditional:
                 beta = (torch.rand(len(batch)) < 0.5).float().to(session.device)
                 terms = criterion(net(x, beta), x, target, beta, boxes)
             else:
@@ -183,11 +246,16 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
             if aux_opt is not None:
                 aux_opt.zero_grad(set_to_none=True)
             (terms["loss"] + aux).backward()
+            if clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(main_params, clip_max_norm)
+            lr = opt.param_groups[0]["lr"]
             opt.step()
             if aux_opt is not None:
                 aux_opt.step()
             step += 1
-            window.append({k: float(v.detach()) for k, v in terms.items()} | {"aux_loss": float(aux.detach())})
+            schedule.step(step, float(terms["loss"].detach()))
+            window.append({k: float(v.detach()) for k, v in terms.items()}
+                          | {"aux_loss": float(aux.detach()), "lr": lr})
             last = step >= steps
             if step % log_every == 0 or step % every == 0 or last:
                 metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
@@ -204,6 +272,7 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
                 save = session.rank == 0 and (step % every == 0 or last)
                 session.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                          "aux_optimizer": aux_opt.state_dict() if aux_opt else {},
+                                         "lr_schedule": schedule.state_dict(),
                                          "step": step, "epoch": epoch, "batch": index + 1} if save else None)
                 window, started = [], time.time()
             if last:

@@ -36,6 +36,8 @@ class RayTrainSession:
         self.device = ray.train.torch.get_device()
         self._refs = config.get("data_refs") or {}
         self._cache: dict[str, list[dict]] = {}
+        self._shuffle = config.get("shuffle_buffer") or {}   # split → local shuffle buffer (rows)
+        self._seed = int(config.get("seed", 0))
 
     def records(self, split: str, epoch: int):
         if split in self._refs:
@@ -43,7 +45,16 @@ class RayTrainSession:
                 self._cache[split] = [load_record(r) for r in self._refs[split][self.rank::self.world_size]]
             yield from self._cache[split]
             return
-        yield from ray.train.get_dataset_shard(split).iter_rows()
+        shard = ray.train.get_dataset_shard(split)
+        buffer = int(self._shuffle.get(split, 0))
+        if not buffer:
+            yield from shard.iter_rows()
+            return
+        for batch in shard.iter_batches(batch_size=32, batch_format="numpy", local_shuffle_buffer_size=buffer,
+                                        local_shuffle_seed=(self._seed * 7919 + epoch) * 1009 + self.rank):
+            columns = list(batch)
+            for i in range(len(batch[columns[0]])):
+                yield {k: batch[k][i] for k in columns}
 
     def prepare(self, module):
         # Moves to the worker's device; wraps in DDP when there is more than one worker.

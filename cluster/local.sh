@@ -2,7 +2,8 @@
 # A real two-node Ray cluster on this machine, for trying the cluster route without a cloud and
 # for the tests: a head (dashboard + job server) and a worker, each started with `ray start` on
 # its own loopback address with its own resources and temp dir. Token authentication stays on,
-# as Ray starts it by default.
+# as Ray starts it by default, with a token of its own in $ICM_LOCAL_CLUSTER_DIR/auth_token
+# (RAY_AUTH_TOKEN_PATH): ~/.ray/auth_token is left as it was.
 #
 #   cluster/local.sh up        start both nodes; prints the dashboard / job-submission address
 #   cluster/local.sh status    what runs (ray status + the recorded PIDs)
@@ -11,8 +12,10 @@
 #
 # Settings (environment): ICM_LOCAL_CLUSTER_DIR (state + temp dirs, default /tmp/icm-ray-local),
 # ICM_HEAD_IP / ICM_WORKER_IP (127.0.0.2 / 127.0.0.3), ICM_GCS_PORT (6390), ICM_DASHBOARD_PORT
-# (8275), ICM_HEAD_CPUS / ICM_WORKER_CPUS (1 / 1). Submit jobs with:
-#   RAY_AUTH_MODE=token ray job submit --address http://$ICM_HEAD_IP:$ICM_DASHBOARD_PORT \
+# (8275), ICM_HEAD_AGENT_PORT / ICM_WORKER_AGENT_PORT (dashboard agents, 52375 / 52385),
+# ICM_HEAD_CPUS / ICM_WORKER_CPUS (1 / 1). Submit jobs with:
+#   RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$ICM_LOCAL_CLUSTER_DIR/auth_token \
+#     ray job submit --address http://$ICM_HEAD_IP:$ICM_DASHBOARD_PORT \
 #       --working-dir . --runtime-env cluster/runtime_env.yaml -- python pipelines/maa_augment.py ...
 set -euo pipefail
 
@@ -22,6 +25,8 @@ HEAD_IP="${ICM_HEAD_IP:-127.0.0.2}"
 WORKER_IP="${ICM_WORKER_IP:-127.0.0.3}"
 GCS_PORT="${ICM_GCS_PORT:-6390}"
 DASHBOARD_PORT="${ICM_DASHBOARD_PORT:-8275}"
+HEAD_AGENT_PORT="${ICM_HEAD_AGENT_PORT:-52375}"
+WORKER_AGENT_PORT="${ICM_WORKER_AGENT_PORT:-52385}"
 HEAD_CPUS="${ICM_HEAD_CPUS:-1}"
 WORKER_CPUS="${ICM_WORKER_CPUS:-1}"
 
@@ -32,8 +37,8 @@ fi
 # The job entrypoint's `python` is the first on the head's PATH: the project's venv when present.
 if [[ -x "$REPO/.venv/bin/ray" ]]; then export PATH="$REPO/.venv/bin:$PATH"; fi
 command -v ray >/dev/null || { echo "local.sh: no 'ray' on PATH (run 'make venv' first)" >&2; exit 1; }
-export RAY_AUTH_MODE=token
-unset RAY_ADDRESS
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/auth_token"
+unset RAY_ADDRESS RAY_AUTH_TOKEN
 
 # A node's processes: those whose command line names its temp dir (the head's client server names
 # the head's GCS address instead), and all their descendants (agents, workers).
@@ -49,7 +54,21 @@ node_pids() {
   echo $found | tr ' ' '\n' | sort -un | tr '\n' ' '
 }
 
-alive() { local n=0; for pid in $(cat "$STATE/$1.pids" 2>/dev/null); do kill -0 "$pid" 2>/dev/null && n=$((n + 1)); done; echo "$n"; }
+# A process's start time (field 22 of /proc/PID/stat, after the parenthesised command name): a
+# recorded PID is only ours while its start time is the one recorded, whatever reused the number.
+start_time() { sed -E 's/^.*\) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+
+# The recorded PIDs ("pid:start" lines) that still are the processes we started.
+ours() {
+  local entry pid
+  for entry in $(cat "$STATE/$1.pids" 2>/dev/null); do
+    pid="${entry%%:*}"
+    if [[ -n "$pid" && "$(start_time "$pid")" == "${entry#*:}" ]]; then echo "$pid"; fi
+  done
+  return 0
+}
+
+alive() { ours "$1" | wc -l; }
 
 wait_for() {  # wait_for <seconds> <command...>
   local deadline=$((SECONDS + $1)); shift
@@ -59,8 +78,9 @@ wait_for() {  # wait_for <seconds> <command...>
   done
 }
 
-record() {  # record <node>: all its PIDs, and its raylet's on its own
-  node_pids "$1" > "$STATE/$1.pids"
+record() {  # record <node>: all its PIDs with their start times, and its raylet's PID on its own
+  local pid
+  for pid in $(node_pids "$1"); do echo "$pid:$(start_time "$pid")"; done > "$STATE/$1.pids"
   pgrep -f -- "raylet.*$STATE/$1/" | head -n 1 > "$STATE/$1.raylet.pid" || true
 }
 
@@ -69,16 +89,18 @@ up() {
     echo "local.sh: a cluster from $STATE is already up (cluster/local.sh down first)" >&2; exit 1
   fi
   mkdir -p "$STATE/head" "$STATE/worker"
-  ray get-auth-token --generate >/dev/null   # the head and every client read ~/.ray/auth_token
+  if [[ ! -s "$STATE/auth_token" ]]; then   # this cluster's token; clients read it via RAY_AUTH_TOKEN_PATH
+    (umask 077; python -c "import secrets; print(secrets.token_hex(32), end='')" > "$STATE/auth_token")
+  fi
   ray start --head --node-ip-address="$HEAD_IP" --port="$GCS_PORT" \
     --include-dashboard=true --dashboard-host="$HEAD_IP" --dashboard-port="$DASHBOARD_PORT" \
-    --dashboard-agent-listen-port=52375 \
+    --dashboard-agent-listen-port="$HEAD_AGENT_PORT" \
     --num-cpus="$HEAD_CPUS" --num-gpus=0 --resources='{"icm_head": 1}' \
     --temp-dir="$STATE/head" --disable-usage-stats > "$STATE/head.log" 2>&1 \
     || { cat "$STATE/head.log" >&2; record head; down; exit 1; }
   record head
   ray start --address="$HEAD_IP:$GCS_PORT" --node-ip-address="$WORKER_IP" \
-    --dashboard-agent-listen-port=52385 \
+    --dashboard-agent-listen-port="$WORKER_AGENT_PORT" \
     --num-cpus="$WORKER_CPUS" --num-gpus=0 --resources='{"icm_worker": 1}' \
     --temp-dir="$STATE/worker" --disable-usage-stats > "$STATE/worker.log" 2>&1 \
     || { cat "$STATE/worker.log" >&2; record worker; down; exit 1; }
@@ -87,10 +109,10 @@ up() {
     echo "local.sh: the worker did not join within 60 s" >&2; down; exit 1
   fi
   wait_for 60 curl -sf "http://$HEAD_IP:$DASHBOARD_PORT/api/version" \
-    -H "Authorization: Bearer $(ray get-auth-token)" || echo "local.sh: dashboard not answering yet" >&2
+    -H "Authorization: Bearer $(cat "$STATE/auth_token")" || echo "local.sh: dashboard not answering yet" >&2
   echo "head   $HEAD_IP:$GCS_PORT  ($(alive head) processes, raylet $(cat "$STATE/head.raylet.pid"))"
   echo "worker $WORKER_IP           ($(alive worker) processes, raylet $(cat "$STATE/worker.raylet.pid"))"
-  echo "dashboard / jobs: http://$HEAD_IP:$DASHBOARD_PORT   (RAY_AUTH_MODE=token; token in ~/.ray/auth_token)"
+  echo "dashboard / jobs: http://$HEAD_IP:$DASHBOARD_PORT   (RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$STATE/auth_token)"
 }
 
 two_nodes() {
@@ -106,8 +128,8 @@ running() { local pids="$(node_pids head) $(node_pids worker)"; echo ${pids}; }
 
 down() {
   local pids=""
-  for node in worker head; do
-    pids+=" $(cat "$STATE/$node.pids" 2>/dev/null || true) $(node_pids "$node")"
+  for node in worker head; do   # recorded PIDs only while they are still ours, plus the node's live processes
+    pids+=" $(ours "$node") $(node_pids "$node")"
   done
   pids="$(echo $pids | tr ' ' '\n' | sort -un | tr '\n' ' ')"
   [[ -n "${pids// }" ]] && kill -TERM $pids 2>/dev/null || true
@@ -123,7 +145,7 @@ down() {
 
 status() {
   for node in head worker; do
-    echo "$node: $(alive "$node") of $(wc -w < "$STATE/$node.pids" 2>/dev/null || echo 0) recorded processes alive"
+    echo "$node: $(alive "$node") of $(wc -l < "$STATE/$node.pids" 2>/dev/null || echo 0) recorded processes alive"
   done
   ray status --address="$HEAD_IP:$GCS_PORT" || true
 }

@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:  # `python pipelines/x.py` from a checkout without
 
 from icm.config import load_config, write_resolved  # noqa: E402
 from icm.data.manifest import ManifestStore  # noqa: E402
-from icm.data.ray_io import init_ray, run_units, work_units  # noqa: E402
+from icm.data.ray_io import check_code_origin, init_ray, run_units, work_units  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
 from icm.zoo.weights import weights_fingerprint  # noqa: E402
 
@@ -74,9 +74,15 @@ def guard_params(out_dir: str | Path, params: dict[str, Any]) -> None:
 
 
 def start_ray(cfg: dict[str, Any], address: str | None) -> None:
+    """Connect to (or start) Ray; under ``ray job submit --working-dir``, check that every node
+    runs the uploaded code."""
     ray_cfg = cfg.get("ray", {}) or {}
     init_ray(address=address or ray_cfg.get("address"), num_cpus=ray_cfg.get("num_cpus"),
              node_ip_address=ray_cfg.get("node_ip_address"))
+    try:
+        check_code_origin()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def run_resumable(refs: list[dict], unit_size: int, stage_cls: type, stage_kwargs: dict, out_dir: str | Path,

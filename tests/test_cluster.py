@@ -1,6 +1,9 @@
-"""The cluster route: launcher YAMLs pass Ray's own validation, KubeRay manifests carry the fields
-KubeRay needs, and a real two-node cluster on loopback runs a submitted MAA job — also when the
-worker node's raylet is killed mid-job — and `down` leaves no process behind."""
+"""The cluster route as a user's cluster runs it: launcher YAMLs pass Ray's own validation and
+declare their resources, KubeRay manifests validate against the pinned ray.io/v1 CRD schemas, the
+upload set is computed with Ray's own matcher, the image builds where a Docker daemon exists, and
+a real two-node cluster on loopback runs submitted MAA jobs — from code the job itself checks came
+from the upload, on data, weights and outputs in S3, and when the worker node's raylet is killed
+mid-job — and `down` leaves no process and no changed ~/.ray/auth_token behind."""
 
 import copy
 import json
@@ -25,7 +28,7 @@ CLUSTER = REPO / "cluster"
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
-def test_launcher_yamls_pass_ray_validation(name):
+def test_launcher_yamls_pass_ray_validation_and_declare_resources(name):
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -33,57 +36,161 @@ def test_launcher_yamls_pass_ray_validation(name):
     validate_config(prepare_config(copy.deepcopy(cfg)))
     types = cfg["available_node_types"]
     assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}
-    assert any(t.get("max_workers", 0) > 0 for k, t in types.items() if k != cfg["head_node_type"])
+    workers = {k: t for k, t in types.items() if k != cfg["head_node_type"]}
+    assert sum(t["max_workers"] for t in workers.values()) <= cfg["max_workers"]
+    for key, t in workers.items():   # GCP's provider detects nothing: every type says what it has
+        node = t["node_config"]
+        gpus = (node.get("guestAccelerators") or [{}])[0].get("acceleratorCount") or (
+            1 if node.get("InstanceType", "").startswith(("g5.", "g6.")) else 0)
+        assert gpus and t["resources"].get("GPU") == gpus and t["resources"].get("CPU", 0) > 0, key
+        # workers write to the bucket: each has its own cloud identity
+        assert node.get("IamInstanceProfile") or node.get("serviceAccounts"), key
+        assert "latest_dlami" not in str(node)          # Ray's latest_dlami ships a driver too old for CUDA 12.8
+    assert any("InstanceMarketOptions" in t["node_config"] or t["node_config"].get("scheduling", {}).get(
+        "preemptible") for t in workers.values())
+    assert any(not ("InstanceMarketOptions" in t["node_config"] or t["node_config"].get("scheduling", {}).get(
+        "preemptible")) for t in workers.values()), "no on-demand group to fall back on"
+    assert not cfg["docker"]["image"].endswith(":latest")
+    assert any("docker login" in c or "configure-docker" in c for c in cfg["initialization_commands"])
+    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+               if "ray start" in c)
     broken = copy.deepcopy(cfg)
-    broken["available_node_types"]["gpu_worker"]["bogus"] = 1
+    broken["available_node_types"][next(iter(workers))]["bogus"] = 1
     with pytest.raises(jsonschema.ValidationError):
         validate_config(prepare_config(broken))
 
 
-def test_dockerfile_uses_the_pinned_ray_gpu_image():
+def test_dockerfile_builds_a_cuda_matched_image():
     import ray
 
-    first = next(line for line in (CLUSTER / "Dockerfile").read_text().splitlines() if line.startswith("FROM"))
-    assert first.startswith(f"FROM rayproject/ray:{ray.__version__}-") and first.endswith("-gpu")
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={ray.__version__}" in text and "FROM rayproject/ray:${RAY_VERSION}-py311-${CUDA}" in text
+    assert "libgl1" in text and "libglib2.0-0" in text              # import ultralytics needs them
+    assert "download.pytorch.org/whl/${CUDA}" in text                # torch built for the base image's CUDA
+    assert text.index("COPY --chown=ray:users pyproject.toml") < text.index("COPY --chown=ray:users icm")
+    ignore = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
+    assert ignore[0] == "**" and "!icm/" in ignore and ".venv" not in " ".join(ignore[1:])
+    if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
+        pytest.skip("no Docker daemon on this machine: the image build itself is not exercised here")
+    built = subprocess.run(["docker", "build", "-f", str(CLUSTER / "Dockerfile"), "-t", "icm-ray:test", str(REPO)],
+                           capture_output=True, text=True, timeout=3600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run(["docker", "run", "--rm", "icm-ray:test", "python", "-c",
+                          "import icm.data, icm.jrd, ultralytics, compressai; print('ok')"], capture_output=True, text=True)
+    assert ran.stdout.strip().endswith("ok"), ran.stderr[-3000:]
 
 
-def _containers(pod_template):
-    containers = pod_template["spec"]["containers"]
-    assert containers and all(c.get("name") and c.get("image") for c in containers)
-    return containers
+def test_every_package_is_installed_by_a_regular_install():
+    """A non-editable install (the image's) ships only what setuptools finds: a folder of icm
+    without __init__.py would be missing on every node."""
+    from setuptools import find_packages
+
+    found = set(find_packages(str(REPO), include=["icm*"]))
+    folders = {p.parent.relative_to(REPO).as_posix().replace("/", ".") for p in (REPO / "icm").rglob("*.py")}
+    assert folders <= found, folders - found
 
 
-def _check_cluster_spec(spec):
+def test_an_actor_given_gpus_that_cannot_use_cuda_fails_at_start(monkeypatch):
+    import torch
+
+    import icm.data.ray_io
+    from icm.maa.stage import resolve_device
+
+    monkeypatch.setattr(icm.data.ray_io, "assigned_gpu_ids", lambda: ["0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="holds GPU.*driver"):
+        resolve_device("auto")
+    monkeypatch.setattr(icm.data.ray_io, "assigned_gpu_ids", lambda: [])
+    assert resolve_device("auto").type == "cpu"
+
+
+def _crd_schemas():
+    """The ray.io/v1 openAPIV3Schemas of KubeRay v1.7.0's RayCluster and RayJob CRDs (vendored in
+    tests/kuberay/; regenerate from ray-operator/config/crd/bases/ray.io_{rayclusters,rayjobs}.yaml
+    keeping the v1 schema without descriptions). Unknown fields are made errors, as kubectl's
+    strict field validation makes them."""
+    import gzip
+
+    def strict(node):
+        if isinstance(node, dict):
+            node = {k: strict(v) for k, v in node.items()}
+            if "properties" in node and "additionalProperties" not in node and \
+                    not node.get("x-kubernetes-preserve-unknown-fields"):
+                node["additionalProperties"] = False
+        elif isinstance(node, list):
+            node = [strict(v) for v in node]
+        return node
+    schemas = json.loads(gzip.decompress((REPO / "tests/kuberay/crd-schemas-v1.7.0.json.gz").read_bytes()))
+    return {kind: strict(schema) for kind, schema in schemas.items() if kind != "source"}
+
+
+def _pod_specs(cluster_spec):
+    yield "head", cluster_spec["headGroupSpec"]["template"]["spec"]
+    for group in cluster_spec["workerGroupSpecs"]:
+        yield group["groupName"], group["template"]["spec"]
+
+
+def test_kuberay_manifests_validate_against_the_crds():
+    import jsonschema
     import ray
 
-    assert spec["rayVersion"] == ray.__version__
-    head = spec["headGroupSpec"]
-    assert isinstance(head["rayStartParams"], dict)
-    _containers(head["template"])
-    for group in spec["workerGroupSpecs"]:
-        assert group["groupName"] and isinstance(group["rayStartParams"], dict)
-        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-        gpu = [c for c in _containers(group["template"]) if "nvidia.com/gpu" in c["resources"]["limits"]]
-        assert gpu
-
-
-def test_kuberay_manifests_have_the_required_fields():
+    schemas = _crd_schemas()
     cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
-    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster" and cluster["metadata"]["name"]
-    _check_cluster_spec(cluster["spec"])
     job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
-    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    for manifest in (cluster, job):
+        jsonschema.validate(manifest, schemas[manifest["kind"]])
+    broken = copy.deepcopy(cluster)
+    broken["spec"]["workerGroupSpecs"][0]["replica"] = 3            # a typo kubectl would reject
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schemas["RayCluster"])
+
     spec = job["spec"]
-    assert "pipelines/maa_augment.py" in spec["entrypoint"] and spec["shutdownAfterJobFinishes"] is True
-    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
-    _check_cluster_spec(spec["rayClusterSpec"])
+    assert "pipelines/maa_augment.py" in spec["entrypoint"] and "out_dir=s3://" in spec["entrypoint"]
+    assert "dataset.root=s3://" in spec["entrypoint"] and spec["shutdownAfterJobFinishes"] is True
+    assert spec["backoffLimit"] == 0             # a config error must not boot a second GPU cluster
+    for cluster_spec in (cluster["spec"], spec["rayClusterSpec"]):
+        assert cluster_spec["rayVersion"] == ray.__version__
+        for name, pod in _pod_specs(cluster_spec):
+            assert pod["serviceAccountName"], name                    # pods reach the bucket and registry
+            mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+            assert "/dev/shm" in mounts, name
+            for c in pod["containers"]:
+                assert not c["image"].endswith(":latest")
+            if name != "head":
+                res = pod["containers"][0]["resources"]
+                assert res["limits"]["nvidia.com/gpu"] == "1"
+                # fits the 8-vCPU / 32 GiB GPU nodes the docs name, after the kubelet's share
+                assert int(res["requests"]["cpu"]) < 8 and int(res["requests"]["memory"].rstrip("Gi")) < 32
+                assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
 
 
-def test_runtime_env_leaves_data_outputs_and_venv_behind():
+def _upload_set(root: Path, excludes: list[str]) -> set[str]:
+    """The files ``ray job submit --working-dir`` uploads, computed with Ray's own matcher."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    files = set()
+    _dir_travel(root, [_get_excludes(root, excludes)],
+                lambda p: files.add(p.relative_to(root).as_posix()) if p.is_file() else None, include_gitignore=True)
+    return files
+
+
+def test_runtime_env_uploads_the_code_and_leaves_data_outputs_and_venv_behind(tmp_path):
     env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
-    for path in (".venv/", "outputs/", ".git/", "data/"):
-        assert path in env["excludes"]
     assert set(env) <= {"excludes", "env_vars", "pip", "py_modules", "working_dir", "config"}
+    tree = tmp_path / "checkout"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".venv", ".git", "outputs"))
+    for junk in (".venv/lib/x.py", "outputs/demo/a.png", "data/coco/x.jpg", "weights/w.pth", ".git/HEAD",
+                 "icm/data/__pycache__/readers.cpython-311.pyc"):
+        (tree / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tree / junk).write_text("x")
+    uploaded = _upload_set(tree, env["excludes"])
+    sources = {p.relative_to(tree).as_posix() for d in ("icm", "pipelines") for p in (tree / d).rglob("*")
+               if p.is_file() and p.suffix in (".py", ".yaml")}
+    assert sources and sources <= uploaded, sorted(sources - uploaded)[:10]
+    assert any(p.startswith("icm/data/") for p in uploaded)
+    left = {".venv/", "outputs/", "data/", "weights/", ".git/", "tests/", "bench/"}
+    assert not [p for p in uploaded if any(p.startswith(d) for d in left) or "__pycache__" in p]
+    assert not _upload_set(tree, ["data/"]) >= sources, "an unanchored data/ should have dropped icm/data"
 
 
 # --- the real two-node cluster -------------------------------------------------------------
@@ -95,7 +202,9 @@ N_IMAGES = 16
 def _env(state):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(ICM_LOCAL_CLUSTER_DIR=str(state), ICM_GCS_PORT=str(GCS_PORT), ICM_DASHBOARD_PORT=str(DASHBOARD_PORT),
+               ICM_HEAD_AGENT_PORT="52376", ICM_WORKER_AGENT_PORT="52386",
                ICM_HEAD_CPUS="1", ICM_WORKER_CPUS="1", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(state / "auth_token"),
                PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
     return env
 
@@ -144,6 +253,8 @@ def local_cluster(tmp_path_factory):
     rng = np.random.default_rng(0)
     for i in range(N_IMAGES):   # enough units that both actors get some, however fast one starts
         Image.fromarray(rng.integers(0, 256, (56, 64, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    user_token = Path.home() / ".ray" / "auth_token"
+    token_before = user_token.read_bytes() if user_token.exists() else None
     up = _local("up", state)
     assert up.returncode == 0, up.stdout + up.stderr
     yield state, images
@@ -151,6 +262,7 @@ def local_cluster(tmp_path_factory):
     assert down.returncode == 0, down.stdout + down.stderr
     left = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
     assert left == [], f"Ray processes left behind: {left}"
+    assert (user_token.read_bytes() if user_token.exists() else None) == token_before, "~/.ray/auth_token changed"
     shutil.rmtree(state, ignore_errors=True)
 
 
@@ -192,7 +304,7 @@ def s3_server():
 
 
 @pytest.mark.slow
-def test_outputs_and_staged_weights_on_s3(local_cluster, s3_server, tmp_path, monkeypatch):
+def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, monkeypatch):
     import torch
 
     from icm.data.storage import Storage
@@ -202,22 +314,22 @@ def test_outputs_and_staged_weights_on_s3(local_cluster, s3_server, tmp_path, mo
     state, images = local_cluster
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
-    local_weights = tmp_path / "weights"
-    (local_weights / "trained").mkdir(parents=True)
+    data = Storage("s3://icm/datasets/img")          # the dataset lives in the bucket, not on any node
+    for path in sorted(images.glob("*.png")):
+        data.write_bytes(path.name, path.read_bytes())
     det = build_detector("centernet_resnet18", ["a", "b"], weights="random:4")
-    torch.save(det.state_dict(), local_weights / "trained" / "s3-cn.pth")
-    staged = subprocess.run([sys.executable, "-m", "icm.zoo.stage", "trained:s3-cn", "--to", "s3://icm/weights"],
-                            env={**os.environ, "ICM_WEIGHTS_DIR": str(local_weights)}, capture_output=True,
-                            text=True, timeout=120, cwd=REPO)
-    assert staged.returncode == 0, staged.stderr
+    torch.save(det.state_dict(), tmp_path / "s3-cn.pth")
+    staged = subprocess.run([sys.executable, "-m", "icm.zoo.stage", str(tmp_path / "s3-cn.pth"), "--to",
+                             "s3://icm/weights"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert staged.returncode == 0 and "weights: staged:s3-cn.pth" in staged.stdout, staged.stderr
     cache = tmp_path / "node-cache"
     env_file = tmp_path / "runtime_env.yaml"
     runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     runtime_env["env_vars"].update(s3_server, ICM_WEIGHTS_DIR="s3://icm/weights", ICM_WEIGHTS_CACHE=str(cache))
     env_file.write_text(yaml.safe_dump(runtime_env))
-    config = _maa_config(tmp_path / "s3.yaml", "s3://icm/outputs/maa", images)
+    config = _maa_config(tmp_path / "s3.yaml", "s3://icm/outputs/maa", "s3://icm/datasets/img")
     cfg = yaml.safe_load(config.read_text())
-    cfg["detectors"] = [{"label": "cn", "name": "centernet_resnet18", "weights": "trained:s3-cn", "classes": ["a", "b"]}]
+    cfg["detectors"] = [{"label": "cn", "name": "centernet_resnet18", "weights": "staged:s3-cn.pth", "classes": ["a", "b"]}]
     config.write_text(yaml.safe_dump(cfg))
     for attempt in ("first", "rerun"):
         done = subprocess.run(
@@ -228,12 +340,12 @@ def test_outputs_and_staged_weights_on_s3(local_cluster, s3_server, tmp_path, mo
     out = Storage("s3://icm/outputs/maa")
     manifest = out.read_table("manifest.parquet").to_pylist()
     assert len(manifest) == N_IMAGES and all(r["status"] == "ok" for r in manifest)
-    assert sorted(r["output_path"].rsplit("/", 1)[-1] for r in manifest) == \
-        sorted(p.name for p in images.glob("*.png"))
+    assert sorted(r["source_path"] for r in manifest) == sorted(f"s3://icm/datasets/img/{p.name}"
+                                                                 for p in images.glob("*.png"))
     assert all(out.exists(r["output_path"]) for r in manifest)
-    assert json.loads(manifest[0]["models"])[0]["sha256"] == sha256_file(local_weights / "trained" / "s3-cn.pth")
-    assert (cache / "trained" / "s3-cn.pth").is_file()        # copied from the shared store, not downloaded
-    assert "0 to run" in done.stdout + done.stderr             # the rerun found every unit done on s3
+    assert json.loads(manifest[0]["models"])[0]["sha256"] == sha256_file(tmp_path / "s3-cn.pth")
+    assert (cache / "s3-cn.pth").is_file()                     # copied from the shared store, not downloaded
+    assert f"{N_IMAGES} already done, 0 unit(s) to run" in done.stdout + done.stderr   # the rerun found all done on s3
     assert json.loads(out.read_text("summary.json"))["images"]["skipped"] == N_IMAGES
 
 
@@ -246,6 +358,8 @@ def test_job_submission_runs_on_both_nodes_and_survives_a_dead_worker_node(local
     done = _submit(state, _maa_config(tmp_path / "ref.yaml", ref_out, images))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert _job_status(state, _job_id(done)) == "succeeded"
+    # the job itself checked that the driver and both nodes run the uploaded code, not this checkout
+    assert "imported from the uploaded working dir by the driver and on 2 node(s)" in done.stdout + done.stderr
     manifest = pq.read_table(ref_out / "manifest.parquet").to_pylist()
     assert len(manifest) == N_IMAGES and all(r["status"] == "ok" for r in manifest)
     assert all((ref_out / r["output_path"]).is_file() for r in manifest)

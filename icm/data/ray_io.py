@@ -44,6 +44,64 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     ray.init(num_cpus=num_cpus, include_dashboard=False, **extra, **kwargs)
 
 
+PACKAGES = ("icm", "icm.codecs", "icm.data", "icm.detectors", "icm.jrd", "icm.losses", "icm.maa", "icm.metrics",
+            "icm.train", "icm.zoo")
+
+
+def import_origins() -> dict:
+    """Where this process imports ``icm`` and each of its subpackages from, and its working dir."""
+    import importlib
+
+    files = {}
+    for name in PACKAGES:
+        try:
+            files[name] = importlib.import_module(name).__file__
+        except ImportError as exc:
+            files[name] = f"nowhere ({type(exc).__name__}: {exc})"
+    return {"cwd": os.getcwd(), "node_id": _node_id(), "files": files}
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+def check_code_origin() -> dict | None:
+    """For a driver submitted as a job with an uploaded working dir (``ray job submit
+    --working-dir``): verify that the driver and a worker on every alive node import ``icm`` and
+    all its subpackages from that uploaded copy, not from an installed one. An upload that left
+    files out (a runtime-env ``excludes`` pattern matching ``icm/data/``) then fails here, at
+    start, instead of with ``ModuleNotFoundError`` on nodes without the package, or silently on
+    nodes with an older one. Returns what was checked (None when there is no working dir)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not (ray.get_runtime_context().runtime_env or {}).get("working_dir"):
+        return None
+    probe = ray.remote(num_cpus=0)(import_origins)
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    origins = [import_origins()] + ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node, soft=False)).remote() for node in nodes])
+    bad = [f"{o['node_id'] or 'driver'}: {name} from {path}" for o in origins for name, path in o["files"].items()
+           if not os.path.realpath(path).startswith(os.path.realpath(o["cwd"]) + os.sep)]
+    if bad:
+        raise RuntimeError("the job's uploaded working dir is not what the nodes run — " + "; ".join(bad[:5])
+                           + ". Check the runtime env's excludes (anchor directories: /data/, not data/)")
+    print(f"[icm] code origin: icm and its {len(PACKAGES) - 1} subpackages imported from the uploaded working "
+          f"dir by the driver and on {len(nodes)} node(s)", flush=True)
+    return {"nodes": len(nodes), "packages": list(PACKAGES)}
+
+
+def assigned_gpu_ids() -> list:
+    """The GPUs Ray gave this worker (empty outside Ray, and where Ray is not installed)."""
+    try:
+        import ray
+    except ImportError:
+        return []
+    return list(ray.get_gpu_ids()) if ray.is_initialized() else []
+
+
 def _record_row(ref: dict[str, Any], min_side: int) -> dict[str, Any]:
     record = load_record(ref, min_side=min_side)
     if record["image"] is None:  # keep the column a tensor column: empty image for error rows

@@ -1,7 +1,9 @@
 """Dataset readers: each lists ``ImageRef`` s (annotations only, no pixels) for one dataset.
 
 Decoding happens in ``icm.data.records.load_record`` so that, under Ray Data, it runs inside the
-workers. Every reader exposes ``name``, ``root``, ``classes`` (contiguous class index -> name) and
+workers. Every path a reader takes (annotation files, list files, image roots, manifests) may be
+a local path or an object-store URI (``s3://bucket/prefix``, ``gs://…``), read through pyarrow's
+filesystems: on a cluster, nodes read the dataset from shared storage. Every reader exposes ``name``, ``root``, ``classes`` (contiguous class index -> name) and
 ``refs()``; ``records()`` decodes sequentially for use without Ray.
 
 Class ids in records are contiguous indices into ``classes``; ``category_ids`` maps them back to
@@ -10,15 +12,31 @@ the dataset's own ids (e.g. COCO's 1..90) for evaluation and export.
 
 from __future__ import annotations
 
+import json
+import posixpath
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from icm.data.classes import VOC, class_list
-from icm.data.paths import PathEscapesRoot, resolve_under
+from icm.data.paths import PathEscapesRoot, resolve_location_under
 from icm.data.records import ImageRef, load_record
+from icm.data.storage import is_uri, list_files, location_info, parent_location, read_location, resolve_location
+
+
+def _require(location, what: str) -> str:
+    """``location`` as a string, failing with its name when no file is there."""
+    if location_info(location).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{what} {location} does not exist")
+    return str(location)
+
+
+def _root(location) -> str:
+    """A dataset root as given: a URI as is, a local path made absolute."""
+    return str(location) if is_uri(location) else str(Path(location).expanduser())
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -53,12 +71,12 @@ class CocoReader(Reader):
         import contextlib
         import io
 
-        self.annotation_file = Path(annotation_file)
-        if not self.annotation_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file {self.annotation_file} does not exist")
+        self.annotation_file = _require(annotation_file, "COCO annotation file")
+        self.coco = COCO()
+        self.coco.dataset = json.loads(read_location(self.annotation_file))
         with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(self.annotation_file))
-        self.root = Path(image_root)
+            self.coco.createIndex()
+        self.root = _root(image_root)
         self.name = name
         self.include_crowd = include_crowd
         cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
@@ -97,26 +115,24 @@ class VocReader(Reader):
 
     def __init__(self, root: str | Path, split: str = "trainval", name: str = "voc",
                  classes: Sequence[str] | str | Path | None = None, include_difficult: bool = False):
-        self.root = Path(root)
+        self.root = _root(root)
         self.split = split
         self.name = name
         self.classes = _classes_from(classes) or list(self.VOC_CLASSES)
         self.category_ids = list(range(len(self.classes)))
         self.include_difficult = include_difficult
-        self.list_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
-        if not self.list_file.is_file():
-            raise FileNotFoundError(f"VOC split list {self.list_file} does not exist")
+        self.list_file = _require(resolve_location_under(self.root, f"ImageSets/Main/{split}.txt"), "VOC split list")
 
     def refs(self) -> list[ImageRef]:
         index = {c: i for i, c in enumerate(self.classes)}
         out = []
-        ids = [line.split()[0] for line in self.list_file.read_text().splitlines() if line.strip()]
+        ids = [line.split()[0] for line in read_location(self.list_file).decode().splitlines() if line.strip()]
         for image_id in sorted(set(ids)):  # a split list naming an id twice means one image
             ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name, image_id=image_id,
                            root=str(self.root), path=f"JPEGImages/{image_id}.jpg")
             try:
-                xml_path = resolve_under(self.root, f"Annotations/{image_id}.xml")
-                tree = ET.parse(xml_path)
+                tree = ET.ElementTree(ET.fromstring(read_location(
+                    resolve_location_under(self.root, f"Annotations/{image_id}.xml"))))
             except (PathEscapesRoot, OSError, ET.ParseError) as exc:
                 ref.error = f"cannot read VOC annotation for {image_id}: {exc}"
                 out.append(ref)
@@ -158,17 +174,15 @@ class ListTxtReader(Reader):
 
     def __init__(self, list_file: str | Path, root: str | Path | None = None, name: str | None = None,
                  classes: Sequence[str] | str | Path | None = None):
-        self.list_file = Path(list_file)
-        if not self.list_file.is_file():
-            raise FileNotFoundError(f"list file {self.list_file} does not exist")
-        self.root = Path(root) if root is not None else self.list_file.parent
-        self.name = name or self.list_file.stem
+        self.list_file = _require(list_file, "list file")
+        self.root = _root(root) if root is not None else parent_location(self.list_file)
+        self.name = name or Path(posixpath.basename(self.list_file)).stem
         self.classes = _classes_from(classes)
         self.category_ids = list(range(len(self.classes)))
 
     def refs(self) -> list[ImageRef]:
         out, seen = [], {}
-        for lineno, line in enumerate(self.list_file.read_text().splitlines(), start=1):
+        for lineno, line in enumerate(read_location(self.list_file).decode().splitlines(), start=1):
             parts = line.split()
             if not parts:
                 continue
@@ -202,21 +216,16 @@ class FolderReader(Reader):
 
     def __init__(self, root: str | Path, name: str | None = None,
                  extensions: Sequence[str] = IMAGE_EXTENSIONS):
-        self.root = Path(root)
-        if not self.root.is_dir():
+        self.root = _root(root)
+        if location_info(self.root).type != pafs.FileType.Directory:
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.name = name or self.root.name
+        self.name = name or posixpath.basename(self.root.rstrip("/"))
         self.extensions = tuple(e.lower() for e in extensions)
         self.classes, self.category_ids = [], []
 
     def refs(self) -> list[ImageRef]:
-        out = []
-        for path in sorted(self.root.rglob("*")):
-            if path.is_file() and path.suffix.lower() in self.extensions:
-                rel = path.relative_to(self.root).as_posix()
-                out.append(ImageRef(source_id=f"{self.name}/{rel}", dataset=self.name,
-                                    image_id=rel, root=str(self.root), path=rel))
-        return out
+        return [ImageRef(source_id=f"{self.name}/{rel}", dataset=self.name, image_id=rel, root=self.root, path=rel)
+                for rel in list_files(self.root) if posixpath.splitext(rel)[1].lower() in self.extensions]
 
 
 class ManifestReader(Reader):
@@ -230,18 +239,20 @@ class ManifestReader(Reader):
     def __init__(self, manifest: str | Path, root: str | Path | None = None,
                  path_column: str = "output_path", name: str | None = None,
                  classes: Sequence[str] | str | Path | None = None):
-        self.manifest = Path(manifest)
-        if not self.manifest.exists():
+        self.manifest = str(manifest)
+        kind = location_info(self.manifest).type
+        if kind == pafs.FileType.NotFound:
             raise FileNotFoundError(f"manifest {self.manifest} does not exist")
-        self.root = Path(root) if root is not None else (
-            self.manifest if self.manifest.is_dir() else self.manifest.parent)
+        self.root = _root(root) if root is not None else (
+            self.manifest if kind == pafs.FileType.Directory else parent_location(self.manifest))
         self.path_column = path_column
-        self.name = name or self.manifest.stem
+        self.name = name or Path(posixpath.basename(self.manifest.rstrip("/"))).stem
         self.classes = _classes_from(classes)
         self.category_ids = list(range(len(self.classes)))
 
     def refs(self) -> list[ImageRef]:
-        table = pq.read_table(self.manifest)
+        fs, path = resolve_location(self.manifest)
+        table = pq.read_table(path, filesystem=fs)
         if self.path_column not in table.column_names:
             raise KeyError(f"manifest {self.manifest} has no column {self.path_column!r} "
                            f"(has: {table.column_names})")

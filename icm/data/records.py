@@ -9,13 +9,16 @@ too small files, escaping paths) becomes an error record; ``load_record`` never 
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, UnidentifiedImageError
 
-from icm.data.paths import PathEscapesRoot, resolve_under
+from icm.data.paths import PathEscapesRoot, resolve_location_under
+from icm.data.storage import location_info, read_location
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -41,8 +44,9 @@ class ImageRef:
         return asdict(self)
 
 
-def decode_rgb(path: str) -> tuple[np.ndarray, list[str]]:
-    """Decode an image file to HxWx3 uint8 RGB, returning the repairs made."""
+def decode_rgb(path: str | io.BytesIO) -> tuple[np.ndarray, list[str]]:
+    """Decode an image file (a path, or its bytes in a ``BytesIO``) to HxWx3 uint8 RGB, returning
+    the repairs made."""
     notes: list[str] = []
     with Image.open(path) as im:
         im.load()
@@ -85,13 +89,11 @@ def sanitize_boxes(boxes: np.ndarray, class_ids: np.ndarray, class_names: list[s
     return clipped[keep].astype(np.float32), class_ids[keep].astype(np.int64), names, notes
 
 
-def decode_failure(path, exc: Exception) -> str:
-    """What is wrong with a file no decoder could read, in words. (After ``import ultralytics``
-    Pillow's failure to identify a file surfaces as ``ModuleNotFoundError: pi_heif``: ultralytics
-    retries unidentified files with a HEIF plugin it tries to install.)"""
+def decode_failure(head: bytes, exc: Exception) -> str:
+    """What is wrong with a file (starting with ``head``) no decoder could read, in words. (After
+    ``import ultralytics`` Pillow's failure to identify a file surfaces as ``ModuleNotFoundError:
+    pi_heif``: ultralytics retries unidentified files with a HEIF plugin it tries to install.)"""
     if isinstance(exc, (UnidentifiedImageError, ModuleNotFoundError)):
-        with open(path, "rb") as f:
-            head = f.read(12)
         if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"):
             return "a HEIF/HEIC image: install pi-heif to read it, or convert it to PNG/JPEG"
         return "not an image (no decoder recognises its contents)"
@@ -119,17 +121,22 @@ def load_record(ref: dict[str, Any] | ImageRef, min_side: int = 1) -> dict[str, 
     if ref.get("error"):
         return error_record(ref, ref["error"])
     try:
-        path = resolve_under(ref["root"], ref["path"])
+        path = resolve_location_under(ref["root"], ref["path"])
     except PathEscapesRoot as exc:
         return error_record(ref, str(exc))
-    if not path.is_file():
-        return error_record(ref, f"file not found: {path}")
-    if path.stat().st_size == 0:
-        return error_record(ref, f"empty file: {path} has 0 bytes")
     try:
-        image, decode_notes = decode_rgb(str(path))
+        info = location_info(path)
+        if info.type != pafs.FileType.File:
+            return error_record(ref, f"file not found: {path}")
+        if info.size == 0:
+            return error_record(ref, f"empty file: {path} has 0 bytes")
+        data = read_location(path)
+    except OSError as exc:   # object storage unreachable, permissions: this image fails, the job goes on
+        return error_record(ref, f"cannot read {path}: {exc}")
+    try:
+        image, decode_notes = decode_rgb(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - any decoder failure (plugins raise odd types) is bad input
-        return error_record(ref, f"cannot decode {path}: {decode_failure(path, exc)}")
+        return error_record(ref, f"cannot decode {path}: {decode_failure(data[:12], exc)}")
     height, width = image.shape[:2]
     if min(height, width) < min_side:
         return error_record(ref, f"image {width}x{height} is smaller than the minimum side {min_side}")
@@ -138,7 +145,7 @@ def load_record(ref: dict[str, Any] | ImageRef, min_side: int = 1) -> dict[str, 
     names = list(ref.get("class_names") or [])
     boxes, class_ids, names, box_notes = sanitize_boxes(boxes, class_ids, names, width, height)
     record = _base(ref)
-    record["path"] = str(path)
+    record["path"] = path
     record["notes"] += decode_notes + box_notes
     record.update(status=STATUS_OK, error="", image=image, width=width, height=height,
                   boxes=boxes, class_ids=class_ids, class_names=names)

@@ -1,4 +1,4 @@
-"""Where a job's outputs live: a local directory, or any filesystem pyarrow reaches by URI —
+"""Where a job's inputs and outputs live: a local directory, or any filesystem pyarrow reaches by URI —
 ``s3://bucket/prefix`` (AWS or any S3-compatible server: set ``AWS_ENDPOINT_URL``), ``gs://``,
 ``hdfs://``. On a cluster every node writes its units' files straight to the shared location.
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,6 +21,53 @@ import pyarrow.parquet as pq
 
 def is_uri(location: str | Path) -> bool:
     return "://" in str(location)
+
+
+@lru_cache(maxsize=32)
+def _filesystem(bucket_uri: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(bucket_uri)[0]
+
+
+def resolve_location(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of a local path or a URI; one filesystem object per bucket and process."""
+    location = str(location)
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+    scheme, rest = location.split("://", 1)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), rest
+    bucket = rest.split("/", 1)[0]
+    return _filesystem(f"{scheme}://{bucket}"), rest.rstrip("/")
+
+
+def join_location(root: str | Path, rel: str) -> str:
+    """``rel`` under ``root``, for local paths and URIs alike (no ``Path``: it would fold ``s3://``)."""
+    root = str(root)
+    return f"{root.rstrip('/')}/{rel.lstrip('/')}" if is_uri(root) else str(Path(root) / rel)
+
+
+def parent_location(location: str | Path) -> str:
+    location = str(location)
+    return location.rstrip("/").rsplit("/", 1)[0] if is_uri(location) else str(Path(location).parent)
+
+
+def read_location(location: str | Path) -> bytes:
+    """The bytes of a file at a local path or a URI (``s3://``, ``gs://``, …)."""
+    fs, path = resolve_location(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def location_info(location: str | Path) -> pafs.FileInfo:
+    fs, path = resolve_location(location)
+    return fs.get_file_info(path)
+
+
+def list_files(root: str | Path) -> list[str]:
+    """Relative posix paths of every file under ``root`` (a directory or a URI prefix), sorted."""
+    fs, base = resolve_location(root)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(posixpath.relpath(i.path, base) for i in infos if i.type == pafs.FileType.File)
 
 
 class Storage:

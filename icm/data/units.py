@@ -16,12 +16,12 @@ import json
 import re
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from icm.data.manifest import ManifestStore, manifest_row
+from icm.data.storage import join_location
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -56,7 +56,7 @@ class UnitStage:
 
     def row(self, ref: dict, *, status: str, started_at: float, output_path: str = "",
             error: str = "", seed: int | None = None, **extra) -> dict[str, Any]:
-        return manifest_row(source_id=ref["source_id"], source_path=str(Path(ref.get("root", "")) / ref.get("path", "")),
+        return manifest_row(source_id=ref["source_id"], source_path=join_location(ref.get("root", ""), ref.get("path", "")),
                             output_path=output_path, status=status, error=error,
                             params=self.params, models=self.models,
                             seed=self.seed if seed is None else seed, started_at=started_at,

@@ -37,6 +37,16 @@ def as_float(value: Any) -> float:
 
 
 def resolve_device(name: str | None) -> torch.device:
+    """``auto``: CUDA when available. A worker Ray gave GPUs to that cannot use CUDA fails here,
+    at start: running on its CPU instead would waste the GPU silently."""
+    from icm.data.ray_io import assigned_gpu_ids
+
+    gpus = assigned_gpu_ids()
+    if gpus and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"this worker holds GPU(s) {gpus} but torch {torch.__version__} cannot use CUDA (built for CUDA "
+            f"{torch.version.cuda or 'none: a CPU build'}): the node's NVIDIA driver is too old for this build or "
+            "missing (nvidia-smi shows its version; see cluster/README.md for the minimum), or torch is a CPU build")
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -34,6 +34,10 @@ class RayTrainSession:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        if ray.get_gpu_ids() and self.device.type != "cuda":
+            from icm.maa.stage import resolve_device
+
+            resolve_device("auto")   # raises, naming the driver/build mismatch
         self._refs = config.get("data_refs") or {}
         self._cache: dict[str, list[dict]] = {}
         self._shuffle = config.get("shuffle_buffer") or {}   # split → local shuffle buffer (rows)

@@ -4,7 +4,8 @@
 
 ``trained:<label>`` goes to ``<to>/trained/<label>.<ext>`` (with its ``.json`` record when there is
 one), a URL or a local file to ``<to>/<file name>`` — where ``icm.zoo.weights`` looks when
-``$ICM_WEIGHTS_DIR=<to>``. Hub names (``compressai:mse``, ``torchvision:DEFAULT``, …) resolve per
+``$ICM_WEIGHTS_DIR=<to>``. Job configs then name it ``trained:<label>``, ``staged:<file name>`` or
+by its URI (``s3://…/<file name>``); every manifest records its sha256. Hub names (``compressai:mse``, ``torchvision:DEFAULT``, …) resolve per
 model: fetch them once on a machine with a network (they land in ``~/.cache/icm-ray/weights``) and
 stage that file's URL or path.
 """
@@ -38,7 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     for spec in args.specs:
         where, sha256 = stage(spec, args.to)
-        print(f"{spec} -> {where} (sha256 {sha256[:16]}…)")
+        ref = spec if spec.startswith("trained:") else f"staged:{where.rsplit('/', 1)[-1]}"
+        print(f"{spec} -> {where} (sha256 {sha256[:16]}…); in job configs: weights: {ref} or {where}")
     print(f"workers: export ICM_WEIGHTS_DIR={args.to}")
 
 

@@ -7,6 +7,10 @@
   ``~/.cache/icm-ray/weights``).
 * ``trained:<label>`` — weights produced by this project's own training jobs, looked up as
   ``$ICM_WEIGHTS_DIR/trained/<label>.{pt,pth}``.
+* ``staged:<file name>`` — a file staged with ``python -m icm.zoo.stage``, looked up as
+  ``$ICM_WEIGHTS_DIR/<file name>``.
+* an object-store URI (``s3://bucket/weights/voc-frcnn.pth``, ``gs://…``) — copied once per node
+  into the node cache; provenance is its sha256.
 * a hub name such as ``torchvision:DEFAULT``, ``compressai:mse``, ``ultralytics:yolov8n.pt`` or
   ``open_clip:openai`` — each family's builder turns it into a URL, then as above.
 
@@ -89,6 +93,24 @@ def from_shared(rel: str) -> Path | None:
     return dest
 
 
+def from_uri(uri: str) -> Path:
+    """A weights file in object storage, copied (atomically, once per node) into the node cache."""
+    from icm.data.storage import read_location
+
+    dest = weights_dir() / "uri" / hashlib.sha1(uri.encode()).hexdigest()[:16] / uri.rstrip("/").rsplit("/", 1)[-1]
+    if dest.is_file():
+        return dest
+    try:
+        data = read_location(uri)
+    except OSError as exc:
+        raise WeightsUnavailable(f"cannot read weights {uri}: {exc}; check the URI and the node's credentials") from exc
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+        tmp.write(data)
+    os.replace(tmp.name, dest)
+    return dest
+
+
 def trained_dir() -> Path:
     return weights_dir() / "trained"
 
@@ -147,8 +169,18 @@ def resolve(spec: str | None, hub: Callable[[str], str] | None = None, family: s
         raise WeightsUnavailable(
             f"weights {spec!r}: no {label}.pt/.pth under {where}; train it first "
             "(python pipelines/train_detectors.py), stage it (python -m icm.zoo.stage), or pass a local file")
+    if spec.startswith("staged:"):
+        rel = spec.partition(":")[2]
+        path = weights_dir() / rel
+        if path.is_file() or (path := from_shared(rel)) is not None:
+            return ResolvedWeights(spec, path, None, sha256_file(path))
+        raise WeightsUnavailable(f"weights {spec!r}: {rel} is not under {shared_weights_uri() or weights_dir()}; "
+                                 "stage it there with python -m icm.zoo.stage <file> --to <ICM_WEIGHTS_DIR>")
     if spec.startswith(("http://", "https://")):
         path = download(spec, spec)
+        return ResolvedWeights(spec, path, None, sha256_file(path))
+    if "://" in spec:
+        path = from_uri(spec)
         return ResolvedWeights(spec, path, None, sha256_file(path))
     if ":" in spec and hub is not None and not spec.startswith(("/", ".")):
         url = hub(spec)
@@ -164,8 +196,8 @@ def weights_fingerprint(spec: str | None) -> str:
     spec names (``random:<seed>`` for random weights). A hub name (``torchvision:DEFAULT``) is
     its own fingerprint: a published checkpoint does not change under its name."""
     spec = "random" if spec is None else str(spec)
-    hub_name = ":" in spec and not spec.startswith(("/", ".", "~", "file://", "http://", "https://", "trained:",
-                                                     "random"))
+    hub_name = ":" in spec and "://" not in spec and not spec.startswith(("/", ".", "~", "trained:", "staged:",
+                                                                           "random"))
     if hub_name and not Path(spec).is_file():
         return spec
     return resolve(spec).sha256

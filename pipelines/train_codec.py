@@ -28,7 +28,7 @@ from icm.data.storage import Storage
 from icm.data.ray_io import refs_dataset, select_refs
 from icm.train.codec import build_training_codec, decode_and_crop, train_codec_loop
 from icm.train.ray_trainer import final_state, fit
-from icm.zoo.weights import trained_dir
+from icm.zoo.weights import publish_trained
 
 LOOP_KEYS = ("codec", "loss", "steps", "batch_size", "lr", "aux_lr", "clip_max_norm", "lr_schedule", "checkpoint_every",
              "log_every", "seed", "threads")
@@ -60,12 +60,9 @@ def export_model(state: dict, cfg: dict, storage: Storage) -> dict:
     spec = {k: v for k, v in cfg["codec"].items() if k not in ("weights", "base_weights")}
     info = {"codec": spec, "weights": storage.display("model.pth"), "sha256": hashlib.sha256(data).hexdigest(),
             "steps": state["step"], "loss": cfg["loss"]}
-    if cfg.get("label"):  # this machine's weights dir; `python -m icm.zoo.stage` puts it on shared storage
-        dest = trained_dir()
-        dest.mkdir(parents=True, exist_ok=True)
-        (dest / f"{cfg['label']}.pth").write_bytes(data)
+    if cfg.get("label"):  # trained:<label>: this node's weights dir and, with ICM_WEIGHTS_DIR=s3://…, the shared store
         info["zoo_spec"] = {**spec, "weights": f"trained:{cfg['label']}"}
-        (dest / f"{cfg['label']}.json").write_text(json.dumps(info, indent=2))
+        publish_trained(cfg["label"], data, ".pth", info)
     storage.write_text("model.json", json.dumps(info, indent=2))
     return info
 
@@ -108,10 +105,13 @@ def run(cfg: dict, address: str | None = None) -> dict:
     workers = cfg.get("workers", {}) or {}
     loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
     loop_cfg["shuffle_buffer"] = {"train": int(data.get("shuffle_buffer", 64))}
-    # TensorBoard writes local files: beside the outputs, or under ./tensorboard on rank 0's node
-    # when the outputs are in object storage
+    # TensorBoard writes local files: beside the outputs; or, when the outputs are in object storage,
+    # in a local dir of rank 0's node that is copied to out_dir/tensorboard/<name> at every checkpoint
+    # (the node may be an autoscaled worker that disappears)
     loop_cfg["tensorboard_dir"] = str(cfg.get("tensorboard_dir") or (
         storage.local_path(f"tensorboard/{cfg['name']}") if storage.local else Path("tensorboard").resolve() / cfg["name"]))
+    if not storage.local:
+        loop_cfg["tensorboard_upload"] = storage.display(f"tensorboard/{cfg['name']}")
     start = time.time()
     result = fit(train_codec_loop, loop_cfg, name=cfg["name"], storage_path=f"{out_dir}/ray-train",
                  datasets={"train": train}, num_workers=int(workers.get("num_workers", 1)),
@@ -128,7 +128,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
                "steps": state["step"], "final_metrics": {k: round(v, 4) if isinstance(v, float) else v
                                                           for k, v in (result.metrics or {}).items()},
                "train_wall_s": round(time.time() - start, 1), "checkpoints": str(result.path),
-               "tensorboard": loop_cfg["tensorboard_dir"], "model": info}
+               "tensorboard": loop_cfg.get("tensorboard_upload") or loop_cfg["tensorboard_dir"], "model": info}
     write_summary(out_dir, summary, "codec training summary")
     return summary
 

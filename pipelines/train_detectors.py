@@ -10,8 +10,10 @@ interrupted training resumes from its last checkpoint (same ``out_dir``).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,22 +28,21 @@ from icm.detectors.evaluate import evaluate_detector
 from icm.train.detectors import train_detector_loop, train_yolo
 from icm.train.ray_trainer import final_state, fit
 from icm.zoo import build_detector
-from icm.zoo.weights import sha256_file, trained_dir
+from icm.zoo.weights import publish_trained, trained_dir
 
 
 def _dataset_spec(cfg: dict, spec: dict, split: str) -> dict:
     return {**cfg["dataset"], "domain": spec["domain"], "split": split}
 
 
-def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> Path:
+def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> tuple[bytes, str]:
+    """The trained weights (file bytes) and their suffix."""
     label, canvas = spec["label"], int(spec.get("canvas", cfg["canvas"]))
     train_reader = build_reader(_dataset_spec(cfg, spec, "train"))
     classes = train_reader.classes
     loop_cfg = {**{k: v for k, v in spec.items() if k not in ("label", "domain", "trainer")},
                 "classes": classes, "canvas": canvas, "seed": spec.get("seed", cfg.get("seed", 0)),
                 "threads": workers.get("threads")}
-    dest_dir = trained_dir()
-    dest_dir.mkdir(parents=True, exist_ok=True)
     if spec.get("trainer", "ray") == "ultralytics":
         data_yaml = export_yolo({"train": train_reader, "val": build_reader(_dataset_spec(cfg, spec, "val"))},
                                 out_dir / "yolo-data" / spec["domain"])
@@ -50,8 +51,7 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> Path:
         device = "0" if workers.get("use_gpu") else "cpu"
         best = ray.get(task.remote({**loop_cfg, "run_name": label, "device": device}, str(data_yaml),
                                    str((out_dir / "ultralytics").resolve())))
-        dest = dest_dir / f"{label}.pt"
-        shutil.copy(best, dest)
+        return Path(best).read_bytes(), ".pt"
     else:
         # A few hundred small images: each worker decodes its slice once (RayTrainSession);
         # large sets would go through Ray Data instead (datasets={"train": records_dataset(...)}).
@@ -59,9 +59,9 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> Path:
         result = fit(train_detector_loop, loop_cfg, name=label, storage_path=out_dir / "ray-train",
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                      cpus_per_worker=workers.get("cpus_per_worker", 1))
-        dest = dest_dir / f"{label}.pth"
-        torch.save(final_state(result)["model"], dest)
-    return dest
+        buf = io.BytesIO()
+        torch.save(final_state(result)["model"], buf)
+        return buf.getvalue(), ".pth"
 
 
 def main() -> None:
@@ -81,17 +81,20 @@ def main() -> None:
         else:
             print(f"[icm] training {label} ({spec['name']}, {spec.get('trainer', 'ray')})", flush=True)
             start = time.time()
-            weights = train_one(cfg, spec, out_dir, workers)
+            data, suffix = train_one(cfg, spec, out_dir, workers)
             elapsed = time.time() - start
-            val = build_reader(_dataset_spec(cfg, spec, "val"))
-            det = build_detector(spec["name"], val.classes, weights=str(weights),
-                                 image_size=int(spec.get("canvas", cfg["canvas"])),
-                                 **(spec.get("model_kwargs") or {})).freeze()
+            with tempfile.TemporaryDirectory() as tmp:
+                candidate = Path(tmp) / f"{label}{suffix}"
+                candidate.write_bytes(data)
+                val = build_reader(_dataset_spec(cfg, spec, "val"))
+                det = build_detector(spec["name"], val.classes, weights=str(candidate),
+                                     image_size=int(spec.get("canvas", cfg["canvas"])),
+                                     **(spec.get("model_kwargs") or {})).freeze()
             metrics = evaluate_detector(det, list(val.records()), int(spec.get("canvas", cfg["canvas"])))
             info = {"label": label, "spec": spec, "dataset": _dataset_spec(cfg, spec, "train"),
-                    "weights": str(weights), "sha256": sha256_file(weights), "train_time_s": round(elapsed, 1),
-                    "val": metrics, "config": json.loads(canonical_json(cfg))}
-            info_path.write_text(json.dumps(info, indent=2))
+                    "weights": str(trained_dir() / f"{label}{suffix}"), "sha256": hashlib.sha256(data).hexdigest(),
+                    "train_time_s": round(elapsed, 1), "val": metrics, "config": json.loads(canonical_json(cfg))}
+            publish_trained(label, data, suffix, info)
         table.append((label, spec["name"], spec["domain"], info["train_time_s"], info["val"]["map50"]))
     print(f"\n{'detector':<22}{'model':<40}{'domain':<8}{'train s':>9}{'val mAP@.5':>12}")
     for label, name, domain, secs, map50 in table:

@@ -314,9 +314,13 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     state, images = local_cluster
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
-    data = Storage("s3://icm/datasets/img")          # the dataset lives in the bucket, not on any node
-    for path in sorted(images.glob("*.png")):
-        data.write_bytes(path.name, path.read_bytes())
+    # the dataset goes to the bucket as cluster/README.md says (an export job), and lives nowhere else
+    exported = subprocess.run([sys.executable, "pipelines/export_dataset.py", "--config", "pipelines/configs/export.yaml",
+                               f"dataset={{type: folder, root: {images}, name: img}}", "out_dir=s3://icm/datasets/img",
+                               "workers.actors=1", "ray.num_cpus=1"],
+                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
     det = build_detector("centernet_resnet18", ["a", "b"], weights="random:4")
     torch.save(det.state_dict(), tmp_path / "s3-cn.pth")
     staged = subprocess.run([sys.executable, "-m", "icm.zoo.stage", str(tmp_path / "s3-cn.pth"), "--to",
@@ -327,8 +331,9 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     runtime_env["env_vars"].update(s3_server, ICM_WEIGHTS_DIR="s3://icm/weights", ICM_WEIGHTS_CACHE=str(cache))
     env_file.write_text(yaml.safe_dump(runtime_env))
-    config = _maa_config(tmp_path / "s3.yaml", "s3://icm/outputs/maa", "s3://icm/datasets/img")
+    config = _maa_config(tmp_path / "s3.yaml", "s3://icm/outputs/maa", images)
     cfg = yaml.safe_load(config.read_text())
+    cfg["dataset"] = {"type": "manifest", "manifest": "s3://icm/datasets/img/manifest.parquet", "classes": ["a", "b"]}
     cfg["detectors"] = [{"label": "cn", "name": "centernet_resnet18", "weights": "staged:s3-cn.pth", "classes": ["a", "b"]}]
     config.write_text(yaml.safe_dump(cfg))
     for attempt in ("first", "rerun"):
@@ -340,7 +345,7 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     out = Storage("s3://icm/outputs/maa")
     manifest = out.read_table("manifest.parquet").to_pylist()
     assert len(manifest) == N_IMAGES and all(r["status"] == "ok" for r in manifest)
-    assert sorted(r["source_path"] for r in manifest) == sorted(f"s3://icm/datasets/img/{p.name}"
+    assert sorted(r["source_path"] for r in manifest) == sorted(f"s3://icm/datasets/img/images/img/{p.name}.png"
                                                                  for p in images.glob("*.png"))
     assert all(out.exists(r["output_path"]) for r in manifest)
     assert json.loads(manifest[0]["models"])[0]["sha256"] == sha256_file(tmp_path / "s3-cn.pth")

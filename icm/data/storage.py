@@ -136,6 +136,21 @@ class Storage:
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(selector)
                       if i.type == pafs.FileType.File and i.path.endswith(suffix) and not i.path.endswith(".tmp"))
 
+    def upload_dir(self, local_dir: str | Path, rel: str) -> int:
+        """Copy every file under ``local_dir`` to ``rel`` here (TensorBoard logs of a node that may
+        go away); files whose size is unchanged are skipped. Returns how many were copied."""
+        copied = 0
+        for path in sorted(Path(local_dir).rglob("*")):
+            if not path.is_file():
+                continue
+            target = f"{rel}/{path.relative_to(local_dir).as_posix()}"
+            info = self.fs.get_file_info(self.path(target))
+            if info.type == pafs.FileType.File and info.size == path.stat().st_size:
+                continue
+            self.write_bytes(target, path.read_bytes())
+            copied += 1
+        return copied
+
     def write_table(self, rel: str, table: pa.Table) -> str:
         buf = io.BytesIO()
         pq.write_table(table, buf)

@@ -89,6 +89,13 @@ def decode_and_crop(batch: dict[str, np.ndarray], size: int, targets: dict[str, 
             "boxes": boxes}
 
 
+def upload_tensorboard(local_dir: str, uri: str) -> None:
+    """Copy the local TensorBoard logs to the job's out_dir in object storage."""
+    from icm.data.storage import Storage, parent_location
+
+    Storage(parent_location(uri)).upload_dir(local_dir, uri.rstrip("/").rsplit("/", 1)[-1])
+
+
 def batches(rows: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
     batch = []
     for row in rows:
@@ -264,12 +271,14 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
                             / max(time.time() - started, 1e-9)}
                 if metrics[mse_key] > 0:
                     metrics["psnr"] = float(10 * np.log10(1.0 / metrics[mse_key]))
+                save = session.rank == 0 and (step % every == 0 or last)
                 if writer is not None:
                     for k, v in metrics.items():
                         if k not in ("step", "epoch"):
                             writer.add_scalar(f"train/{k}", v, step)
                     writer.flush()
-                save = session.rank == 0 and (step % every == 0 or last)
+                    if save and config.get("tensorboard_upload"):
+                        upload_tensorboard(config["tensorboard_dir"], config["tensorboard_upload"])
                 session.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                          "aux_optimizer": aux_opt.state_dict() if aux_opt else {},
                                          "lr_schedule": schedule.state_dict(),

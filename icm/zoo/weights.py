@@ -115,6 +115,27 @@ def trained_dir() -> Path:
     return weights_dir() / "trained"
 
 
+def publish_trained(label: str, data: bytes, suffix: str, info: dict) -> Path:
+    """Put weights this project trained where ``trained:<label>`` finds them: this node's weights
+    dir, and — when ``$ICM_WEIGHTS_DIR`` is object storage — the shared store too, so they outlive
+    the node (an autoscaled worker, or a head that ``ray down`` deletes)."""
+    import json
+
+    dest = trained_dir() / f"{label}{suffix}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
+    record = json.dumps(info, indent=2, default=str)
+    dest.with_suffix(".json").write_text(record)
+    uri = shared_weights_uri()
+    if uri:
+        from icm.data.storage import Storage
+
+        store = Storage(uri)
+        store.write_bytes(f"trained/{label}{suffix}", data)
+        store.write_text(f"trained/{label}.json", record)
+    return dest
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -1,7 +1,8 @@
-"""OW-JRD throughput in (object, level) labels per second: the Ray pipeline (a coding actor and a
-detector actor streaming into each other) vs a sequential loop (the same two stages called one
-after the other in one process), same images, same ladders, same detector. One command, prints
-both rates and the ratio.
+"""OW-JRD throughput in (object, level) labels per second: a sequential loop (the two stages called
+one after the other in one process) running the detector on one decoded level at a time
+(`detect_batch=1`, the per-level baseline) and on batches of levels (`detect_batch` of the config),
+and the Ray pipeline (coding actors streaming into detector actors) at 1 and 2 detector workers.
+Same images, ladders and detector. One command, prints the rates and the ratios to the baseline.
 
     .venv/bin/python bench/jrd_throughput.py [--images 12] [--config pipelines/configs/jrd_demo.yaml] [key=value ...]
 """
@@ -57,17 +58,21 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="icm-bench-"))
     try:
         torch.set_num_threads(1)  # each Ray actor holds one core; the loop gets the same per stage
+        per_level_s, rows = sequential_loop({**cfg, "detect_batch": 1}, reader, tmp / "per-level")
         loop_s, rows = sequential_loop(cfg, reader, tmp / "loop")
-        summary = jrd_dataset.run({**cfg, "out_dir": str(tmp / "ray")})
-        ray_rows = read_table(tmp / "ray", "levels", columns=["level"]).num_rows
+        results = {"per_level_loop": rows / per_level_s, "batched_loop": rows / loop_s}
+        for workers in (1, 2):
+            summary = jrd_dataset.run({**cfg, "out_dir": str(tmp / f"ray{workers}"),
+                                       "workers": {**cfg.get("workers", {}), "actors": workers}})
+            ray_rows = read_table(tmp / f"ray{workers}", "levels", columns=["level"]).num_rows
+            results[f"ray_{workers}_workers"] = ray_rows / summary["elapsed_s"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    results = {"sequential_loop": rows / loop_s, "ray_pipeline": ray_rows / summary["elapsed_s"]}
     print("\n== OW-JRD throughput ((object, level) labels per second) ==")
     print(f"{args.images} images, ladders {summary['ladders']}, detector {cfg['detector']['name']}, "
-          f"canvas {cfg['canvas']}, {rows} labels")
+          f"canvas {cfg['canvas']}, detect_batch {cfg.get('detect_batch')}, {rows} labels")
     for name, value in results.items():
-        print(f"{name:<18}{value:>9.1f} labels/s   ratio vs loop {value / results['sequential_loop']:>5.2f}x")
+        print(f"{name:<18}{value:>9.1f} labels/s   ratio vs per-level loop {value / results['per_level_loop']:>5.2f}x")
     for note in notes:
         print(f"note: {note}")
     print(json.dumps({k: round(v, 2) for k, v in results.items()}))

@@ -22,7 +22,7 @@ from icm.data.ray_io import select_refs
 from icm.maa.stage import detector_label, reachable_classes
 from icm.metrics.codec_eval import EVAL_COLUMNS, EvalStage, rd_figure, rd_points
 
-EVAL_KEYS = ("codecs", "detectors", "canvas", "score_threshold", "device", "seed")
+EVAL_KEYS = ("codecs", "detectors", "canvas", "score_threshold", "device", "deterministic", "seed")
 
 
 def run(cfg: dict, address: str | None = None) -> dict:

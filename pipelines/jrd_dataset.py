@@ -24,7 +24,7 @@ from icm.jrd.report import jrd_figure, jrd_stats, read_objects
 from icm.jrd.stage import JRD_COLUMNS, LabelStage, LadderStage, build_ladders, label_categories
 
 LABEL_KEYS = ("ladders", "detector", "reference", "iou_threshold", "score_threshold", "canvas", "detect_batch",
-              "device", "seed")
+              "device", "deterministic", "seed")
 
 
 def run(cfg: dict, address: str | None = None) -> dict:

@@ -19,12 +19,12 @@ from common import (exit_status, guard_params, parse_args, resolve_config, run_r
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.writers import decode_png
-from icm.data.ray_io import select_refs
+from icm.data.ray_io import run_on_worker, select_refs
 from icm.maa.report import manifest_stats, summary_figure
-from icm.maa.stage import MAA_COLUMNS, MAAStage, check_detectors, detector_groups, detector_label
+from icm.maa.stage import MAA_COLUMNS, MAAStage, check_detectors, detector_groups, detector_label, largest_batch
 
 METHOD_KEYS = ("method", "canvas", "steps", "outer", "inner_steps", "alpha", "bound", "detectors", "domains",
-               "class_map", "device", "seed")
+               "class_map", "device", "deterministic", "seed")
 
 
 def produced_images(storage: Storage, manifest: list[dict], source_ids=None) -> dict[str, dict]:
@@ -63,6 +63,19 @@ def evaluate(cfg: dict, reader, storage: Storage, manifest: list[dict]) -> list[
     return rows
 
 
+def resolve_batch_size(cfg: dict, params: dict, classes: list[str]) -> int:
+    """``batch_size`` (images per unit and per batched step); ``auto``: the largest that fits a
+    worker's GPU, found by a trial step on one worker with the job's resources."""
+    value = cfg.get("batch_size", 4)
+    if value != "auto":
+        return int(value)
+    workers = cfg.get("workers") or {}
+    size = run_on_worker(largest_batch, params, classes, num_gpus=workers.get("num_gpus", 0),
+                         num_cpus=workers.get("num_cpus", 1))
+    print(f"[icm] batch_size auto: {size} images per batch", flush=True)
+    return size
+
+
 def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = cfg["out_dir"]
     storage = Storage(out_dir)
@@ -73,8 +86,9 @@ def run(cfg: dict, address: str | None = None) -> dict:
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)
     refs = select_refs(reader, cfg.get("limit"))
+    batch_size = resolve_batch_size(cfg, params, reader.classes)
     start = time.time()
-    result = run_resumable(refs, int(cfg.get("batch_size", 4)), MAAStage,
+    result = run_resumable(refs, batch_size, MAAStage,
                            {"out_dir": out_dir, "params": params, "dataset_classes": reader.classes},
                            out_dir, MAA_COLUMNS, cfg.get("workers", {}))
     manifest = storage.read_table("manifest.parquet").to_pylist()
@@ -86,6 +100,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     storage.write_bytes("summary.png", summary_figure(
         [(originals[k]["image"], outputs[k]["image"], k) for k in sorted(outputs) if k in originals]))
     summary = {"job": "maa", "method": cfg["method"], "dataset": reader.name, "images": result["counts"],
+               "batch_size": batch_size, "deterministic": bool(params.get("deterministic", True)),
                "elapsed_s": round(result["elapsed_s"], 2), "images_per_s": round(result["images_per_s"], 3),
                **stats, "manifest": result["manifest"], "figure": storage.display("summary.png"),
                "wall_s": round(time.time() - start, 1), "failed_units": result["failed_units"],

@@ -228,6 +228,9 @@ def test_losses_are_measured_on_the_written_png(tmp_path):
     stage = MAAStage(str(tmp_path / "out"), _params(), CLASSES)
     rows = stage.run_unit(work_units(reader, 2)[0])
     for r in rows:
+        runtime = json.loads(r["runtime"])        # where and how it was computed, in every row
+        assert runtime["deterministic"] is True and runtime["torch"] == torch.__version__
+        assert runtime["device"] == "cpu" and runtime["batch"] == 2
         after = json.loads(r["loss_after"])
         for label in ("cn", "yolo"):
             got = _loss_of_png(stage, label, tmp_path / "out" / r["output_path"], r, [12.0, 10.0, 40.0, 36.0])
@@ -262,3 +265,13 @@ def test_per_detector_class_maps_and_label_checks(tmp_path):
     twice = {**params, "detectors": [params["detectors"][0], {**params["detectors"][0], "weights": "random:5"}]}
     with pytest.raises(ValueError, match="unique"):
         check_detectors(twice, CLASSES)
+
+
+def test_deterministic_setting_and_auto_batch_on_cpu(tmp_path):
+    from icm.maa.stage import largest_batch
+
+    MAAStage(str(tmp_path / "a"), {**_params(), "deterministic": False}, CLASSES)
+    assert not torch.are_deterministic_algorithms_enabled()
+    MAAStage(str(tmp_path / "b"), _params(), CLASSES)          # default: deterministic
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert largest_batch(_params(), CLASSES) == 8               # memory is not the limit on a CPU

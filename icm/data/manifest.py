@@ -37,8 +37,9 @@ CONTRACT = pa.schema([
     ("node_id", pa.string()),
     ("started_at", pa.float64()),
     ("duration_s", pa.float64()),
+    ("runtime", pa.string()),
 ])
-VOLATILE = ("node_id", "started_at", "duration_s")
+VOLATILE = ("node_id", "started_at", "duration_s", "runtime")
 STATUSES = ("ok", "error", "skipped")
 
 
@@ -61,7 +62,7 @@ def current_node_id() -> str:
 
 def manifest_row(*, source_id: str, source_path: str, output_path: str = "", status: str,
                  error: str = "", params: dict | str, models: list[dict] | str, seed: int,
-                 started_at: float, duration_s: float, node_id: str | None = None,
+                 started_at: float, duration_s: float, node_id: str | None = None, runtime: dict | str = "",
                  **extra: Any) -> dict[str, Any]:
     if status not in STATUSES:
         raise ValueError(f"status {status!r} is not one of {STATUSES}")
@@ -71,7 +72,8 @@ def manifest_row(*, source_id: str, source_path: str, output_path: str = "", sta
         "params": params if isinstance(params, str) else canonical_json(params),
         "models": models if isinstance(models, str) else canonical_json(models),
         "seed": int(seed), "node_id": node_id or current_node_id(),
-        "started_at": float(started_at), "duration_s": float(duration_s), **extra,
+        "started_at": float(started_at), "duration_s": float(duration_s),
+        "runtime": runtime if isinstance(runtime, str) else canonical_json(runtime), **extra,
     }
 
 

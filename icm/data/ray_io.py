@@ -93,6 +93,13 @@ def check_code_origin() -> dict | None:
     return {"nodes": len(nodes), "packages": list(PACKAGES)}
 
 
+def run_on_worker(fn, *args, num_gpus: float = 0, num_cpus: float = 1):
+    """``fn(*args)`` in a Ray worker with these resources (e.g. a probe on a GPU node), its result."""
+    import ray
+
+    return ray.get(ray.remote(num_gpus=num_gpus or None, num_cpus=num_cpus)(fn).remote(*args))
+
+
 def assigned_gpu_ids() -> list:
     """The GPUs Ray gave this worker (empty outside Ray, and where Ray is not installed)."""
     try:

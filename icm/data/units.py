@@ -53,6 +53,7 @@ class UnitStage:
         self.seed = seed
         self.unit_retries = unit_retries
         self.failure = ""
+        self.runtime: dict | str = getattr(self, "runtime", "")   # set by stages that compute with torch
 
     def row(self, ref: dict, *, status: str, started_at: float, output_path: str = "",
             error: str = "", seed: int | None = None, **extra) -> dict[str, Any]:
@@ -60,7 +61,7 @@ class UnitStage:
                             output_path=output_path, status=status, error=error,
                             params=self.params, models=self.models,
                             seed=self.seed if seed is None else seed, started_at=started_at,
-                            duration_s=time.time() - started_at, **extra)
+                            duration_s=time.time() - started_at, runtime=self.runtime, **extra)
 
     def process_unit(self, refs: list[dict]) -> list[dict[str, Any]]:
         raise NotImplementedError

@@ -25,7 +25,13 @@ NORM_AND_DROPOUT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._Dropout
 
 
 class Detector(nn.Module):
+    """``batched`` (default): ``loss`` runs the network once over the batch and takes each image's
+    loss from its own slice of the outputs (per-image sampling and normalisation); False: one
+    forward per image, the reference the batched path is tested against. Both give each image
+    the loss it has alone."""
+
     family: str = ""
+    batched: bool = True
 
     def __init__(self, classes: list[str]):
         super().__init__()
@@ -40,6 +46,11 @@ class Detector(nn.Module):
 
     def predict(self, images: torch.Tensor, score_threshold: float = 0.05) -> list[dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def prepare_targets(self, targets: list[dict], image_size: tuple[int, int]) -> list[dict]:
+        """Targets with whatever the family derives from them once per image (CenterNet's heatmaps),
+        for inputs of ``image_size`` (h, w) optimised over many loss calls; default: as they are."""
+        return targets
 
     def freeze(self) -> "Detector":
         """Eval mode and no weight gradients: the state for optimising inputs against the detector."""

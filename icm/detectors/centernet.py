@@ -108,6 +108,17 @@ class CenterNet(Detector):
         neg_loss = (torch.log(1 - pred) * pred ** 2 * neg_weights * (1 - pos)).sum()
         return -(pos_loss + neg_loss), pos.sum()
 
+    def _output_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        h, w = image_size
+        return (h + (-h) % 32) // self.stride, (w + (-w) % 32) // self.stride
+
+    def prepare_targets(self, targets, image_size):
+        """Heatmap, centres, sizes and offsets of each image, built once (an MAA unit makes ~270
+        loss calls on the same targets)."""
+        out_h, out_w = self._output_size(image_size)
+        device = self.mean.device
+        return [{**t, "centernet": (out_h, out_w, self._targets(t, out_h, out_w, device))} for t in targets]
+
     def loss(self, images, targets):
         with loss_branch(self, train_norm=self.training):
             hm_logits, size_pred, off_pred = self(images)
@@ -115,7 +126,11 @@ class CenterNet(Detector):
         terms = {"heatmap": hm_logits.new_zeros(()), "size": hm_logits.new_zeros(()),
                  "offset": hm_logits.new_zeros(())}
         for i, target in enumerate(targets):  # per-image normalisation, then summed
-            hm, centers, sizes, offsets = self._targets(target, out_h, out_w, images.device)
+            prepared = target.get("centernet")
+            if prepared is not None and prepared[:2] == (out_h, out_w):
+                hm, centers, sizes, offsets = prepared[2]
+            else:
+                hm, centers, sizes, offsets = self._targets(target, out_h, out_w, images.device)
             focal, num_pos = self.focal_loss(hm_logits[i], hm)
             n = max(len(centers), 1)
             terms["heatmap"] = terms["heatmap"] + focal / max(float(num_pos), 1.0)

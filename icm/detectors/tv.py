@@ -8,9 +8,12 @@ size is not resized to 800 px.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torchvision
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.image_list import ImageList
 
 from icm.detectors.base import Detector, loss_branch, sum_terms
 from icm.zoo.registry import attach_provenance, register
@@ -24,16 +27,20 @@ TORCHVISION_DETECTORS = (
 
 
 class SeededSampler(BalancedPositiveNegativeSampler):
-    """torchvision's sampler draws from the global RNG; this one draws from its own generator so
-    each image's anchor/ROI sample is fixed by that image's seed."""
+    """torchvision's sampler draws from the global RNG; this one draws from its own generator,
+    re-seeded for each image with that image's seed (``seeds``), so each image's anchor/ROI
+    sample is fixed by its seed whatever else is in the batch."""
 
     def __init__(self, batch_size_per_image: int, positive_fraction: float):
         super().__init__(batch_size_per_image, positive_fraction)
         self.generator = torch.Generator()
+        self.seeds: list[int] = []
 
     def __call__(self, matched_idxs):
         pos_idx, neg_idx = [], []
-        for matched in matched_idxs:
+        for k, matched in enumerate(matched_idxs):
+            if k < len(self.seeds):
+                self.generator.manual_seed(self.seeds[k])
             positive = torch.where(matched >= 1)[0]
             negative = torch.where(matched == 0)[0]
             num_pos = min(int(self.batch_size_per_image * self.positive_fraction), positive.numel())
@@ -85,20 +92,97 @@ class TorchvisionDetector(Detector):
         if self.training:
             # Training the weights: one batched call (BatchNorm sees the whole batch); the
             # families average over the batch, so scale back to a per-image sum.
-            for sampler in self.samplers:
-                sampler.generator.manual_seed(int(targets[0].get("seed", 0)) if targets else 0)
+            self._seed(targets)
             with loss_branch(self.model, train_norm=True):
                 terms = self.model(list(images), [self._tv_target(t, im) for t, im in zip(targets, images)])
             return {k: v * len(images) for k, v in terms.items()}
         # Optimising inputs: the families' losses normalise over the whole batch (sampled
-        # anchors, foreground counts), so per-image losses come from one call per image, summed.
-        per_image = []
+        # anchors and ROIs, foreground counts), so each image's loss is computed on its own. The
+        # networks run once over the batch (backbone, FPN, RPN and ROI heads, dense heads); target
+        # assignment, sampling (seeded per image) and each loss's normalisation are per image.
         with loss_branch(self.model, train_norm=False):
-            for image, target in zip(images, targets):
-                for sampler in self.samplers:
-                    sampler.generator.manual_seed(int(target.get("seed", 0)))
-                per_image.append(self.model([image], [self._tv_target(target, image)]))
-        return sum_terms(per_image)
+            if not self.batched:
+                per_image = []
+                for image, target in zip(images, targets):
+                    self._seed([target])
+                    per_image.append(self.model([image], [self._tv_target(target, image)]))
+                return sum_terms(per_image)
+            tv_targets = [self._tv_target(t, im) for t, im in zip(targets, images)]
+            batch, tv_targets = self.model.transform(list(images), tv_targets)
+            features = self.model.backbone(batch.tensors)
+            if isinstance(features, torch.Tensor):
+                features = OrderedDict([("0", features)])
+            self._seed(targets)
+            if hasattr(self.model, "rpn") and not self.model.roi_heads.has_mask():
+                return sum_terms(self._two_stage_losses(batch, features, tv_targets))
+            if hasattr(self.model, "rpn"):   # Mask R-CNN: its mask loss normalises over the batch's ROIs
+                per_image = []
+                for i, target in enumerate(targets):
+                    self._seed([target])
+                    one = ImageList(batch.tensors[i:i + 1], [batch.image_sizes[i]])
+                    feats = OrderedDict((k, v[i:i + 1]) for k, v in features.items())
+                    proposals, rpn_losses = self.model.rpn(one, feats, [tv_targets[i]])
+                    _, roi_losses = self.model.roi_heads(feats, proposals, one.image_sizes, [tv_targets[i]])
+                    per_image.append({**rpn_losses, **roi_losses})
+                return sum_terms(per_image)
+            return sum_terms(self._dense_losses(batch, features, tv_targets))
+
+    def _seed(self, targets: list[dict]) -> None:
+        for sampler in self.samplers:
+            sampler.seeds = [int(t.get("seed", 0)) for t in targets]
+
+    def _two_stage_losses(self, images: ImageList, features: OrderedDict, targets: list[dict]) -> list[dict]:
+        """Faster R-CNN's RPN and ROI heads run over the whole batch, as ``GeneralizedRCNN``
+        does; their losses are computed image by image (torchvision's ``compute_loss`` and
+        ``fastrcnn_loss`` normalise over whatever they are given)."""
+        from torchvision.models.detection.roi_heads import fastrcnn_loss
+        from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+        rpn, roi = self.model.rpn, self.model.roi_heads
+        feats = list(features.values())
+        objectness, deltas = rpn.head(feats)
+        anchors = rpn.anchor_generator(images, feats)
+        n = len(anchors)
+        per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)   # image-major rows
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(n, -1, 4)
+        boxes, _ = rpn.filter_proposals(proposals, objectness, images.image_sizes, per_level)
+        labels, matched = rpn.assign_targets_to_anchors(anchors, targets)
+        regression = rpn.box_coder.encode(matched, anchors)
+        seeds = list(rpn.fg_bg_sampler.seeds)
+        losses = []
+        for i, rows in enumerate(torch.arange(len(objectness), device=objectness.device).chunk(n)):
+            rpn.fg_bg_sampler.seeds = seeds[i:i + 1]
+            obj, reg = rpn.compute_loss(objectness[rows], deltas[rows], [labels[i]], [regression[i]])
+            losses.append({"loss_objectness": obj, "loss_rpn_box_reg": reg})
+        rpn.fg_bg_sampler.seeds = seeds
+        sampled, _, roi_labels, roi_regression = roi.select_training_samples(boxes, targets)
+        box_features = roi.box_head(roi.box_roi_pool(features, sampled, images.image_sizes))
+        class_logits, box_regression = roi.box_predictor(box_features)
+        start = 0
+        for i, props in enumerate(sampled):
+            rows = slice(start, start + len(props))
+            start += len(props)
+            cls, box = fastrcnn_loss(class_logits[rows], box_regression[rows], [roi_labels[i]], [roi_regression[i]])
+            losses[i] |= {"loss_classifier": cls, "loss_box_reg": box}
+        return losses
+
+    def _dense_losses(self, images: ImageList, features: OrderedDict, targets: list[dict]) -> list[dict]:
+        """RetinaNet / FCOS: the head over the whole batch, each image's loss on its slice."""
+        model = self.model
+        feats = list(features.values())
+        head_outputs = model.head(feats)
+        anchors = model.anchor_generator(images, feats)
+        fcos = isinstance(model, torchvision.models.detection.FCOS)
+        per_level = [x.size(2) * x.size(3) for x in feats]
+        losses = []
+        for i, target in enumerate(targets):
+            sliced = {k: v[i:i + 1] for k, v in head_outputs.items()}
+            if fcos:
+                losses.append(model.compute_loss([target], sliced, [anchors[i]], per_level))
+            else:
+                losses.append(model.compute_loss([target], sliced, [anchors[i]]))
+        return losses
 
     @torch.no_grad()
     def predict(self, images, score_threshold: float = 0.05):

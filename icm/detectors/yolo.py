@@ -1,9 +1,11 @@
 """Ultralytics YOLO (Redmon & Farhadi 2018 YOLOv3; Jocher et al. YOLOv5/v8/11) behind ``Detector``.
 
-The loss is ultralytics' own ``v8DetectionLoss`` (box IoU + cls BCE + DFL). It scales by the
-batch size and normalises by the batch's target count, so each image gets its own call and the
-per-image losses are summed. Inputs are padded bottom/right to a multiple of the model stride
-with gray 114/255, as ultralytics letterboxes.
+The loss is ultralytics' own ``v8DetectionLoss`` (box IoU + cls BCE + DFL). Over a batch it
+normalises by the whole batch's target-score sum and scales by the batch size, which would make
+one image's loss depend on its neighbours; so the network runs once over the batch and the loss
+is computed on each image's slice of the head outputs (per-image assignment and normalisation,
+exactly the loss of that image alone), then summed. Inputs are padded bottom/right to a multiple
+of the model stride with gray 114/255, as ultralytics letterboxes.
 """
 
 from __future__ import annotations
@@ -44,22 +46,34 @@ class YoloDetector(Detector):
             self.model.criterion = self.model.init_criterion()
         return self.model.criterion
 
+    @staticmethod
+    def _yolo_batch(target: dict, img: torch.Tensor) -> dict:
+        """One image's ground truth the way ultralytics' loss reads it (normalised xywh)."""
+        h, w = img.shape[-2:]
+        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=img.device).reshape(-1, 4)
+        xywh = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h,
+                            (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], 1)
+        return {"img": img, "batch_idx": torch.zeros(len(boxes), device=img.device),
+                "cls": torch.as_tensor(target["labels"], dtype=torch.float32, device=img.device).reshape(-1, 1),
+                "bboxes": xywh}
+
     def loss(self, images, targets):
+        criterion = self._criterion(images.device)
         per_image = []
         with loss_branch(self.model, train_norm=self.training):
-            for image, target in zip(images, targets):
-                img = self._pad(image[None])
-                h, w = img.shape[-2:]
-                boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=img.device).reshape(-1, 4)
-                xywh = torch.stack([(boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h,
-                                    (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], 1)
-                batch = {"img": img, "batch_idx": torch.zeros(len(boxes), device=img.device),
-                         "cls": torch.as_tensor(target["labels"], dtype=torch.float32,
-                                                device=img.device).reshape(-1, 1),
-                         "bboxes": xywh}
-                self._criterion(img.device)
-                loss, _ = self.model.loss(batch, self.model(img))
-                per_image.append({"box": loss[0], "cls": loss[1], "dfl": loss[2]})
+            if self.batched:
+                x = self._pad(images)
+                preds = criterion.parse_output(self.model(x))
+                for i, target in enumerate(targets):
+                    sliced = {k: ([f[i:i + 1] for f in v] if isinstance(v, list) else v[i:i + 1])
+                              for k, v in preds.items()}
+                    loss, _ = criterion.loss(sliced, self._yolo_batch(target, x[i:i + 1]))
+                    per_image.append({"box": loss[0], "cls": loss[1], "dfl": loss[2]})
+            else:   # one forward per image (the reference the batched path is tested against)
+                for image, target in zip(images, targets):
+                    img = self._pad(image[None])
+                    loss, _ = criterion(self.model(img), self._yolo_batch(target, img))
+                    per_image.append({"box": loss[0], "cls": loss[1], "dfl": loss[2]})
         return sum_terms(per_image)
 
     @torch.no_grad()

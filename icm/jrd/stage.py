@@ -30,6 +30,7 @@ from icm.jrd.labelling import (error_tolerant_jrd, first_unrecognised, is_monoto
                                not_recognised_labels)
 from icm.jrd.ladders import build_ladder
 from icm.maa.stage import build_from_spec, detector_label, reachable_classes, resolve_device
+from icm.runtime import configure, describe
 
 BOX = pa.list_(pa.float64(), 4)
 OBJECT_KEY = [("source_id", pa.string()), ("image_id", pa.string()), ("object_index", pa.int64()),
@@ -123,7 +124,10 @@ class LabelStage(UnitStage):
 
     def __init__(self, out_dir: str, params: dict, dataset_classes: list[str], category_ids: list[int]):
         self.cfg = params
+        deterministic = bool(params.get("deterministic", True))
+        configure(deterministic)
         self.device = resolve_device(params.get("device"))
+        self.runtime = describe(self.device, deterministic)
         self.canvas = int(params.get("canvas", 512))
         self.iou_threshold = float(params.get("iou_threshold", 0.5))
         self.score_threshold = float(params.get("score_threshold", 0.5))

@@ -20,7 +20,8 @@ from icm.data.writers import png_bytes, to_uint8
 from icm.detectors.base import map_targets
 from icm.maa.bounds import build_bound
 from icm.maa.canvas import boxes_to_canvas, letterbox, paste_back, to_tensor
-from icm.maa.methods import METHODS, Member, aafg, meta_aafg, per_image_losses
+from icm.maa.methods import METHODS, Member, aafg, gradient, group_loss, meta_aafg, per_image_losses
+from icm.runtime import configure, describe
 from icm.zoo import build_detector
 
 MAA_COLUMNS = pa.schema([
@@ -142,7 +143,10 @@ class MAAStage(UnitStage):
 
     def __init__(self, out_dir: str, params: dict, dataset_classes: list[str]):
         self.cfg = params
+        self.deterministic = bool(params.get("deterministic", True))
+        configure(self.deterministic)
         self.device = resolve_device(params.get("device"))
+        self.runtime = describe(self.device, self.deterministic)
         self.canvas = int(params.get("canvas", 512))
         self.bound = build_bound({k: (as_float(v) if k == "eps" else v)
                                   for k, v in (params.get("bound") or {"type": "linf"}).items()})
@@ -185,6 +189,7 @@ class MAAStage(UnitStage):
 
     def process_unit(self, refs):
         started = time.time()
+        self.runtime = describe(self.device, self.deterministic, batch=len(refs))
         rows, good = [], []
         for ref in refs:
             record = load_record(ref)
@@ -215,7 +220,8 @@ class MAAStage(UnitStage):
                     if len(t["labels"]) < len(rec["class_names"]):
                         dropped[i].append(f"{label}: {len(rec['class_names']) - len(t['labels'])} object(s) of "
                                           "classes outside its label space left out of its loss")
-                targets = [{k: v.to(self.device) for k, v in t.items()} for t in targets]
+                targets = det.prepare_targets([{k: v.to(self.device) for k, v in t.items()} for t in targets],
+                                              (self.canvas, self.canvas))
                 members.append(Member(label, det, targets, seeds))
             groups.append(members)
         canvas_maps, full_maps = self._bound_maps([r for r, _ in good], placements)
@@ -258,3 +264,39 @@ class MAAStage(UnitStage):
                 notes=list(record["notes"]) + dropped[i]
                 + ([f"downscaled to {p.placed_w}x{p.placed_h} on the canvas"] if p.resized else [])))
         return rows
+
+
+def largest_batch(params: dict, dataset_classes: list[str], limit: int = 64, cpu_batch: int = 8,
+                  memory_share: float = 0.85) -> int:
+    """``batch_size: auto``: the largest power of two ≤ ``limit`` whose heaviest step (a gradient of
+    every detector's loss at once, on canvases with one object each) stays within
+    ``memory_share`` of this GPU's memory. On a CPU memory is not the limit: ``cpu_batch``."""
+    import tempfile
+
+    device = resolve_device(params.get("device"))
+    if device.type != "cuda":
+        return cpu_batch
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = MAAStage(tmp, params, dataset_classes)
+    total_memory = torch.cuda.get_device_properties(device).total_memory
+    members = [(det, label) for group in stage.groups for label, det, _ in group]
+    best, size = 0, 1
+    while size <= limit:
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            x = torch.rand(size, 3, stage.canvas, stage.canvas, device=device)
+            c = stage.canvas / 2
+            box = torch.tensor([[c - c / 2, c - c / 2, c + c / 2, c + c / 2]], device=device)
+            group = [Member(label, det, det.prepare_targets(
+                [{"boxes": box, "labels": torch.zeros(1, dtype=torch.int64, device=device)}] * size,
+                (stage.canvas, stage.canvas)), list(range(size))) for det, label in members]
+            gradient(lambda a: group_loss(group, a, 0), x)
+            torch.cuda.synchronize(device)
+            if torch.cuda.max_memory_allocated(device) > memory_share * total_memory:
+                break
+            best, size = size, size * 2
+        except torch.cuda.OutOfMemoryError:
+            break
+    torch.cuda.empty_cache()
+    return max(best, 1)

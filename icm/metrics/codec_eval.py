@@ -29,6 +29,7 @@ from icm.detectors.evaluate import detect_images
 from icm.jrd.ladders import build_ladder
 from icm.maa.canvas import to_tensor
 from icm.maa.stage import build_from_spec, detector_label, resolve_device
+from icm.runtime import configure, describe
 from icm.metrics.bitstream import code_image, decode_again
 from icm.metrics.detection import coco_map, detections_to_coco, records_to_coco_gt
 from icm.metrics.image import ms_ssim, psnr
@@ -101,7 +102,10 @@ class EvalStage(UnitStage):
     extra_schema = EVAL_COLUMNS
 
     def __init__(self, out_dir: str, params: dict, dataset_classes: list[str]):
+        deterministic = bool(params.get("deterministic", True))
+        configure(deterministic)
         self.device = resolve_device(params.get("device"))
+        self.runtime = describe(self.device, deterministic)
         self.canvas = int(params.get("canvas", 512))
         self.score_threshold = float(params.get("score_threshold", 0.01))
         self.points = rate_points(params["codecs"], self.device)

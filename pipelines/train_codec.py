@@ -12,123 +12,26 @@ The exported model (``out_dir/model.pth`` + ``model.json``) loads back with ``ic
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import time
-from functools import partial
-from pathlib import Path
-
-
-import torch
 from common import parse_args, resolve_config, start_ray, write_resolved, write_summary
 
-from icm.data.readers import build_reader
+from icm.config import ConfigError
 from icm.data.storage import Storage
-from icm.data.ray_io import refs_dataset, select_refs
-from icm.train.codec import build_training_codec, decode_and_crop, train_codec_loop
-from icm.train.ray_trainer import final_state, fit
-from icm.zoo.weights import publish_trained
-
-LOOP_KEYS = ("codec", "loss", "steps", "batch_size", "lr", "aux_lr", "clip_max_norm", "lr_schedule", "checkpoint_every",
-             "log_every", "seed", "threads")
-
-
-def machine_targets(maa_dir: str | None) -> dict[str, str]:
-    """source_id → MAA image path, from an MAA job's manifest (empty without one)."""
-    if not maa_dir:
-        return {}
-    maa = Storage(maa_dir)
-    if not maa.exists("manifest.parquet"):
-        raise FileNotFoundError(f"machine_targets.maa_dir: {maa.display('manifest.parquet')} not found — run "
-                                "pipelines/maa_augment.py into that out_dir first, or set machine_targets.maa_dir to null")
-    return {r["source_id"]: maa.display(r["output_path"])
-            for r in maa.read_table("manifest.parquet", ["source_id", "output_path", "status"]).to_pylist()
-            if r["status"] == "ok"}
-
-
-def export_model(state: dict, cfg: dict, storage: Storage) -> dict:
-    """CompressAI-style export: the state dict after ``update(force=True, update_quantiles=True)``
-    on the unwrapped model (TRAPS.md), plus ``model.json`` with the zoo spec to rebuild it."""
-    model = build_training_codec({"codec": {**cfg["codec"], "weights": "random"}})
-    model.load_state_dict(state["model"])
-    model.update(force=True, update_quantiles=True)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    data = buf.getvalue()
-    storage.write_bytes("model.pth", data)
-    spec = {k: v for k, v in cfg["codec"].items() if k not in ("weights", "base_weights")}
-    info = {"codec": spec, "weights": storage.display("model.pth"), "sha256": hashlib.sha256(data).hexdigest(),
-            "steps": state["step"], "loss": cfg["loss"]}
-    if cfg.get("label"):  # trained:<label>: this node's weights dir and, with ICM_WEIGHTS_DIR=s3://…, the shared store
-        info["zoo_spec"] = {**spec, "weights": f"trained:{cfg['label']}"}
-        publish_trained(cfg["label"], data, ".pth", info)
-    storage.write_text("model.json", json.dumps(info, indent=2))
-    return info
+from icm.train.codec_job import check_config, train_codec_job, training_images
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
-    storage = Storage(cfg["out_dir"])
-    out_dir = storage.display()   # an absolute path, or a URI (Ray Train writes checkpoints there too)
+    out_dir = Storage(cfg["out_dir"]).display()
     write_resolved(cfg, out_dir)
-    loss = cfg.get("loss", {})
-    if loss.get("type") == "ugicm" and float(loss.get("lmbda_clip", 0)) > 0 and \
-            str((loss.get("clip") or {}).get("weights", "random")).startswith("random"):
-        raise SystemExit("loss.lmbda_clip > 0 with random CLIP weights trains towards noise: give "
-                         "loss.clip.weights (open_clip:openai or a local file) or set loss.lmbda_clip=0")
-    if int(cfg["crop"]) % 64:
-        raise SystemExit(f"crop={cfg['crop']}: training crops must be a multiple of 64 (hyperprior codecs "
-                         "downsample by 64; other sizes misalign their latents)")
-    build_training_codec(cfg)  # an unreachable weights spec fails here, not in every restarted worker
-    reader = build_reader(cfg["dataset"])
-    refs = select_refs(reader, cfg.get("limit"))
-    if not refs:
-        raise SystemExit(f"{reader.name}: no training images")
-    maa_dir = (cfg.get("machine_targets") or {}).get("maa_dir")
-    targets = machine_targets(maa_dir)
-    matched = len(targets.keys() & {r["source_id"] for r in refs})
-    if maa_dir and not matched:
-        raise SystemExit(f"machine_targets.maa_dir {maa_dir}: none of its {len(targets)} MAA images belongs to the "
-                         f"{len(refs)} training images of {reader.name} (the MAA job ran on another dataset or split)")
-    if maa_dir:
-        print(f"[icm] machine targets: MAA images for {matched} of {len(refs)} training images, "
-              "the originals for the rest", flush=True)
+    try:
+        check_config(cfg)
+        refs, targets, matched = training_images(cfg)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
     start_ray(cfg, address)
-    data = cfg.get("data") or {}
-    data_cpus = float(data.get("num_cpus", 1))
-    # Streamed, never materialised: the blocks come in a new random order each epoch, every image
-    # is decoded and freshly cropped on the CPU workers, and each train worker shuffles what it
-    # receives in a local buffer; memory stays bounded whatever the dataset's size.
-    train = refs_dataset(refs).map_batches(
-        partial(decode_and_crop, size=int(cfg["crop"]), targets=targets, min_side=int(cfg["crop"]) // 2),
-        batch_size=8, batch_format="numpy", num_cpus=data_cpus)
-    workers = cfg.get("workers", {}) or {}
-    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
-    loop_cfg["shuffle_buffer"] = {"train": int(data.get("shuffle_buffer", 64))}
-    # TensorBoard writes local files: beside the outputs; or, when the outputs are in object storage,
-    # in a local dir of rank 0's node that is copied to out_dir/tensorboard/<name> at every checkpoint
-    # (the node may be an autoscaled worker that disappears)
-    loop_cfg["tensorboard_dir"] = str(cfg.get("tensorboard_dir") or (
-        storage.local_path(f"tensorboard/{cfg['name']}") if storage.local else Path("tensorboard").resolve() / cfg["name"]))
-    if not storage.local:
-        loop_cfg["tensorboard_upload"] = storage.display(f"tensorboard/{cfg['name']}")
-    start = time.time()
-    result = fit(train_codec_loop, loop_cfg, name=cfg["name"], storage_path=f"{out_dir}/ray-train",
-                 datasets={"train": train}, num_workers=int(workers.get("num_workers", 1)),
-                 use_gpu=bool(workers.get("use_gpu", False)), cpus_per_worker=float(workers.get("cpus_per_worker", 1)))
-    if result.error:
-        raise SystemExit(f"training failed: {result.error}")
-    state = final_state(result)
-    info = export_model(state, cfg, storage)
-    summary = {"job": "train_codec", "codec": cfg["codec"]["name"], "loss": loss.get("type"),
-               "stage": loss.get("stage", 1), "train_images_listed": len(refs),
-               "machine_targets": f"MAA images for {matched} of {len(refs)} training images" if maa_dir
-               else "the originals",
-               "clip": "on" if float(loss.get("lmbda_clip", 0)) > 0 else "off (lmbda_clip = 0)",
-               "steps": state["step"], "final_metrics": {k: round(v, 4) if isinstance(v, float) else v
-                                                          for k, v in (result.metrics or {}).items()},
-               "train_wall_s": round(time.time() - start, 1), "checkpoints": str(result.path),
-               "tensorboard": loop_cfg.get("tensorboard_upload") or loop_cfg["tensorboard_dir"], "model": info}
+    try:
+        summary = train_codec_job(cfg, refs, targets, matched)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from exc
     write_summary(out_dir, summary, "codec training summary")
     return summary
 

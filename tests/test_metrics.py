@@ -1,6 +1,9 @@
 """Metrics against known answers."""
 
+import json
 import math
+
+import numpy as np
 
 import pytest
 import torch
@@ -65,3 +68,57 @@ def test_bd_rate_known_answer_and_na():
     assert cheaper["bd_rate_percent"] == pytest.approx(-10.0, abs=0.05)
     no_overlap = bd_metrics(rate, quality, rate[:2], [10.0, 11.0])
     assert no_overlap["bd_rate_percent"] == "n/a" and no_overlap["bd_rate_percent_reason"]
+
+
+def _kodak():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "anchors" / "kodak"
+    if not root.is_dir():
+        pytest.skip(f"the published Kodak curves are not at {root}")
+    return {p.stem: json.loads(p.read_text()) for p in sorted(root.glob("*.json"))}
+
+
+def test_bd_table_on_the_published_kodak_curves_matches_bjontegaard():
+    import warnings
+
+    import bjontegaard as bd
+
+    curves = _kodak()
+    computed = 0
+    for (name, curve), anchor in ((item, a["results"]) for item in curves.items() for a in curves.values()):
+        test = curve["results"]
+        for axis, fn, key in (("psnr-rgb", bd.bd_rate, "bd_rate_percent"), ("psnr-rgb", bd.bd_psnr, "bd_quality"),
+                              ("ms-ssim-rgb", bd.bd_rate, "bd_rate_percent")):
+            ours = bd_metrics(anchor["bpp"], anchor[axis], test["bpp"], test[axis])
+            assert ours[key] == "n/a" or np.isfinite(ours[key])
+            if ours[key] == "n/a":
+                assert ours[f"{key}_reason"] and ours[f"{key}_overlap"] < 0.75
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                direct = fn(anchor["bpp"], anchor[axis], test["bpp"], test[axis], method="akima",
+                            require_matching_points=False)
+            assert ours[key] == pytest.approx(direct, rel=1e-9), (name, key)
+            computed += 1
+    assert computed >= 20                # curves of 6, 8 and 19 points against each other
+    anchor = curves["jpeg"]["results"]
+    hyper = bd_metrics(anchor["bpp"], anchor["psnr-rgb"], curves["compressai-bmshj2018-hyperprior_mse_cuda"]
+                       ["results"]["bpp"], curves["compressai-bmshj2018-hyperprior_mse_cuda"]["results"]["psnr-rgb"])
+    assert hyper["bd_rate_percent"] < -30  # a learned codec spends far fewer bits than JPEG on Kodak
+    assert hyper["points"] == [19, 8]
+
+
+def test_bd_metrics_say_why_instead_of_nan():
+    rate, quality = [0.2, 0.4, 0.8, 1.6], [28.0, 31.0, 34.0, 37.0]
+    apart = bd_metrics(rate, quality, [3.0, 6.0], [40.0, 42.0])          # no overlap on either axis
+    for key in ("bd_rate_percent", "bd_quality"):
+        assert apart[key] == "n/a" and "do not overlap" in apart[f"{key}_reason"] and apart[f"{key}_overlap"] == 0
+    little = bd_metrics(rate, quality, [1.2, 2.4], [36.0, 38.5])         # overlaps a sliver
+    assert little["bd_rate_percent"] == "n/a" and "below 75%" in little["bd_rate_percent_reason"]
+    assert 0 < little["bd_rate_percent_overlap"] < 0.75
+    one = bd_metrics(rate, quality, [0.5], [32.0])
+    assert one["bd_rate_percent"] == "n/a" and "at least 2" in one["bd_rate_percent_reason"]
+    flat = bd_metrics(rate, quality, [0.2, 0.4, 0.8], [0.5, 0.5, 0.6])     # a mAP curve that stalls
+    assert flat["bd_rate_percent"] == "n/a"
+    assert all(v == "n/a" or np.isfinite(v) for k, v in flat.items() if k in ("bd_rate_percent", "bd_quality"))

@@ -159,6 +159,27 @@ class EvalStage(UnitStage):
         return rows
 
 
+def evaluate_locally(params: dict, refs: list[dict], out_dir: str, dataset_classes: list[str],
+                     unit_size: int = 4) -> list[dict]:
+    """The evaluation job's stage run in this process over ``refs`` (a Ray Tune trial evaluating
+    its own codec, or an anchor curve): the same rows, files and RD points as
+    ``pipelines/evaluate.py``, resumable the same way."""
+    from icm.data.manifest import ManifestStore
+    from icm.data.ray_io import work_units
+
+    store = ManifestStore(out_dir, EVAL_COLUMNS)
+    units = work_units(refs, unit_size, done=store.done_source_ids())
+    if units:
+        stage = EvalStage(out_dir, params, dataset_classes)
+        for unit in units:
+            if stage.run_unit(unit) is None:
+                raise RuntimeError(f"evaluation unit {unit['unit_id']} failed: {stage.failure}")
+    store.consolidate(source_ids={r["source_id"] for r in refs})
+    manifest = store.storage.read_table("manifest.parquet").to_pylist()
+    point_rows = [r for t in store.storage.read_tables("points") for r in t.to_pylist()]
+    return rd_points(manifest, point_rows, params.get("detectors", []), dataset_classes)
+
+
 def _finite(value) -> float | None:
     """PSNR of a lossless decode is infinite: None in the JSON summary."""
     return float(value) if np.isfinite(value) else None

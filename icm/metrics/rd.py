@@ -1,25 +1,78 @@
-"""BD-rate / BD-PSNR through the ``bjontegaard`` package.
+"""BD-rate / BD-quality through the ``bjontegaard`` package (``bd_rate``, ``bd_psnr``).
 
-For machine tasks the "quality" axis is mAP or top-1 instead of PSNR. When the package cannot
-compute (too few points, too little overlap) the result says "n/a" with the reason, not a number.
+For machine tasks the "quality" axis is mAP or top-1 instead of PSNR. Curves may have different
+point counts. The package integrates over the overlap of the two curves and, when they do not
+overlap, returns NaN with a warning (and only warns when they overlap little): here such cases
+are "n/a" with the reason and the overlap share, never a number nobody should read and never NaN.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Sequence
+
+import numpy as np
+
+MIN_OVERLAP = 0.75     # the package's own default threshold for a trustworthy BD figure
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of the union of two ranges that both cover."""
+    lo, hi = max(a.min(), b.min()), min(a.max(), b.max())
+    total = max(a.max(), b.max()) - min(a.min(), b.min())
+    return float(max(hi - lo, 0.0) / total) if total > 0 else 0.0
+
+
+def _curve(rate: Sequence[float], quality: Sequence[float], name: str) -> tuple[np.ndarray, np.ndarray, str]:
+    r, q = np.asarray(rate, float), np.asarray(quality, float)
+    if r.shape != q.shape:
+        return r, q, f"the {name} curve has {len(r)} rates but {len(q)} quality values"
+    keep = np.isfinite(r) & np.isfinite(q) & (r > 0)
+    r, q = r[keep], q[keep]
+    order = np.argsort(r)
+    r, q = r[order], q[order]
+    if len(r) < 2:
+        return r, q, f"the {name} curve has {len(r)} usable point(s); BD needs at least 2"
+    return r, q, ""
 
 
 def bd_metrics(rate_anchor: Sequence[float], quality_anchor: Sequence[float],
                rate_test: Sequence[float], quality_test: Sequence[float],
-               method: str = "akima") -> dict:
+               method: str = "akima", min_overlap: float = MIN_OVERLAP) -> dict:
+    """BD-rate (% rate change at equal quality; negative = the test codec saves bits) and
+    BD-quality (mean quality change at equal rate), each with the overlap share of the axis it
+    integrates over; "n/a" plus ``*_reason`` where it cannot be trusted."""
     import bjontegaard as bd
 
-    result: dict = {"method": method}
-    for key, fn in (("bd_rate_percent", bd.bd_rate), ("bd_quality", bd.bd_psnr)):
-        try:
-            result[key] = float(fn(list(rate_anchor), list(quality_anchor), list(rate_test),
-                                   list(quality_test), method=method))
-        except Exception as exc:  # noqa: BLE001 - the package raises several types; report why
-            result[key] = "n/a"
-            result[f"{key}_reason"] = f"{type(exc).__name__}: {exc}"
+    ra, qa, bad_a = _curve(rate_anchor, quality_anchor, "anchor")
+    rt, qt, bad_t = _curve(rate_test, quality_test, "test")
+    result: dict = {"method": method, "points": [len(ra), len(rt)]}
+    checks = (("bd_rate_percent", bd.bd_rate, qa, qt, "quality"),
+              ("bd_quality", bd.bd_psnr, np.log10(ra) if len(ra) else ra, np.log10(rt) if len(rt) else rt, "log-rate"))
+    for key, fn, axis_a, axis_t, axis in checks:
+        reason = bad_a or bad_t
+        if not reason:
+            share = _overlap(axis_a, axis_t)
+            result[f"{key}_overlap"] = round(share, 3)
+            if share == 0:
+                reason = f"the curves do not overlap on the {axis} axis"
+            elif share < min_overlap:
+                reason = f"the curves overlap on {share:.0%} of the {axis} range, below {min_overlap:.0%}"
+            elif key == "bd_rate_percent" and (np.any(np.diff(qa) <= 0) or np.any(np.diff(qt) <= 0)):
+                reason = "quality does not rise strictly with rate on both curves (rate cannot be read off quality)"
+        if not reason:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    value = float(fn(ra, qa, rt, qt, method=method, require_matching_points=False, min_overlap=0))
+                if not math.isfinite(value):
+                    reason = f"the interpolation gave {value}"
+                else:
+                    result[key] = value
+                    continue
+            except Exception as exc:  # noqa: BLE001 - the package raises several types; report why
+                reason = f"{type(exc).__name__}: {exc}"
+        result[key] = "n/a"
+        result[f"{key}_reason"] = reason
     return result

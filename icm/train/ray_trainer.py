@@ -88,9 +88,16 @@ def _run_loop(loop: Callable[[dict, Any], None]):
 
 def fit(loop: Callable[[dict, Any], None], loop_config: dict, *, name: str, storage_path: str | Path,
         datasets: dict | None = None, num_workers: int = 1, use_gpu: bool = False,
-        cpus_per_worker: float = 1, max_failures: int = 2, keep_checkpoints: int = 2):
+        cpus_per_worker: float = 1, max_failures: int = 2, keep_checkpoints: int = 2, report_to_tune: bool = False):
     """Run ``loop`` on Ray Train; rerunning with the same ``name``/``storage_path`` resumes.
-    ``storage_path`` is a local/shared directory or a URI (``s3://…``) every worker can reach."""
+    ``storage_path`` is a local/shared directory or a URI (``s3://…``) every worker can reach.
+    ``report_to_tune``: the run is a Ray Tune trial's (Train V2 inside a function trainable, as
+    Ray 2.60 documents it); every report is forwarded to the trial (ASHA reads them)."""
+    callbacks = []
+    if report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
     trainer = TorchTrainer(
         _run_loop(loop), train_loop_config=loop_config, datasets=datasets or {},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
@@ -98,8 +105,15 @@ def fit(loop: Callable[[dict, Any], None], loop_config: dict, *, name: str, stor
         run_config=RunConfig(name=name, storage_path=str(storage_path) if "://" in str(storage_path)
                              else str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints), callbacks=callbacks))
     return trainer.fit()
+
+
+def report_trial(metrics: dict) -> None:
+    """A Ray Tune trial's final result (the RD point of its codec)."""
+    from ray import tune
+
+    tune.report(metrics)
 
 
 def final_state(result) -> dict:
@@ -108,3 +122,43 @@ def final_state(result) -> dict:
         raise RuntimeError(f"training run {result.path} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         return load_state(directory)
+
+
+def per_rate_point_asha(cfg: dict, max_steps: int):
+    """ASHA early stopping among the trials of one rate point only: RD losses at different λ
+    (or quality) are not comparable, so each rate point gets its own ASHA bracket.
+    ``cfg``: ``{metric: loss, grace_period: steps, reduction_factor: 2}``."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    def make():
+        return ASHAScheduler(time_attr="step", metric=cfg.get("metric", "loss"), mode="min", max_t=max_steps,
+                             grace_period=int(cfg.get("grace_period", max(1, max_steps // 4))),
+                             reduction_factor=float(cfg.get("reduction_factor", 2)))
+
+    class PerRatePointScheduler(FIFOScheduler):
+        def __init__(self):
+            super().__init__()
+            self.groups: dict = {}
+
+        def _asha(self, trial):
+            return self.groups.setdefault(trial.config["rate_point"], make())
+
+        def set_search_properties(self, metric, mode, **spec):
+            return True
+
+        def on_trial_add(self, tune_controller, trial):
+            self._asha(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._asha(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._asha(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._asha(trial).on_trial_remove(tune_controller, trial)
+
+        def on_trial_error(self, tune_controller, trial):
+            self._asha(trial).on_trial_error(tune_controller, trial)
+
+    return PerRatePointScheduler()

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo sweep-demo test venv clean-venv
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 	$(PY) pipelines/jrd_dataset.py --config pipelines/configs/jrd_demo.yaml
 	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml --profile demo
 	$(PY) pipelines/evaluate.py --config pipelines/configs/evaluate.yaml --profile demo
+
+sweep-demo: $(STAMP)
+	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml
+	$(PY) tuning/sweep_rd.py --config tuning/configs/ugicm_rd.yaml --profile demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

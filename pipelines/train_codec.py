@@ -24,12 +24,12 @@ def run(cfg: dict, address: str | None = None) -> dict:
     write_resolved(cfg, out_dir)
     try:
         check_config(cfg)
-        refs, targets, matched = training_images(cfg)
+        refs, targets, matched, classes = training_images(cfg)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from exc
     start_ray(cfg, address)
     try:
-        summary = train_codec_job(cfg, refs, targets, matched)
+        summary = train_codec_job(cfg, refs, targets, matched, classes)
     except RuntimeError as exc:
         raise SystemExit(str(exc)) from exc
     write_summary(out_dir, summary, "codec training summary")

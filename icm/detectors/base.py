@@ -47,6 +47,12 @@ class Detector(nn.Module):
     def predict(self, images: torch.Tensor, score_threshold: float = 0.05) -> list[dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The multi-scale feature maps the family's heads read (torchvision: FPN p2–p6; YOLO: the
+        neck's outputs; CenterNet: the stride-4 map), differentiable w.r.t. ``images`` — what
+        Adapt-ICMH's detection perceptual loss compares."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no feature maps")
+
     def prepare_targets(self, targets: list[dict], image_size: tuple[int, int]) -> list[dict]:
         """Targets with whatever the family derives from them once per image (CenterNet's heatmaps),
         for inputs of ``image_size`` (h, w) optimised over many loss calls; default: as they are."""

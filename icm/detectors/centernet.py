@@ -71,6 +71,9 @@ class CenterNet(Detector):
         ph, pw = (-h) % 32, (-w) % 32
         return F.pad(images, (0, pw, 0, ph), value=0.5) if ph or pw else images
 
+    def features(self, images):
+        return [self.upsample(self.backbone((self._pad(images) - self.mean) / self.std))]
+
     def forward(self, images: torch.Tensor):
         feats = self.upsample(self.backbone((self._pad(images) - self.mean) / self.std))
         return self.heatmap(feats), self.size(feats), self.offset(feats)

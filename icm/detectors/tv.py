@@ -127,6 +127,13 @@ class TorchvisionDetector(Detector):
                 return sum_terms(per_image)
             return sum_terms(self._dense_losses(batch, features, tv_targets))
 
+    def features(self, images):
+        t = self.model.transform
+        mean = torch.as_tensor(t.image_mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(t.image_std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        feats = self.model.backbone((images - mean) / std)
+        return list(feats.values()) if isinstance(feats, dict) else [feats]
+
     def _seed(self, targets: list[dict]) -> None:
         for sampler in self.samplers:
             sampler.seeds = [int(t.get("seed", 0)) for t in targets]

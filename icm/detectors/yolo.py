@@ -76,6 +76,17 @@ class YoloDetector(Detector):
                     per_image.append({"box": loss[0], "cls": loss[1], "dfl": loss[2]})
         return sum_terms(per_image)
 
+    def features(self, images):
+        """The maps the Detect head reads (P3–P5), captured by a forward pre-hook."""
+        captured = []
+        hook = self.model.model[-1].register_forward_pre_hook(lambda _m, args: captured.append(list(args[0])))
+        try:
+            with loss_branch(self.model, train_norm=self.training):
+                self.model(self._pad(images))
+        finally:
+            hook.remove()
+        return captured[0]
+
     @torch.no_grad()
     def predict(self, images, score_threshold: float = 0.05):
         from ultralytics.utils.nms import non_max_suppression

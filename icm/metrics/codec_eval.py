@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from icm.codecs.dynamic import DynamicCodec
 from icm.codecs.ugicm import UGICM
 from icm.data.classes import class_list
 from icm.data.records import load_record
@@ -30,39 +31,75 @@ from icm.jrd.ladders import build_ladder
 from icm.maa.canvas import to_tensor
 from icm.maa.stage import build_from_spec, detector_label, resolve_device
 from icm.runtime import configure, describe
-from icm.metrics.bitstream import code_image, decode_again
+from icm.metrics.bitstream import CodedImage, code_image, decode_again
 from icm.metrics.detection import coco_map, detections_to_coco, records_to_coco_gt
 from icm.metrics.image import ms_ssim, psnr
 
 POINT_SCHEMA = pa.schema([
     ("source_id", pa.string()), ("curve", pa.string()), ("point", pa.int64()), ("params", pa.string()),
     ("decode", pa.string()), ("bytes", pa.int64()), ("bpp", pa.float64()), ("psnr", pa.float64()),
-    ("ms_ssim", pa.float64()), ("detections", pa.string())])
+    ("ms_ssim", pa.float64()), ("detections", pa.string()), ("info", pa.string())])
 EVAL_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("gt", pa.string())])
 
 
 class LearnedPoint:
-    """One trained codec = one rate point."""
+    """One trained codec = one rate point. A conditional codec (UG-ICM's β, dynamic adaptation's
+    g_t) has a human and a machine decode of its one bitstream. ``refine: {steps, lr, lmbda,
+    detector}`` refines each image's latent at encode time against that detector's training loss
+    (this project's addition; ``icm.codecs.dynamic.refine_latent``) — the bitstream stays a standard
+    one, decoded by the unchanged decoder; its cost per image and objective go into ``info``."""
 
-    def __init__(self, spec: dict, device):
+    def __init__(self, spec: dict, device, dataset_classes: list[str] | None = None, canvas: int = 512):
         from icm.zoo import build_codec
 
-        kwargs = {k: v for k, v in spec.items() if k not in ("label", "curve", "name")}
+        kwargs = {k: v for k, v in spec.items() if k not in ("label", "curve", "name", "refine")}
         self.model = build_codec(spec["name"], **kwargs).eval().to(device)
         self.model.update(force=True)
         self.device = device
-        self.conditional = isinstance(self.model, UGICM)
+        self.decode_modes = ({"human": {"beta": 0.0}, "machine": {"beta": 1.0}} if isinstance(self.model, UGICM)
+                             else {"human": {"machine": False}, "machine": {"machine": True}}
+                             if isinstance(self.model, DynamicCodec) else {"single": {}})
         self.params = {k: v for k, v in spec.items() if k not in ("label", "curve")}
+        self.refine = spec.get("refine")
+        if self.refine:
+            from icm.losses.task import DetectorTrainingLoss
+
+            det_spec = self.refine["detector"]
+            classes = list(dataset_classes or [])
+            self.refine_loss = DetectorTrainingLoss(build_from_spec(det_spec, classes, canvas).to(device), classes,
+                                                    det_spec.get("class_map"))
+
+    def _refined(self, x: torch.Tensor, record: dict) -> tuple[CodedImage, dict]:
+        from icm.codecs.dynamic import compress_latent, refine_latent
+        from icm.metrics.bitstream import pad_to_multiple
+
+        start = time.time()
+        padded, pad = pad_to_multiple(x)
+        boxes = torch.as_tensor(np.asarray(record["boxes"], np.float32)).reshape(-1, 4).to(self.device)
+        boxes = boxes + torch.tensor([pad[0], pad[2], pad[0], pad[2]], device=self.device)
+        labels = torch.as_tensor(np.asarray(record["class_ids"], np.int64)).reshape(-1)
+
+        def objective(x_hat):   # the padded decode, with the boxes moved by the padding
+            return self.refine_loss(x_hat, [boxes], [labels])
+        with torch.enable_grad():
+            y, history = refine_latent(self.model, padded, objective, steps=int(self.refine.get("steps", 10)),
+                                       lr=float(self.refine.get("lr", 0.5)), lmbda=float(self.refine.get("lmbda", 1.0)))
+        out = compress_latent(self.model, padded, y)
+        h, w = x.shape[-2:]
+        num_bytes = sum(len(b) for group in out["strings"] for b in group)
+        coded = CodedImage(out["strings"], tuple(out["shape"]), num_bytes, 8.0 * num_bytes / (h * w), x, pad)
+        return coded, {"refine": {"seconds": round(time.time() - start, 3), "objective_before": history[0],
+                                  "objective_after": min(history), "steps": len(history) - 1}}
 
     @torch.no_grad()
-    def decodes(self, image: np.ndarray) -> tuple[int, dict[str, np.ndarray]]:
+    def decodes(self, image: np.ndarray, record: dict | None = None) -> tuple[int, dict[str, np.ndarray], dict]:
         x = to_tensor(image)[None].to(self.device)
-        if not self.conditional:
-            coded = code_image(self.model, x)
-            return coded.num_bytes, {"single": to_uint8(coded.x_hat[0].cpu().numpy())}
-        coded = code_image(self.model, x, decode_kwargs={"beta": 0.0})
-        machine = decode_again(self.model, coded, {"beta": 1.0})
-        return coded.num_bytes, {"human": to_uint8(coded.x_hat[0].cpu().numpy()), "machine": to_uint8(machine[0].cpu().numpy())}
+        if self.refine:
+            coded, info = self._refined(x, record)
+        else:
+            coded, info = code_image(self.model, x, decode_kwargs=next(iter(self.decode_modes.values()))), {}
+        return coded.num_bytes, {mode: to_uint8(decode_again(self.model, coded, kwargs)[0].cpu().numpy())
+                                 for mode, kwargs in self.decode_modes.items()}, info
 
 
 class LadderPoint:
@@ -70,19 +107,20 @@ class LadderPoint:
         self.ladder, self.level = ladder, level
         self.params = {"type": ladder.kind, **ladder.levels[level]}
 
-    def decodes(self, image):
+    def decodes(self, image, record=None):
         coded = self.ladder.code(image, self.level)
-        return coded.num_bytes, {"single": coded.decoded}
+        return coded.num_bytes, {"single": coded.decoded}, {}
 
 
 class OriginalPoint:
     params = {"type": "original"}
 
-    def decodes(self, image):
-        return image.nbytes, {"single": image}
+    def decodes(self, image, record=None):
+        return image.nbytes, {"single": image}, {}
 
 
-def rate_points(codecs: list[dict], device) -> list[tuple[str, int, Any]]:
+def rate_points(codecs: list[dict], device, dataset_classes: list[str] | None = None,
+                canvas: int = 512) -> list[tuple[str, int, Any]]:
     """(curve, point index, coder) for every rate point of every codec entry."""
     points, per_curve = [("original", 0, OriginalPoint())], defaultdict(int)
     for spec in codecs:
@@ -93,7 +131,7 @@ def rate_points(codecs: list[dict], device) -> list[tuple[str, int, Any]]:
                 points.append((curve, per_curve[curve], LadderPoint(ladder, level)))
                 per_curve[curve] += 1
         else:
-            points.append((curve, per_curve[curve], LearnedPoint(spec, device)))
+            points.append((curve, per_curve[curve], LearnedPoint(spec, device, dataset_classes, canvas)))
             per_curve[curve] += 1
     return points
 
@@ -108,7 +146,7 @@ class EvalStage(UnitStage):
         self.runtime = describe(self.device, deterministic)
         self.canvas = int(params.get("canvas", 512))
         self.score_threshold = float(params.get("score_threshold", 0.01))
-        self.points = rate_points(params["codecs"], self.device)
+        self.points = rate_points(params["codecs"], self.device, dataset_classes, self.canvas)
         self.detectors = [(detector_label(s), build_from_spec(s, dataset_classes, self.canvas).to(self.device))
                           for s in params.get("detectors", [])]
         models = [{**getattr(c.model, "icm_provenance", {}), "label": curve}
@@ -124,14 +162,14 @@ class EvalStage(UnitStage):
         x = to_tensor(image)[None]
         rows, decoded = [], []
         for curve, point, coder in self.points:
-            num_bytes, decodes = coder.decodes(image)
+            num_bytes, decodes, info = coder.decodes(image, record)
             for mode, dec in decodes.items():
                 y = to_tensor(dec)[None]
                 decoded.append(dec)
                 rows.append({"source_id": record["source_id"], "curve": curve, "point": point,
                              "params": json.dumps(coder.params, sort_keys=True), "decode": mode,
                              "bytes": int(num_bytes), "bpp": 8.0 * num_bytes / (image.shape[0] * image.shape[1]),
-                             "psnr": psnr(y, x), "ms_ssim": ms_ssim(y, x)})
+                             "psnr": psnr(y, x), "ms_ssim": ms_ssim(y, x), "info": json.dumps(info)})
         # every decode of the image through each detector in batches
         per_detector = {label: detect_images(det, decoded, self.canvas, self.score_threshold, device=self.device)
                         for label, det in self.detectors}
@@ -207,6 +245,9 @@ def rd_points(manifest_rows: list[dict], point_rows: list[dict], detectors: list
                  "images": len(rows), "bpp": float(np.mean([r["bpp"] for r in rows])),
                  "psnr": _finite(np.mean([r["psnr"] for r in rows])),
                  "ms_ssim": float(np.mean([r["ms_ssim"] for r in rows])), "map": {}, "map50": {}}
+        refined = [json.loads(r.get("info") or "{}").get("refine") for r in rows]
+        if any(refined):
+            entry["refine_seconds_per_image"] = float(np.mean([r["seconds"] for r in refined if r]))
         for spec in detectors:
             label = detector_label(spec)
             classes = class_list(spec.get("classes")) or dataset_classes
@@ -244,7 +285,7 @@ def rd_figure(points: list[dict], detectors: list[str]) -> bytes:
     curves = sorted({(p["curve"], p["decode"]) for p in points if p["curve"] != "original"})
     for curve, decode in curves:
         pts = sorted((p for p in points if p["curve"] == curve and p["decode"] == decode), key=lambda p: p["bpp"])
-        name = curve if decode == "single" else f"{curve} (β={'0' if decode == 'human' else '1'})"
+        name = curve if decode == "single" else f"{curve} ({decode})"
         style = "--" if decode == "machine" else "-"
         if decode != "machine" and all(p["psnr"] is not None for p in pts):
             axes[0, 0].plot([p["bpp"] for p in pts], [p["psnr"] for p in pts], style, marker="o", label=name)

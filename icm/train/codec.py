@@ -15,21 +15,29 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+import torch.nn.functional as F
+from torch import nn
+
+from icm.codecs.adapt_icmh import AdaptICMH
+from icm.codecs.dynamic import DynamicCodec
 from icm.codecs.ugicm import UGICM
 from icm.data.records import decode_rgb, load_record
 from icm.data.writers import decode_png
 from compressai.losses import RateDistortionLoss
 
-from icm.losses import ClipDistance, UGICMLoss
+from icm.losses import ClipDistance, UGICMLoss, bpp_of
+from icm.losses.task import PRESETS, DetectorTrainingLoss, FeaturePerceptualLoss, ResNetFeatures
+from icm.maa.stage import build_from_spec
 from icm.train.session import Session
-from icm.zoo import build_clip, build_codec
+from icm.zoo import build_classifier, build_clip, build_codec
 
 
 def crop_pair(image: np.ndarray, target: np.ndarray, boxes: np.ndarray, size: int,
-              rng: np.random.Generator) -> dict[str, np.ndarray]:
+              rng: np.random.Generator, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """One random ``size`` crop and horizontal flip, the same for the image, its machine target
-    and its boxes (TRAPS.md: a crop applied to an image must be applied to its MAA target).
-    Images smaller than the crop are padded by edge replication."""
+    and its boxes (TRAPS.md: a crop applied to an image must be applied to its MAA target), with
+    the class ids of the boxes that stay in the crop. Images smaller than the crop are padded by
+    edge replication."""
     if image.shape != target.shape:
         raise ValueError(f"image {image.shape} and machine target {target.shape} differ in size")
     h, w = image.shape[:2]
@@ -42,12 +50,14 @@ def crop_pair(image: np.ndarray, target: np.ndarray, boxes: np.ndarray, size: in
     t = target[top:top + size, left:left + size]
     b = np.asarray(boxes, np.float32).reshape(-1, 4) - np.array([left, top, left, top], np.float32)
     b = b.clip(0, size)
-    b = b[(b[:, 2] - b[:, 0] >= 2) & (b[:, 3] - b[:, 1] >= 2)]
+    inside = (b[:, 2] - b[:, 0] >= 2) & (b[:, 3] - b[:, 1] >= 2)
+    b = b[inside]
+    kept = (np.zeros(len(inside), np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1))[inside]
     if rng.random() < 0.5:
         x, t = x[:, ::-1], t[:, ::-1]
         b = np.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1) if len(b) else b
     return {"x": np.ascontiguousarray(x), "target": np.ascontiguousarray(t),
-            "boxes": b.reshape(-1).astype(np.float32)}
+            "boxes": b.reshape(-1).astype(np.float32), "labels": kept}
 
 
 # The Ray Data step of the training input (it lives here, not in the driver, because Ray workers
@@ -79,14 +89,15 @@ def decode_and_crop(batch: dict[str, np.ndarray], size: int, targets: dict[str, 
         if target.shape != record["image"].shape:
             raise ValueError(f"MAA target {path} is {target.shape}, its source {record['source_id']} "
                              f"{record['image'].shape}: the MAA job ran on other images")
-        crops.append(crop_pair(record["image"], target, record["boxes"], size, rng))
+        crops.append(crop_pair(record["image"], target, record["boxes"], size, rng, record["class_ids"]))
     if not crops:
         return {"x": np.zeros((0, size, size, 3), np.uint8), "target": np.zeros((0, size, size, 3), np.uint8),
-                "boxes": np.zeros((0,), object)}
-    boxes = np.empty(len(crops), object)
-    boxes[:] = [c["boxes"] for c in crops]
-    return {"x": np.stack([c["x"] for c in crops]), "target": np.stack([c["target"] for c in crops]),
-            "boxes": boxes}
+                "boxes": np.zeros((0,), object), "labels": np.zeros((0,), object)}
+    out = {"x": np.stack([c["x"] for c in crops]), "target": np.stack([c["target"] for c in crops])}
+    for key in ("boxes", "labels"):   # ragged: one array per crop
+        out[key] = np.empty(len(crops), object)
+        out[key][:] = [c[key] for c in crops]
+    return out
 
 
 def upload_tensorboard(local_dir: str, uri: str) -> None:
@@ -105,11 +116,13 @@ def batches(rows: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
             batch = []
 
 
-def to_tensors(batch: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def to_tensors(batch: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     def stack(key):
         return torch.from_numpy(np.stack([np.asarray(r[key]) for r in batch])).permute(0, 3, 1, 2).float().div(255)
     boxes = [torch.as_tensor(np.asarray(r["boxes"], np.float32)).reshape(-1, 4).to(device) for r in batch]
-    return stack("x").to(device), stack("target").to(device), boxes
+    labels = [torch.as_tensor(np.asarray(r.get("labels", np.zeros(len(b), np.int64)), np.int64)).reshape(-1)
+              for r, b in zip(batch, boxes)]
+    return stack("x").to(device), stack("target").to(device), boxes, labels
 
 
 def split_parameters(model: torch.nn.Module) -> tuple[list, list]:
@@ -172,29 +185,153 @@ class LearningRateSchedule:
         self.losses = [float(v) for v in state.get("losses", torch.zeros(0))]
 
 
+class Objective:
+    """What one training method optimises: which codec it takes, which of its parameters train,
+    and the loss terms of a batch (``loss`` first; ``mse`` is the human-side MSE for PSNR)."""
+
+    codec_type: type = nn.Module
+
+    def __init__(self, loss_cfg: dict, config: dict, model: nn.Module, device):
+        self.cfg = loss_cfg
+
+    def set_trainable(self, model: nn.Module) -> None:
+        pass
+
+    def terms(self, net, x, target, boxes, labels, step) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class RDObjective(Objective):
+    """Any CompressAI codec: CompressAI's own ``λ·255²·MSE + bpp``."""
+
+    def __init__(self, loss_cfg, config, model, device):
+        super().__init__(loss_cfg, config, model, device)
+        self.criterion = RateDistortionLoss(lmbda=float(loss_cfg.get("lmbda", 0.0130)))
+
+    def terms(self, net, x, target, boxes, labels, step):
+        out = self.criterion(net(x), x)
+        return {**out, "mse": out["mse_loss"]}
+
+
+class UGICMObjective(Objective):
+    """UG-ICM stages 1–3 (``icm.losses.ugicm``); stages 2–3 train only the decoder side."""
+
+    codec_type = UGICM
+
+    def __init__(self, loss_cfg, config, model, device):
+        super().__init__(loss_cfg, config, model, device)
+        self.stage = int(loss_cfg.get("stage", 1))
+        clip = None
+        if float(loss_cfg.get("lmbda_clip", 0)) > 0:
+            clip_cfg = loss_cfg.get("clip") or {}
+            clip = ClipDistance(build_clip(clip_cfg.get("name", "ViT-B-32"), clip_cfg.get("weights", "random"))).to(device)
+        self.criterion = UGICMLoss(float(loss_cfg.get("lmbda", 0.0022)), float(loss_cfg.get("lmbda_machine", 0.0011)),
+                                   float(loss_cfg.get("lmbda_clip", 0)), clip, instance=self.stage >= 3)
+
+    def set_trainable(self, model):
+        if self.stage >= 2:  # stage 2/3: only the synthesis transform, its blocks and the condition MLP train
+            model.requires_grad_(False)
+            for p in model.decoder_parameters():
+                p.requires_grad_(True)
+
+    def terms(self, net, x, target, boxes, labels, step):
+        if self.stage >= 3:  # every sample decoded both ways from its one latent
+            beta = torch.cat([torch.zeros(len(x)), torch.ones(len(x))]).to(x.device)
+            out = self.criterion(net(x, UGICM.BOTH), x, target, beta, boxes)
+        else:
+            beta = (torch.rand(len(x)) < 0.5).float().to(x.device)
+            out = self.criterion(net(x, beta), x, target, beta, boxes)
+        return {**out, "mse": out["mse_human"]}
+
+
+class AdaptICMHObjective(Objective):
+    """Adapt-ICMH: ``task_λ·perceptual(x̂, x) + bpp``; only the adapters train. ``loss``: ``task``
+    (classification | detection), ``task_lmbda`` or ``preset`` (0–3: the authors' values),
+    ``model`` (a zoo spec: a torchvision ResNet for classification, a detector for detection)."""
+
+    codec_type = AdaptICMH
+
+    def __init__(self, loss_cfg, config, model, device):
+        super().__init__(loss_cfg, config, model, device)
+        task = loss_cfg.get("task", "detection")
+        lmbda = loss_cfg.get("task_lmbda")
+        self.task_lmbda = float(lmbda if lmbda is not None else PRESETS[task][int(loss_cfg.get("preset", 1))])
+        spec = dict(loss_cfg.get("model") or {})
+        if task == "classification":
+            net = ResNetFeatures(build_classifier(spec.get("name", "resnet50"), spec.get("weights", "random")))
+        else:
+            net = build_from_spec(spec, list(config.get("dataset_classes") or []), int(config.get("canvas", 512)))
+        self.perceptual = FeaturePerceptualLoss(task, net).to(device)
+
+    def set_trainable(self, model):
+        model.freeze_base()
+
+    def terms(self, net, x, target, boxes, labels, step):
+        out = net(x)
+        n, _, h, w = x.shape
+        bpp = bpp_of(out["likelihoods"], n * h * w)
+        perceptual = self.perceptual(out["x_hat"], x)
+        return {"loss": self.task_lmbda * perceptual + bpp, "bpp_loss": bpp, "perceptual": perceptual,
+                "mse": F.mse_loss(out["x_hat"], x).detach()}
+
+
+class DynamicObjective(Objective):
+    """Dynamic adaptation: the detector's training losses on x̄ = g_t(x̂). ``dynamic``: the codec
+    frozen, only g_t trains (``λ_m·L_det(x̄)``; bpp is reported, constant); ``dynamic_joint``:
+    ``R + λ_h·255²·MSE(x, x̂) + λ_m·L_det(x̄)``, codec and g_t together."""
+
+    codec_type = DynamicCodec
+
+    def __init__(self, loss_cfg, config, model, device):
+        super().__init__(loss_cfg, config, model, device)
+        self.joint = loss_cfg["type"] == "dynamic_joint"
+        self.lmbda_h, self.lmbda_m = float(loss_cfg.get("lmbda", 0.0130)), float(loss_cfg.get("lmbda_machine", 1.0))
+        spec = dict(loss_cfg.get("detector") or {})
+        classes = list(config.get("dataset_classes") or [])
+        detector = build_from_spec(spec, classes, int(config.get("canvas", 512)))
+        self.detector_loss = DetectorTrainingLoss(detector, classes, spec.get("class_map")).to(device)
+
+    def set_trainable(self, model):
+        model.codec.requires_grad_(self.joint)
+
+    def terms(self, net, x, target, boxes, labels, step):
+        out = net(x)
+        n, _, h, w = x.shape
+        bpp = bpp_of(out["likelihoods"], n * h * w)
+        mse = F.mse_loss(out["x_hat"], x)
+        detection = self.detector_loss(out["x_bar"], boxes, labels, seed=step)
+        loss = self.lmbda_m * detection + (bpp + self.lmbda_h * 255 ** 2 * mse if self.joint else 0)
+        return {"loss": loss, "bpp_loss": bpp.detach(), "detection": detection, "mse": mse.detach()}
+
+
+OBJECTIVES = {"rd": RDObjective, "ugicm": UGICMObjective, "adapt_icmh": AdaptICMHObjective,
+              "dynamic": DynamicObjective, "dynamic_joint": DynamicObjective}
+
+
 def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Module:
     """config: codec (zoo spec: name, quality, weights, channels, ...), steps, batch_size, lr,
     aux_lr, clip_max_norm (gradient clipping of the main parameters, default 1.0 as CompressAI's
     example and the UG-ICM authors; 0 turns it off), lr_schedule (``LearningRateSchedule``), loss
-    (``rd``: lmbda | ``ugicm``: stage, lmbda, lmbda_machine, lmbda_clip, clip {name, weights}),
-    checkpoint_every, log_every, seed, threads, tensorboard_dir. Returns the trained (unwrapped)
-    model. A resumed run continues at the saved step, epoch and batch with the saved optimiser and
-    schedule, so with a deterministic record order it equals an uninterrupted run."""
+    (``type``: one of ``OBJECTIVES``, with that method's settings), dataset_classes and canvas
+    (for detector losses), checkpoint_every, log_every, seed, threads, tensorboard_dir. Returns
+    the trained (unwrapped) model. A resumed run continues at the saved step, epoch and batch with
+    the saved optimiser and schedule, so with a deterministic record order it equals an
+    uninterrupted run."""
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     model = build_training_codec(config).to(session.device)
     loss_cfg = config.get("loss", {"type": "rd"})
-    conditional = isinstance(model, UGICM)
-    if conditional != (loss_cfg["type"] == "ugicm"):
-        raise ValueError(f"loss {loss_cfg['type']!r} does not fit codec {config['codec']['name']!r}: "
-                         "ugicm:<arch> codecs train with the ugicm loss, plain codecs with rd")
-    stage = int(loss_cfg.get("stage", 1))
-    if stage >= 2:  # stage 2/3: only the synthesis transform, its blocks and the condition MLP train
-        model.requires_grad_(False)
-        for p in model.decoder_parameters():
-            p.requires_grad_(True)
+    if loss_cfg["type"] not in OBJECTIVES:
+        raise ValueError(f"loss type {loss_cfg['type']!r} is not one of {sorted(OBJECTIVES)}")
+    objective = OBJECTIVES[loss_cfg["type"]](loss_cfg, config, model, session.device)
+    wrappers = (UGICM, AdaptICMH, DynamicCodec)
+    if (objective.codec_type is nn.Module and isinstance(model, wrappers)) or not isinstance(model, objective.codec_type):
+        raise ValueError(f"loss {loss_cfg['type']!r} does not fit codec {config['codec']['name']!r}: ugicm:<arch> "
+                         "trains with ugicm, adapt_icmh:<arch> with adapt_icmh, dynamic:<arch> with dynamic or "
+                         "dynamic_joint, plain codecs with rd")
+    objective.set_trainable(model)
     main_params, aux_params = split_parameters(model)
     opt = torch.optim.Adam(main_params, lr=float(config.get("lr", 1e-4)))
     aux_opt = torch.optim.Adam(aux_params, lr=float(config.get("aux_lr", 1e-3))) if aux_params else None
@@ -210,16 +347,6 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
         schedule.load_state_dict(state.get("lr_schedule", {}))
         step, epoch, skip = int(state["step"]), int(state["epoch"]), int(state["batch"])
     net = session.prepare(model)
-    if conditional:
-        clip = None
-        if float(loss_cfg.get("lmbda_clip", 0)) > 0:
-            clip_cfg = loss_cfg.get("clip") or {}
-            clip = ClipDistance(build_clip(clip_cfg.get("name", "ViT-B-32"), clip_cfg.get("weights", "random"))
-                                ).to(session.device)
-        criterion = UGICMLoss(float(loss_cfg.get("lmbda", 0.0022)), float(loss_cfg.get("lmbda_machine", 0.0011)),
-                              float(loss_cfg.get("lmbda_clip", 0)), clip, instance=stage >= 3)
-    else:
-        criterion = RateDistortionLoss(lmbda=float(loss_cfg.get("lmbda", 0.0130)))  # CompressAI's: λ·255²·MSE + bpp
     writer = None
     if session.rank == 0 and config.get("tensorboard_dir"):
         from torch.utils.tensorboard import SummaryWriter
@@ -234,18 +361,11 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
             seen = True
             if index < skip:  # resuming inside an epoch: these batches were trained on already
                 continue
-            x, target, boxes = to_tensors(batch, session.device)
+            x, target, boxes, labels = to_tensors(batch, session.device)
             # The quantisation noise and β come from the global RNG, seeded per step and rank so a
             # resumed run draws what the uninterrupted one would have.
             torch.manual_seed(seed * 1_000_003 + step * 101 + session.rank)
-            if conditional and stage >= 3:  # every sample decoded both ways from its one latent
-                beta = torch.cat([torch.zeros(len(batch)), torch.ones(len(batch))]).to(session.device)
-                terms = criterion(net(x, UGICM.BOTH), x, target, beta, boxes)
-            elif conditional:
-                beta = (torch.rand(len(batch)) < 0.5).float().to(session.device)
-                terms = criterion(net(x, beta), x, target, beta, boxes)
-            else:
-                terms = criterion(net(x), x)
+            terms = objective.terms(net, x, target, boxes, labels, step)
             # One backward of the RD loss plus the aux loss (which reaches only .quantiles): with
             # separate backwards DDP replicas drifted apart (TRAPS.md); this keeps them bitwise equal.
             aux = model.aux_loss() if aux_opt is not None else x.new_zeros(())
@@ -266,11 +386,10 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
             last = step >= steps
             if step % log_every == 0 or step % every == 0 or last:
                 metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                mse_key = "mse_human" if conditional else "mse_loss"
                 metrics |= {"step": step, "epoch": epoch, "samples_per_s": len(window) * batch_size * session.world_size
                             / max(time.time() - started, 1e-9)}
-                if metrics[mse_key] > 0:
-                    metrics["psnr"] = float(10 * np.log10(1.0 / metrics[mse_key]))
+                if metrics["mse"] > 0:
+                    metrics["psnr"] = float(10 * np.log10(1.0 / metrics["mse"]))
                 save = session.rank == 0 and (step % every == 0 or last)
                 if writer is not None:
                     for k, v in metrics.items():

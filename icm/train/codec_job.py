@@ -72,8 +72,9 @@ def check_config(cfg: dict) -> None:
     build_training_codec(cfg)
 
 
-def training_images(cfg: dict) -> tuple[list[dict], dict[str, str], int]:
-    """The training references, the machine targets (source_id → MAA image) and how many match."""
+def training_images(cfg: dict) -> tuple[list[dict], dict[str, str], int, list[str]]:
+    """The training references, the machine targets (source_id → MAA image), how many match, and
+    the dataset's classes (detector losses map the boxes' labels by them)."""
     reader = build_reader(cfg["dataset"])
     refs = select_refs(reader, cfg.get("limit"))
     if not refs:
@@ -87,10 +88,10 @@ def training_images(cfg: dict) -> tuple[list[dict], dict[str, str], int]:
     if maa_dir:
         print(f"[icm] machine targets: MAA images for {matched} of {len(refs)} training images, "
               "the originals for the rest", flush=True)
-    return refs, targets, matched
+    return refs, targets, matched, list(reader.classes)
 
 
-def train_codec_job(cfg: dict, refs: list[dict], targets: dict[str, str], matched: int,
+def train_codec_job(cfg: dict, refs: list[dict], targets: dict[str, str], matched: int, classes: list[str],
                     report_to_tune: bool = False) -> dict:
     """Train (or resume: same ``name`` and ``out_dir``) and export; returns the job's summary.
     ``report_to_tune``: also forward every report to the Ray Tune trial this runs in."""
@@ -108,6 +109,7 @@ def train_codec_job(cfg: dict, refs: list[dict], targets: dict[str, str], matche
     workers = cfg.get("workers", {}) or {}
     loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
     loop_cfg["shuffle_buffer"] = {"train": int(data.get("shuffle_buffer", 64))}
+    loop_cfg |= {"dataset_classes": classes, "canvas": int(cfg.get("canvas", cfg["crop"]))}
     # TensorBoard writes local files: beside the outputs; or, when the outputs are in object storage,
     # in a local dir of rank 0's node that is copied to out_dir/tensorboard/<name> at every checkpoint
     # (the node may be an autoscaled worker that disappears)

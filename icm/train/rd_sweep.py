@@ -87,13 +87,13 @@ def rd_trial(config: dict[str, Any]) -> None:
             report_trial(_reportable(done))
             return
     check_config(cfg)
-    refs, targets, matched = training_images(cfg)
-    summary = train_codec_job(cfg, refs, targets, matched, report_to_tune=True)
+    refs, targets, matched, classes = training_images(cfg)
+    summary = train_codec_job(cfg, refs, targets, matched, classes, report_to_tune=True)
     codec = {**summary["model"]["codec"], "label": "codec", "weights": summary["model"]["weights"]}
-    eval_refs, classes = evaluation_images(sweep)
+    eval_refs, eval_classes = evaluation_images(sweep)
     detectors = [d.get("label") or d["name"] for d in sweep["evaluate"].get("detectors", [])]
     points = evaluate_locally(evaluation_params(sweep, [codec]), eval_refs,
-                              join_location(cfg["out_dir"], "evaluate"), classes)
+                              join_location(cfg["out_dir"], "evaluate"), eval_classes)
     (point,) = point_metrics(points, "codec", detectors)
     result = {"trial": trial_id(variant, rate_point), "variant": variant, "rate_point": rate_point,
               "steps": summary["steps"], "train_wall_s": summary["train_wall_s"], "model": summary["model"]["weights"],

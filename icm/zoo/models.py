@@ -82,6 +82,26 @@ def _register_codecs():
         attach_provenance(model, f"{name}@q{quality}", "ugicm", resolved)
         return model
 
+    @register("codec", "adapt_icmh:", "dynamic:")
+    def build_adapted(name: str, quality: int = 3, weights: str = "random", metric: str = "mse",
+                      channels: list[int] | None = None, base_weights: str | None = None, mid: int = 64,
+                      post_channels: int = 64, **kwargs):
+        """A CompressAI codec adapted for machines: ``adapt_icmh:<arch>`` (SFMA adapters, Adapt-ICMH)
+        or ``dynamic:<arch>`` (post-decoder g_t, dynamic adaptation). ``base_weights``: the codec
+        to adapt (e.g. ``compressai:mse`` or a trained file); ``weights``: a whole adapted
+        checkpoint (this project's export) or ``random`` (adapters / g_t at their identity init)."""
+        from icm.codecs.adapt_icmh import AdaptICMH
+        from icm.codecs.dynamic import DynamicCodec
+
+        kind, _, arch = name.partition(":")
+        resolved = resolve(weights, family=name)
+        base = build_codec(arch, quality, base_weights or f"random:{resolved.seed or 0}", metric, channels, **kwargs)
+        with seeded(resolved.seed if resolved.path is None else 0):
+            model = AdaptICMH(base, mid=mid) if kind == "adapt_icmh" else DynamicCodec(base, post_channels)
+        if resolved.path is not None:
+            model.load_state_dict(load_state_dict(resolved.path))
+        attach_provenance(model, f"{name}@q{quality}", kind, resolved)
+        return model
 
 _register_codecs()
 

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo sweep-demo test venv clean-venv
+.PHONY: demo sweep-demo adapt-demo test venv clean-venv
 
 venv: $(STAMP)
 
@@ -26,6 +26,13 @@ demo: $(STAMP)
 sweep-demo: $(STAMP)
 	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml
 	$(PY) tuning/sweep_rd.py --config tuning/configs/ugicm_rd.yaml --profile demo
+
+adapt-demo: $(STAMP)
+	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml
+	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_adapt.yaml --profile demo-base
+	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_adapt.yaml --profile demo-adapt
+	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_adapt.yaml --profile demo-dynamic
+	$(PY) pipelines/evaluate.py --config pipelines/configs/evaluate_adapt.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -60,7 +60,11 @@ def export_model(state: dict, cfg: dict, storage: Storage) -> dict:
 
 
 def check_config(cfg: dict) -> None:
-    """What fails at once, before Ray starts (an unreachable weights spec too)."""
+    """What fails at once, before Ray starts (an unreachable weights spec too). ``method:`` (rd,
+    ugicm, adapt_icmh, dynamic, dynamic_joint) names the loss type."""
+    if cfg.get("method"):
+        cfg["loss"] = {**(cfg.get("loss") or {}), "type": cfg["method"]}
+    cfg["codec"] = {k: v for k, v in cfg["codec"].items() if v is not None}
     loss = cfg.get("loss", {})
     if loss.get("type") == "ugicm" and float(loss.get("lmbda_clip", 0)) > 0 and \
             str((loss.get("clip") or {}).get("weights", "random")).startswith("random"):

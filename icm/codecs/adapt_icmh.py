@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from icm.codecs.base import CodecWrapper
+
 
 class SFMA(nn.Module):
     def __init__(self, channels: int, mid: int = 64, factor: float = 1.0):
@@ -89,17 +91,16 @@ class AdaptedTransform(nn.Module):
         return x
 
 
-class AdaptICMH(nn.Module):
+class AdaptICMH(CodecWrapper):
     """A frozen CompressAI codec with SFMA adapters in ``g_a`` and ``g_s``. ``forward``,
     ``compress`` and ``decompress`` are the codec's own; ``state_dict`` keys are the codec's plus
     ``g_a.adapters.*`` / ``g_s.adapters.*``."""
 
     def __init__(self, codec: nn.Module, mid: int = 64):
-        super().__init__()
         latent = next(m.in_channels for m in codec.g_s.modules() if hasattr(m, "in_channels"))
         codec.g_a = AdaptedTransform(codec.g_a, 3, 256, mid)
         codec.g_s = AdaptedTransform(codec.g_s, latent, 4, mid)
-        self.codec = codec
+        super().__init__(codec)
         self.freeze_base()
 
     def freeze_base(self) -> None:
@@ -113,21 +114,3 @@ class AdaptICMH(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         return self.codec(x)
-
-    def compress(self, x: torch.Tensor, **kwargs) -> dict:
-        return self.codec.compress(x, **kwargs)
-
-    def decompress(self, strings, shape, **kwargs) -> dict:
-        return self.codec.decompress(strings, shape, **kwargs)
-
-    def aux_loss(self) -> torch.Tensor:
-        return self.codec.aux_loss()
-
-    def update(self, *args, **kwargs):
-        return self.codec.update(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.codec.load_state_dict(state_dict, strict=strict)
-
-    def state_dict(self, *args, **kwargs):
-        return self.codec.state_dict(*args, **kwargs)

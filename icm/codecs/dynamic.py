@@ -22,6 +22,7 @@ import torch
 from compressai.layers import AttentionBlock
 from torch import nn
 
+from icm.codecs.base import CodecWrapper
 from icm.losses.rd import bpp_of
 
 
@@ -50,32 +51,22 @@ class PostDecoder(nn.Module):
         return x_hat + self.tail(self.body(self.head(x_hat)))
 
 
-class DynamicCodec(nn.Module):
+class DynamicCodec(CodecWrapper):
     """A CompressAI codec (``codec``) and its post-decoder ``g_t``. ``forward`` → ``{"x_hat",
     "x_bar", "likelihoods"}``; ``decompress(..., machine=True)`` returns x̄ as ``x_hat``.
     ``state_dict`` keys: the codec's own plus ``g_t.*``."""
 
     def __init__(self, codec: nn.Module, channels: int = 64):
-        super().__init__()
-        self.codec = codec
+        super().__init__(codec)
         self.g_t = PostDecoder(channels)
 
     def forward(self, x: torch.Tensor) -> dict:
         out = self.codec(x)
         return {**out, "x_bar": self.g_t(out["x_hat"])}
 
-    def compress(self, x: torch.Tensor, **kwargs) -> dict:
-        return self.codec.compress(x, **kwargs)
-
     def decompress(self, strings, shape, machine: bool = False, **kwargs) -> dict:
         out = self.codec.decompress(strings, shape, **kwargs)
         return {**out, "x_hat": self.g_t(out["x_hat"]).clamp(0, 1)} if machine else out
-
-    def aux_loss(self) -> torch.Tensor:
-        return self.codec.aux_loss()
-
-    def update(self, *args, **kwargs):
-        return self.codec.update(*args, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         codec = {k: v for k, v in state_dict.items() if not k.startswith("g_t.")}

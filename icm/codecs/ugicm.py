@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from icm.codecs.base import CodecWrapper
+
 
 def fourier_features(beta: torch.Tensor, frequencies: int = 10) -> torch.Tensor:
     """β (B,) → [β, sin(2^k β), cos(2^k β)] for k = 0..frequencies-1: (B, 1 + 2·frequencies)."""
@@ -91,7 +93,7 @@ class ConditionalSynthesis(nn.Module):
         return h
 
 
-class UGICM(nn.Module):
+class UGICM(CodecWrapper):
     """A CompressAI codec whose decoder is conditioned on β; ``compress`` is the codec's own.
 
     ``forward(x, beta)`` → CompressAI's ``{"x_hat", "likelihoods"}`` with one β per sample, or
@@ -104,9 +106,8 @@ class UGICM(nn.Module):
     BOTH = "both"
 
     def __init__(self, codec: nn.Module, cond_dim: int = 512, frequencies: int = 10):
-        super().__init__()
         codec.g_s = ConditionalSynthesis(codec.g_s, cond_dim, frequencies)
-        self.codec = codec
+        super().__init__(codec)
 
     @contextmanager
     def conditioned(self, beta):
@@ -124,25 +125,9 @@ class UGICM(nn.Module):
         with self.conditioned(beta):
             return self.codec(x)
 
-    def compress(self, x: torch.Tensor, **kwargs) -> dict:
-        return self.codec.compress(x, **kwargs)
-
     def decompress(self, strings, shape, beta=0.0, **kwargs) -> dict:
         with self.conditioned(beta):
             return self.codec.decompress(strings, shape, **kwargs)
-
-    def aux_loss(self) -> torch.Tensor:
-        return self.codec.aux_loss()
-
-    def update(self, *args, **kwargs):
-        return self.codec.update(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # the codec's own load_state_dict resizes its entropy coders' CDF buffers
-        return self.codec.load_state_dict(state_dict, strict=strict)
-
-    def state_dict(self, *args, **kwargs):
-        return self.codec.state_dict(*args, **kwargs)
 
     def decoder_parameters(self):
         """What UG-ICM's stage 2 trains: the synthesis transform, its blocks and the condition MLP."""

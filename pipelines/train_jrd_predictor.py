@@ -28,8 +28,8 @@ from common import parse_args, resolve_config, start_ray, write_resolved, write_
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.writers import figure_png
-from icm.jrd.predictor import (build_predictor, choose_level, decode_pairs, jrd_metrics, object_jrds,
-                               pairs_from_export, run_splits, unit_pairs, unit_shards)
+from icm.jrd.predictor import (build_predictor, choose_level, count_pairs, decode_pair, decode_pairs, jrd_metrics,
+                               object_jrds, pairs_from_export, run_splits, split_pairs, unit_pairs, unit_shards)
 from icm.train.jrd import predict_pairs, train_jrd_loop
 from icm.train.ray_trainer import final_state, fit
 
@@ -53,16 +53,24 @@ def pair_dataset(source: dict, split: str, canvas: int, data_cpus: float, split_
                                                   batch_format="numpy", num_cpus=data_cpus)
 
 
-def split_rows(source: dict, split: str, canvas: int, split_of: dict | None) -> list[dict]:
-    """A split's decoded pairs in this process (evaluation)."""
-    from icm.jrd.predictor import decode_pair, pairs_from_run_unit
+def predict_split(model, source: dict, split: str, canvas: int, split_of: dict | None, chunk: int = 64) -> list[dict]:
+    """Every pair of a split with its predicted label, decoded and predicted ``chunk`` pairs at a
+    time (the crops are dropped after each chunk: a COCO-sized test split fits in memory)."""
+    out, pending = [], []
 
-    if source.get("export_dir"):
-        refs = pairs_from_export(source["export_dir"], split)
-    else:
-        refs = [p for s in unit_shards(source["run_dir"])
-                for p in pairs_from_run_unit(source["run_dir"], s, source["ladder"], split, split_of)]
-    return [{**{k: v for k, v in r.items() if not k.endswith("_png")}, **decode_pair(r, canvas)} for r in refs]
+    def flush():
+        decoded = [{**r, **decode_pair(r, canvas)} for r in pending]
+        for row, prediction in zip(pending, predict_pairs(model, decoded)):
+            out.append({**{k: v for k, v in row.items() if not k.endswith("_png") and k not in ("original", "distorted")},
+                        "prediction": prediction})
+        pending.clear()
+    for ref in split_pairs(source, split, split_of):
+        pending.append(ref)
+        if len(pending) == chunk:
+            flush()
+    if pending:
+        flush()
+    return out
 
 
 def scatter(objects: list[dict], levels: int) -> bytes:
@@ -104,7 +112,10 @@ def guided_compression(run_dir: str, ladder_name: str, objects: list[dict], shar
     records = {r["source_id"]: r for r in reader.records(source_ids=set(per_image))}
     levels_table = read_table(run_dir, "levels", ladder_name, ["source_id", "object_index", "ladder", "level",
                                                                 "recognised", "bytes", "box", "CategoryId"])
-    rows = levels_table.to_pylist()
+    at_level: dict[tuple[str, int], list[dict]] = {}
+    for r in levels_table.to_pylist():
+        if r["source_id"] in per_image:
+            at_level.setdefault((r["source_id"], r["level"]), []).append(r)
     n_levels = len(ladder.levels)
 
     def measure(choice: dict[str, int]) -> tuple[int, int, int]:
@@ -114,7 +125,7 @@ def guided_compression(run_dir: str, ladder_name: str, objects: list[dict], shar
             coded = ladder.code(records[sid]["image"], level)
             total_bytes += coded.num_bytes
             det = labeller.detect([coded.decoded])[0]
-            objs = [r for r in rows if r["source_id"] == sid and r["level"] == level]
+            objs = at_level.get((sid, level), [])
             refs = [r["box"] for r in objs]
             names = [labeller.dataset_classes[r["CategoryId"]] for r in objs]
             labels = [labeller.det.classes.index((labeller.class_map or {}).get(n, n)) for n in names]
@@ -135,9 +146,8 @@ def guided_compression(run_dir: str, ladder_name: str, objects: list[dict], shar
         achieved = recognised / count if count else 0.0
         # the uniform level keeping at least the same share recognised (by the job's labels), then measured
         by_level = {}
-        for r in rows:
-            if r["source_id"] in per_image:
-                by_level.setdefault(r["level"], []).append(r["recognised"])
+        for (_, level), objs in at_level.items():
+            by_level.setdefault(level, []).extend(r["recognised"] for r in objs)
         uniform = max([lv for lv, rec in by_level.items() if np.mean(rec) >= achieved] or [0])
         uniform_bytes, u_recognised, u_count = measure({sid: uniform for sid in per_image})
         report[source] = {"adaptive_bytes": adaptive_bytes, "adaptive_recognised_share": round(achieved, 4),
@@ -163,7 +173,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     train = pair_dataset(source, "train", canvas, data_cpus, split_of)
     n_train = int(cfg.get("steps") or 0) or None
     if n_train is None:   # epochs × batches per epoch (the authors: 60 epochs of batch 64)
-        pairs = train.count()
+        pairs = count_pairs(source, "train", split_of)
         n_train = int(cfg.get("epochs", 60)) * max(1, pairs // int(cfg.get("batch_size", 64)))
     loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg} | {"steps": n_train}
     workers = cfg.get("workers") or {}
@@ -179,9 +189,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     storage.write_bytes("predictor.pth", buf.getvalue())
     model = build_predictor("random", canvas)
     model.load_state_dict(state["model"])
-    rows = split_rows(source, cfg.get("evaluate_split", "test"), canvas, split_of)
-    for row, prediction in zip(rows, predict_pairs(model, rows)):
-        row["prediction"] = prediction
+    rows = predict_split(model, source, cfg.get("evaluate_split", "test"), canvas, split_of)
     objects = object_jrds(rows)
     metrics = jrd_metrics(objects, rows)
     levels = max((o["levels"] for o in objects), default=1)

@@ -4,14 +4,13 @@ the g_t loss is the detector's own, refined bitstreams decode with the stock dec
 trains through the one loop and resumes, and the evaluation stage decodes them."""
 
 import hashlib
-import json
 
 import numpy as np
 import pytest
 import torch
 from skimage import data as skdata
 
-from icm.codecs.adapt_icmh import SFMA, AdaptICMH
+from icm.codecs.adapt_icmh import SFMA
 from icm.codecs.dynamic import compress_latent, refine_latent
 from icm.detectors import total
 from icm.losses.task import DetectorTrainingLoss, FeaturePerceptualLoss

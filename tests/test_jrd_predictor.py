@@ -93,16 +93,15 @@ def _informative_run(run_dir, images=12, levels=8, seed=0):
 
 
 def test_training_lowers_the_loss(tmp_path):
-    import train_jrd_predictor
-
+    from icm.jrd.predictor import count_pairs, decode_pair, run_splits, split_pairs
     from icm.train.jrd import train_jrd_loop
     from icm.train.session import LocalSession
 
     _informative_run(tmp_path / "run")
     src = {"run_dir": str(tmp_path / "run"), "ladder": "jpeg"}
-    from icm.jrd.predictor import run_splits
     split_of = run_splits(src["run_dir"], "jpeg", {"train": 1.0}, 0)
-    rows = train_jrd_predictor.split_rows(src, "train", 32, split_of)
+    rows = [{**r, **decode_pair(r, 32)} for r in split_pairs(src, "train", split_of)]
+    assert len(rows) == count_pairs(src, "train", split_of) == 12 * 8
     session = LocalSession({"train": rows}, tmp_path / "ckpt")
     train_jrd_loop({"canvas": 32, "backbone_weights": "random:0", "steps": 30, "batch_size": 16, "lr": 0.05,
                     "log_every": 1, "checkpoint_every": 100, "seed": 0}, session)

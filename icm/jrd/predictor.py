@@ -31,7 +31,7 @@ from torch import nn
 
 from icm.data.storage import Storage
 from icm.data.writers import decode_png
-from icm.jrd.export import SPLITS, object_name, split_images
+from icm.jrd.export import object_name, split_images
 from icm.jrd.labelling import error_tolerant_jrd, jrd
 from icm.jrd.report import AREA_BINS
 
@@ -158,6 +158,25 @@ def run_splits(run_dir: str, ladder: str, fractions: dict[str, float], seed: int
     table = Storage(run_dir).read_tables("objects", ["source_id", "ladder", "recognised_pristine"])
     ids = [r["source_id"] for t in table for r in t.to_pylist() if r["ladder"] == ladder and r["recognised_pristine"]]
     return split_images(ids, fractions, seed)
+
+
+def split_pairs(source: dict, split: str, split_of: dict[str, str] | None) -> Iterator[dict]:
+    """A split's pair references, one at a time (the export's paths, or a parquet run's pairs with
+    their PNG bytes, unit by unit): evaluation never holds a split's crops at once."""
+    if source.get("export_dir"):
+        yield from pairs_from_export(source["export_dir"], split)
+        return
+    for shard in unit_shards(source["run_dir"]):
+        yield from pairs_from_run_unit(source["run_dir"], shard, source["ladder"], split, split_of)
+
+
+def count_pairs(source: dict, split: str, split_of: dict[str, str] | None) -> int:
+    """How many pairs a split holds, from the annotations alone (no crop is decoded)."""
+    if source.get("export_dir"):
+        return len(json.loads(Storage(source["export_dir"]).read_text(f"{split}.json"))["paths"])
+    tables = Storage(source["run_dir"]).read_tables("objects", ["source_id", "ladder", "recognised_pristine", "levels"])
+    return sum(r["levels"] for t in tables for r in t.to_pylist()
+               if r["ladder"] == source["ladder"] and r["recognised_pristine"] and split_of.get(r["source_id"]) == split)
 
 
 def decode_pair(row: dict, canvas: int) -> dict[str, np.ndarray]:

@@ -192,7 +192,7 @@ class Objective:
     codec_type: type = nn.Module
 
     def __init__(self, loss_cfg: dict, config: dict, model: nn.Module, device):
-        self.cfg = loss_cfg
+        pass
 
     def set_trainable(self, model: nn.Module) -> None:
         pass

@@ -11,6 +11,7 @@ out_dir to finish an interrupted job.
 
 from __future__ import annotations
 
+import json
 import time
 
 from common import (exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
@@ -25,6 +26,7 @@ from icm.maa.stage import MAA_COLUMNS, MAAStage, check_detectors, detector_group
 
 METHOD_KEYS = ("method", "canvas", "steps", "outer", "inner_steps", "alpha", "bound", "detectors", "domains",
                "class_map", "device", "deterministic", "seed")
+AUTO_BATCH_FILE = "batch_size_auto.json"
 
 
 def produced_images(storage: Storage, manifest: list[dict], source_ids=None) -> dict[str, dict]:
@@ -63,15 +65,24 @@ def evaluate(cfg: dict, reader, storage: Storage, manifest: list[dict]) -> list[
     return rows
 
 
-def resolve_batch_size(cfg: dict, params: dict, classes: list[str]) -> int:
+def resolve_batch_size(cfg: dict, params: dict, classes: list[str], storage: Storage) -> int:
     """``batch_size`` (images per unit and per batched step); ``auto``: the largest that fits a
-    worker's GPU, found by a trial step on one worker with the job's resources."""
+    worker's GPU, found by a trial step on one worker with the job's resources. The size ``auto``
+    chose is kept in the output folder: on GPU an image's result depends on its batch neighbours
+    beyond float rounding (bench/RESULTS.md: units re-cut in halves wrote 0 of 8 PNGs identical on
+    an H100), so a resumed job — perhaps on another GPU type — must cut its units the same way."""
     value = cfg.get("batch_size", 4)
     if value != "auto":
         return int(value)
+    if storage.exists(AUTO_BATCH_FILE):
+        size = int(json.loads(storage.read_text(AUTO_BATCH_FILE))["batch_size"])
+        print(f"[icm] batch_size auto: {size} images per batch, as this job's first run chose "
+              f"({storage.display(AUTO_BATCH_FILE)})", flush=True)
+        return size
     workers = cfg.get("workers") or {}
     size = run_on_worker(largest_batch, params, classes, num_gpus=workers.get("num_gpus", 0),
                          num_cpus=workers.get("num_cpus", 1))
+    storage.write_text(AUTO_BATCH_FILE, json.dumps({"batch_size": size}))
     print(f"[icm] batch_size auto: {size} images per batch", flush=True)
     return size
 
@@ -86,7 +97,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)
     refs = select_refs(reader, cfg.get("limit"))
-    batch_size = resolve_batch_size(cfg, params, reader.classes)
+    batch_size = resolve_batch_size(cfg, params, reader.classes, storage)
     start = time.time()
     result = run_resumable(refs, batch_size, MAAStage,
                            {"out_dir": out_dir, "params": params, "dataset_classes": reader.classes},

@@ -275,3 +275,19 @@ def test_deterministic_setting_and_auto_batch_on_cpu(tmp_path):
     MAAStage(str(tmp_path / "b"), _params(), CLASSES)          # default: deterministic
     assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
     assert largest_batch(_params(), CLASSES) == 8               # memory is not the limit on a CPU
+
+
+def test_auto_batch_size_is_kept_for_a_resumed_job(tmp_path, monkeypatch):
+    """On GPU an image's result depends on its batch neighbours, so a resumed job (perhaps on
+    another GPU type, where the probe would pick another size) must cut its units the same way."""
+    import maa_augment
+
+    from icm.data.storage import Storage
+
+    probes = iter([16, 4])
+    monkeypatch.setattr(maa_augment, "run_on_worker", lambda *a, **k: next(probes))
+    storage = Storage(str(tmp_path / "out"))
+    cfg = {"batch_size": "auto"}
+    assert maa_augment.resolve_batch_size(cfg, _params(), CLASSES, storage) == 16
+    assert maa_augment.resolve_batch_size(cfg, _params(), CLASSES, storage) == 16   # not the new probe's 4
+    assert maa_augment.resolve_batch_size({"batch_size": 2}, _params(), CLASSES, storage) == 2

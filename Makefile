@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo sweep-demo adapt-demo test venv clean-venv
+.PHONY: demo sweep-demo adapt-demo experiment test venv clean-venv
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ adapt-demo: $(STAMP)
 	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_adapt.yaml --profile demo-adapt
 	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_adapt.yaml --profile demo-dynamic
 	$(PY) pipelines/evaluate.py --config pipelines/configs/evaluate_adapt.yaml
+
+experiment: $(STAMP)
+	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml --profile experiment
+	$(PY) pipelines/experiments/maa_generalisation.py --config pipelines/experiments/maa_generalisation.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

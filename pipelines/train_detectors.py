@@ -17,18 +17,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
+import torchvision
 from common import parse_args, resolve_config, start_ray, write_resolved
 
 from icm.config import canonical_json
 from icm.data.readers import build_reader
+from icm.data.samples import SHAPES_VERSION
+from icm.data.storage import Storage
 from icm.data.yolo_format import export_yolo
 from icm.detectors.evaluate import evaluate_detector
-from icm.train.detectors import train_detector_loop, train_yolo
+from icm.train.detectors import train_backbone_loop, train_detector_loop, train_yolo
 from icm.train.ray_trainer import final_state, fit
 from icm.zoo import build_detector
-from icm.zoo.weights import publish_trained, trained_dir
+from icm.zoo.weights import WeightsUnavailable, publish_trained, resolve, trained_dir
 
 
 def _dataset_spec(cfg: dict, spec: dict, split: str) -> dict:
@@ -56,12 +60,84 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> tuple[byte
         # A few hundred small images: each worker decodes its slice once (RayTrainSession);
         # large sets would go through Ray Data instead (datasets={"train": records_dataset(...)}).
         loop_cfg["data_refs"] = {"train": [r.to_dict() for r in train_reader.refs()]}
+        per_worker = len(loop_cfg["data_refs"]["train"]) // max(int(workers.get("num_workers", 1)), 1)
+        loop_cfg["total_steps"] = int(spec["epochs"]) * (per_worker // int(spec.get("batch_size", 8)))
         result = fit(train_detector_loop, loop_cfg, name=label, storage_path=out_dir / "ray-train",
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                      cpus_per_worker=workers.get("cpus_per_worker", 1))
         buf = io.BytesIO()
         torch.save(final_state(result)["model"], buf)
         return buf.getvalue(), ".pth"
+
+
+def cache_key(cfg: dict, spec: dict) -> str:
+    """What a cached detector was trained from: its entry, its training data (and the sample
+    generator's version for the built-in sets). Another key → retrain, never reuse silently."""
+    data = _dataset_spec(cfg, spec, "train")
+    version = {"shapes": SHAPES_VERSION}.get(data.get("type"))
+    trained_from = {k: v for k, v in spec.items() if k != "min_map50"}   # a new target needs no retraining
+    starts = {}     # weights it starts from (another cached detector, a pretrained backbone): part of the recipe
+    for ref in (spec.get("init"), (spec.get("model_kwargs") or {}).get("backbone_weights")):
+        if ref:
+            try:
+                starts[ref] = resolve(ref).sha256
+            except WeightsUnavailable:
+                starts[ref] = "missing"
+    return hashlib.sha256(canonical_json({"spec": trained_from, "dataset": data, "data_version": version,
+                                          "canvas": cfg["canvas"], "starts": starts}).encode()).hexdigest()
+
+
+def train_backbone(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> dict:
+    """Pretrain a ResNet trunk on object crops of the domain's train split (``backbones:``);
+    cached as ``trained:<label>`` like a detector; its val crop accuracy is its figure."""
+    from icm.train.detectors import object_crops
+
+    label = spec["label"]
+    info_path = trained_dir() / f"{label}.json"
+    key = cache_key(cfg, spec)
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    if info and info.get("cache_key") == key and not cfg.get("force"):
+        print(f"[icm] {label}: cached ({info['weights']})", flush=True)
+        return info
+    print(f"[icm] pretraining backbone {label} ({spec['name']} on object crops)", flush=True)
+    reader = build_reader(_dataset_spec(cfg, spec, "train"))
+    loop_cfg = {**{k: v for k, v in spec.items() if k not in ("label", "domain")}, "classes": reader.classes,
+                "seed": spec.get("seed", cfg.get("seed", 0)), "threads": workers.get("threads"),
+                "data_refs": {"train": [r.to_dict() for r in reader.refs()]}}
+    start = time.time()
+    result = fit(train_backbone_loop, loop_cfg, name=label, storage_path=out_dir / "ray-train",
+                 num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
+                 cpus_per_worker=workers.get("cpus_per_worker", 1))
+    elapsed = time.time() - start
+    state = final_state(result)["model"]
+    net = torchvision.models.get_model(spec["name"], weights=None, num_classes=len(reader.classes) + 1)
+    net.load_state_dict(state)
+    net.eval()
+    rng = np.random.default_rng(0)
+    crops = [c for rec in build_reader(_dataset_spec(cfg, spec, "val")).records() if rec["status"] == "ok"
+             for c in object_crops({**rec, "num_classes": len(reader.classes)}, rng, int(spec.get("crop", 64)), 1)]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        right = sum(int((net((torch.stack([c for c, _ in crops[i:i + 64]]) - mean) / std).argmax(1)
+                         == torch.tensor([y for _, y in crops[i:i + 64]])).sum()) for i in range(0, len(crops), 64))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    info = {"label": label, "spec": spec, "dataset": _dataset_spec(cfg, spec, "train"), "cache_key": key,
+            "weights": str(trained_dir() / f"{label}.pth"), "sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+            "train_time_s": round(elapsed, 1), "val": {"crop_accuracy": right / max(len(crops), 1)},
+            "config": json.loads(canonical_json(cfg))}
+    publish_trained(label, buf.getvalue(), ".pth", info)
+    print(f"[icm] {label}: val crop accuracy {info['val']['crop_accuracy']:.3f} ({len(crops)} crops, "
+          f"{elapsed:.0f} s)", flush=True)
+    return info
+
+
+def evaluate_on(cfg: dict, spec: dict, weights: str, domain: str) -> dict:
+    val = build_reader({**cfg["dataset"], "domain": domain, "split": "val"})
+    canvas = int(spec.get("canvas", cfg["canvas"]))
+    det = build_detector(spec["name"], val.classes, weights=weights, image_size=canvas,
+                         **(spec.get("model_kwargs") or {})).freeze()
+    return evaluate_detector(det, list(val.records()), canvas)
 
 
 def main() -> None:
@@ -71,35 +147,61 @@ def main() -> None:
     write_resolved(cfg, out_dir)
     start_ray(cfg, args.address)
     workers = cfg.get("workers", {})
+    started = time.time()
+    backbones = [train_backbone(cfg, spec, out_dir, workers) for spec in cfg.get("backbones") or []]
     table = []
     for spec in cfg["detectors"]:
         label = spec["label"]
         info_path = trained_dir() / f"{label}.json"
-        if info_path.is_file() and not cfg.get("force"):
-            info = json.loads(info_path.read_text())
+        key = cache_key(cfg, spec)
+        info = json.loads(info_path.read_text()) if info_path.is_file() else None
+        if info and info.get("cache_key") == key and not cfg.get("force"):
             print(f"[icm] {label}: cached ({info['weights']})", flush=True)
         else:
+            if info:
+                print(f"[icm] {label}: the cached weights were trained from another config or data version; "
+                      "retraining", flush=True)
             print(f"[icm] training {label} ({spec['name']}, {spec.get('trainer', 'ray')})", flush=True)
             start = time.time()
-            data, suffix = train_one(cfg, spec, out_dir, workers)
+            data, suffix = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)} if spec.get("init")
+                                     else spec, out_dir, workers)
             elapsed = time.time() - start
             with tempfile.TemporaryDirectory() as tmp:
                 candidate = Path(tmp) / f"{label}{suffix}"
                 candidate.write_bytes(data)
-                val = build_reader(_dataset_spec(cfg, spec, "val"))
-                det = build_detector(spec["name"], val.classes, weights=str(candidate),
-                                     image_size=int(spec.get("canvas", cfg["canvas"])),
-                                     **(spec.get("model_kwargs") or {})).freeze()
-            metrics = evaluate_detector(det, list(val.records()), int(spec.get("canvas", cfg["canvas"])))
-            info = {"label": label, "spec": spec, "dataset": _dataset_spec(cfg, spec, "train"),
+                metrics = evaluate_on(cfg, spec, str(candidate), spec["domain"])
+            info = {"label": label, "spec": spec, "dataset": _dataset_spec(cfg, spec, "train"), "cache_key": key,
                     "weights": str(trained_dir() / f"{label}{suffix}"), "sha256": hashlib.sha256(data).hexdigest(),
                     "train_time_s": round(elapsed, 1), "val": metrics, "config": json.loads(canonical_json(cfg))}
             publish_trained(label, data, suffix, info)
-        table.append((label, spec["name"], spec["domain"], info["train_time_s"], info["val"]["map50"]))
-    print(f"\n{'detector':<22}{'model':<40}{'domain':<8}{'train s':>9}{'val mAP@.5':>12}")
-    for label, name, domain, secs, map50 in table:
-        print(f"{label:<22}{name:<40}{domain:<8}{secs:>9.1f}{map50:>12.3f}")
-    print(f"weights cached under {trained_dir()}")
+        table.append({"label": label, "model": spec["name"], "domain": spec["domain"], "train_s": info["train_time_s"],
+                      "map50": info["val"]["map50"], "target": spec.get("min_map50"), "weights": info["weights"]})
+    domains = sorted({spec["domain"] for spec in cfg["detectors"]})
+    cross = {}
+    if cfg.get("cross_domain") and len(domains) > 1:   # each detector on every domain's val split
+        for row, spec in zip(table, cfg["detectors"]):
+            cross[row["label"]] = {d: (row["map50"] if d == spec["domain"] else
+                                       evaluate_on(cfg, spec, row["weights"], d)["map50"]) for d in domains}
+    for info in backbones:
+        print(f"backbone {info['label']}: val crop accuracy {info['val']['crop_accuracy']:.3f}, "
+              f"{info['train_time_s']:.0f} s")
+    print(f"\n{'detector':<20}{'model':<34}{'domain':<8}{'train s':>9}{'val mAP@.5':>12}{'target':>8}"
+          + "".join(f"{'on ' + d:>11}" for d in (domains if cross else [])))
+    for row in table:
+        status = "" if row["target"] is None else ("  ok" if row["map50"] >= row["target"] else "  BELOW TARGET")
+        print(f"{row['label']:<20}{row['model']:<34}{row['domain']:<8}{row['train_s']:>9.1f}{row['map50']:>12.3f}"
+              f"{'' if row['target'] is None else format(row['target'], '>8.2f')}"
+              + "".join(f"{cross[row['label']][d]:>11.3f}" for d in (domains if cross else [])) + status)
+    print(f"training time of these weights: {sum(r['train_s'] for r in table) + sum(b['train_time_s'] for b in backbones):.0f} s "
+          f"(this run: {time.time() - started:.0f} s with evaluation); weights under {trained_dir()}")
+    Storage(str(out_dir)).write_text("detectors.json", json.dumps({"detectors": table, "cross_domain": cross,
+                                                                       "backbones": backbones}, indent=2))
+    below = [r for r in table if r["target"] is not None and r["map50"] < r["target"]]
+    if below:
+        raise SystemExit("detector(s) below their val mAP@.5 target: " + ", ".join(
+            f"{r['label']} {r['map50']:.3f} < {r['target']}" for r in below)
+            + f". Every job that uses them would report noise. Retrain (force=true) with more epochs in {args.config},"
+              f" or delete {trained_dir()}/<label>.json")
 
 
 if __name__ == "__main__":

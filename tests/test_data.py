@@ -180,3 +180,25 @@ def test_shapes_deterministic_two_domains(tmp_path, small_shapes):
     sizes = [(r["width"], r["height"]) for r in
              shapes_reader("sketch", "train", root=small_shapes.parent, n_train=24, n_val=12, seed=7).records()]
     assert all(128 <= w <= 256 and 128 <= h <= 256 for w, h in sizes)
+
+
+def test_shapes_objects_are_separate_and_visible(small_shapes):
+    """Version 2 of the set: no object occludes another (a label no detector can learn), and each
+    object's colour stands out from the background around it (photo domain)."""
+    for domain in DOMAINS:
+        for rec in shapes_reader(domain, "train", root=small_shapes.parent, n_train=24, n_val=12, seed=7).records():
+            boxes = np.asarray(rec["boxes"]).reshape(-1, 4)
+            assert len(boxes) >= 1
+            for i in range(len(boxes)):
+                for j in range(i + 1, len(boxes)):
+                    a, b = boxes[i], boxes[j]
+                    assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (rec["source_id"], a, b)
+            if domain == "photo":
+                img = rec["image"].astype(float)
+                for x1, y1, x2, y2 in boxes.astype(int):
+                    cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+                    inside = img[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0)
+                    ring = np.concatenate([img[max(0, y1 - 3):y1, x1:x2].reshape(-1, 3),
+                                           img[y2:y2 + 3, x1:x2].reshape(-1, 3)])
+                    if len(ring):
+                        assert np.linalg.norm(inside - ring.mean(0)) > 40, rec["source_id"]

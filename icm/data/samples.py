@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from icm.data.readers import CocoReader, FolderReader
 
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2
+N_TRAIN, N_VAL = 800, 100     # per domain; ~15 s to generate both domains
 SHAPE_CLASSES = ["circle", "square", "triangle", "cross"]
 DOMAINS = ("photo", "sketch")
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -115,11 +116,25 @@ def _polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> list[tup
     return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
 
+def _contrasting_color(rng: np.random.Generator, under: np.ndarray) -> tuple[int, int, int]:
+    """A random colour at least 120 (RGB distance) from the mean of the background under the
+    object: an object a detector cannot see is a label it cannot learn."""
+    mean = under.reshape(-1, 3).mean(axis=0)
+    for _ in range(64):
+        color = rng.integers(0, 256, size=3)
+        if np.linalg.norm(color - mean) >= 120:
+            break
+    else:   # a mid-gray background: go to the far corner of the RGB cube
+        color = np.where(mean < 128, 255, 0)
+    return tuple(int(v) for v in color)
+
+
 def _draw_object(img: Image.Image, domain: str, cls: str, cx: float, cy: float, r: float,
                  rng: np.random.Generator) -> list[float]:
     draw = ImageDraw.Draw(img)
     if domain == "photo":
-        color = tuple(int(v) for v in rng.integers(30, 256, size=3))
+        under = np.asarray(img)[int(max(0, cy - r)):int(cy + r) + 1, int(max(0, cx - r)):int(cx + r) + 1]
+        color = _contrasting_color(rng, under)
         fill, outline, width = color, tuple(max(0, v - 60) for v in color), 2
     else:
         ink = int(rng.integers(0, 70))
@@ -152,29 +167,46 @@ def _draw_object(img: Image.Image, domain: str, cls: str, cx: float, cy: float, 
             min(float(img.height), max(ys))]
 
 
+def _place(rng: np.random.Generator, w: int, h: int, placed: list[tuple[float, float, float]]):
+    """Centre and radius of a new object whose box keeps a gap from every placed one (occluded
+    objects make labels no small detector can learn), or None after a few tries. A rotated
+    square reaches √2·r from its centre: boxes are checked at that half-size."""
+    r_max = min(w, h) / 5
+    for _ in range(30):
+        r = float(rng.uniform(12, r_max))
+        half = 1.42 * r
+        cx, cy = float(rng.uniform(half + 1, w - half - 1)), float(rng.uniform(half + 1, h - half - 1))
+        if all(abs(cx - px) > half + 1.42 * pr + 3 or abs(cy - py) > half + 1.42 * pr + 3 for px, py, pr in placed):
+            return cx, cy, r
+    return None
+
+
 def _make_image(domain: str, rng: np.random.Generator, sources: dict[str, np.ndarray]):
-    w, h = int(rng.integers(128, 257)), int(rng.integers(128, 257))
+    # Sides up to 1.5× the demo canvas (128): letterboxing shrinks objects by at most 1.5×.
+    w, h = int(rng.integers(128, 193)), int(rng.integers(128, 193))
     img = _background(domain, rng, (w, h), sources)
-    objects = []
-    for _ in range(int(rng.integers(1, 5))):
+    objects, placed = [], []
+    for _ in range(int(rng.integers(2, 6))):
+        spot = _place(rng, w, h, placed)
+        if spot is None:
+            break
+        placed.append(spot)
         cls_idx = int(rng.integers(len(SHAPE_CLASSES)))
-        r = float(rng.uniform(8, min(w, h) / 4))
-        cx, cy = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
-        box = _draw_object(img, domain, SHAPE_CLASSES[cls_idx], cx, cy, r, rng)
+        box = _draw_object(img, domain, SHAPE_CLASSES[cls_idx], *spot, rng)
         objects.append((box, cls_idx))
     if domain == "photo":
         img = img.filter(ImageFilter.GaussianBlur(0.6))
     return img, objects
 
 
-def shapes(root: str | Path | None = None, n_train: int = 150, n_val: int = 50,
+def shapes(root: str | Path | None = None, n_train: int = N_TRAIN, n_val: int = N_VAL,
            seed: int = 0) -> Path:
     """Generate (once) and return the synthetic shapes set.
 
     Layout: ``<root>/shapes[-<n_train>-<n_val>-<seed>]/<domain>/{train,val}/*.png`` and
     ``<domain>/annotations/instances_{train,val}.json``.
     """
-    suffix = "" if (n_train, n_val, seed) == (150, 50, 0) else f"-{n_train}-{n_val}-{seed}"
+    suffix = "" if (n_train, n_val, seed) == (N_TRAIN, N_VAL, 0) else f"-{n_train}-{n_val}-{seed}"
     target = Path(root or data_dir()) / f"shapes{suffix}"
     stamp = {"version": SHAPES_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed,
              "classes": SHAPE_CLASSES}
@@ -210,7 +242,7 @@ def shapes(root: str | Path | None = None, n_train: int = 150, n_val: int = 50,
 
 
 def shapes_reader(domain: str = "photo", split: str = "train", root: str | Path | None = None,
-                  n_train: int = 150, n_val: int = 50, seed: int = 0) -> CocoReader:
+                  n_train: int = N_TRAIN, n_val: int = N_VAL, seed: int = 0) -> CocoReader:
     if domain not in DOMAINS:
         raise ValueError(f"shapes domain {domain!r} is not one of {DOMAINS}")
     base = shapes(root, n_train=n_train, n_val=n_val, seed=seed) / domain

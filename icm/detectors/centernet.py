@@ -178,6 +178,16 @@ def _torchvision_backbone_hub(backbone: str):
     return url
 
 
+def load_trunk(resnet: nn.Module, state: dict, where: str) -> None:
+    """A ResNet classifier's weights into ``resnet``, whatever its classifier head (ImageNet's
+    1000 classes, or a backbone pretrained here on another label set): every other key must match."""
+    trunk = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(trunk, strict=False)
+    bad = [k for k in missing if not k.startswith("fc.")] + list(unexpected)
+    if bad:
+        raise ValueError(f"backbone weights {where}: not a {type(resnet).__name__} state dict ({bad[:4]} …)")
+
+
 @register("detector", *BACKBONES)
 def build_centernet(name: str, classes: list[str], weights: str = "random",
                     backbone_weights: str | None = None, **_) -> CenterNet:
@@ -192,7 +202,7 @@ def build_centernet(name: str, classes: list[str], weights: str = "random",
     elif backbone_weights:
         bb = resolve(backbone_weights, hub=_torchvision_backbone_hub(backbone), family=backbone)
         resnet = torchvision.models.get_model(backbone, weights=None)
-        resnet.load_state_dict(load_state_dict(bb.path))
+        load_trunk(resnet, load_state_dict(bb.path), backbone_weights)
         det.backbone.load_state_dict(nn.Sequential(
             resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2,
             resnet.layer3, resnet.layer4).state_dict())

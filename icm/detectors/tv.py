@@ -9,6 +9,7 @@ size is not resized to 800 px.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 import torchvision
@@ -22,8 +23,46 @@ from icm.zoo.weights import load_state_dict, resolve, seeded
 TORCHVISION_DETECTORS = (
     "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
     "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
-    "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn",
+    "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "fcos_resnet18_fpn",
+    "fasterrcnn_resnet18_fpn",
 )
+
+
+def _resnet18_fpn(returned_layers: list[int], extra_blocks=None, backbone_weights: str | None = None):
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    from icm.detectors.centernet import load_trunk
+
+    resnet = torchvision.models.resnet18(weights=None)
+    if backbone_weights:
+        load_trunk(resnet, load_state_dict(resolve(backbone_weights, family="resnet18").path), backbone_weights)
+    return _resnet_fpn_extractor(resnet, 5, returned_layers=returned_layers, extra_blocks=extra_blocks)
+
+
+def _fcos_resnet18_fpn(weights=None, weights_backbone=None, num_classes=91, backbone_weights=None, **kwargs):
+    """FCOS exactly as torchvision's ``fcos_resnet50_fpn`` builds it (P3–P7, P6/P7 from P5), on
+    a ResNet-18: torchvision ships no such builder, and ResNet-50 is ~4× the compute, too much to
+    train from scratch on the small sets this project trains its own detectors on.
+    ``backbone_weights``: a ResNet-18 classifier's weights for the trunk."""
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    backbone = _resnet18_fpn([2, 3, 4], LastLevelP6P7(256, 256), backbone_weights)
+    return torchvision.models.detection.FCOS(backbone, num_classes, **kwargs)
+
+
+def _fasterrcnn_resnet18_fpn(weights=None, weights_backbone=None, num_classes=91, backbone_weights=None,
+                             anchor_sizes=(16, 32, 64, 128, 256), **kwargs):
+    """Faster R-CNN as torchvision's ``fasterrcnn_resnet50_fpn`` builds it (P2–P6), on a ResNet-18,
+    with anchors one octave smaller by default (16–256 px: objects on 128–256 px canvases)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    anchors = AnchorGenerator(tuple((int(a),) for a in anchor_sizes), ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+    return torchvision.models.detection.FasterRCNN(_resnet18_fpn([1, 2, 3, 4], None, backbone_weights), num_classes,
+                                                   rpn_anchor_generator=anchors, **kwargs)
+
+
+# names torchvision's ``get_model`` does not know; no hub weights
+EXTRA_BUILDERS = {"fcos_resnet18_fpn": _fcos_resnet18_fpn, "fasterrcnn_resnet18_fpn": _fasterrcnn_resnet18_fpn}
 
 
 class SeededSampler(BalancedPositiveNegativeSampler):
@@ -70,8 +109,8 @@ class TorchvisionDetector(Detector):
     def __init__(self, name: str, classes: list[str], image_size: int = 512, **model_kwargs):
         super().__init__(classes)
         self.name = name
-        self.model = torchvision.models.get_model(
-            name, weights=None, weights_backbone=None, num_classes=len(classes) + 1,
+        self.model = (EXTRA_BUILDERS.get(name) or partial(torchvision.models.get_model, name))(
+            weights=None, weights_backbone=None, num_classes=len(classes) + 1,
             min_size=image_size, max_size=image_size, **model_kwargs)
         self.samplers = []
         for owner in (getattr(self.model, "rpn", None), getattr(self.model, "roi_heads", None)):
@@ -219,7 +258,7 @@ def build_torchvision_detector(name: str, classes: list[str], weights: str = "ra
                                image_size: int = 512, **model_kwargs) -> TorchvisionDetector:
     """``model_kwargs`` go to torchvision's builder, e.g. ``box_batch_size_per_image=128`` or
     ``rpn_post_nms_top_n_train=300`` for a lighter Faster R-CNN."""
-    resolved = resolve(weights, hub=_torchvision_hub(name), family=name)
+    resolved = resolve(weights, hub=None if name in EXTRA_BUILDERS else _torchvision_hub(name), family=name)
     with seeded(resolved.seed):
         det = TorchvisionDetector(name, classes, image_size=image_size, **model_kwargs)
     if resolved.path is not None:

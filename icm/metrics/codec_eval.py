@@ -251,13 +251,13 @@ def rd_points(manifest_rows: list[dict], point_rows: list[dict], detectors: list
         for spec in detectors:
             label = detector_label(spec)
             classes = class_list(spec.get("classes")) or dataset_classes
-            result = coco_map(*_coco(ok, rows, label, classes, spec.get("class_map")))
+            result = coco_map(*coco_inputs(ok, rows, label, classes, spec.get("class_map")))
             entry["map"][label], entry["map50"][label] = result["map"], result["map50"]
         out.append(entry)
     return out
 
 
-def _coco(manifest_rows, rows, label, classes, class_map) -> tuple[dict, list[dict]]:
+def coco_inputs(manifest_rows, rows, label, classes, class_map) -> tuple[dict, list[dict]]:
     """Ground truth (mapped into the detector's classes) and one decode's detections, in the
     manifest's image order, for ``coco_map``."""
     records = []

@@ -75,7 +75,8 @@ def recalibrate_norm_stats(det, batches: list[tuple[torch.Tensor, list[dict]]]) 
 
 
 def train_detector_loop(config: dict[str, Any], session: Session) -> None:
-    """config: name, classes, canvas, epochs, batch_size, lr, weight_decay, seed, weights,
+    """config: name, classes, canvas, epochs, total_steps (optimiser steps of all epochs, for the
+    learning-rate schedule), batch_size, lr, weight_decay, seed, weights,
     model_kwargs, checkpoint_every (epochs), threads (torch CPU threads), precise_bn_batches
     (batches used to recompute BatchNorm statistics after the last epoch; 0 disables)."""
     seed = int(config.get("seed", 0))
@@ -90,8 +91,13 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
     opt = torch.optim.AdamW(params, lr=float(config.get("lr", 1e-3)),
                             weight_decay=float(config.get("weight_decay", 1e-4)))
     epochs = int(config["epochs"])
+    # Per step: linear warm-up (fresh heads on a pretrained trunk), then cosine to 5 % of lr over
+    # ``total_steps``; without it, a constant lr.
+    total_steps = int(config.get("total_steps") or 0)
+    warmup = min(100, max(total_steps // 10, 1))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / max(epochs, 1))) * 0.95 + 0.05)
+        opt, lambda s: 1.0 if not total_steps else min(1.0, (s + 1) / warmup)
+        * (0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)) * 0.95 + 0.05))
     start_epoch, step = 0, 0
     state = session.restore()
     if state is not None:
@@ -114,6 +120,7 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
             (loss / len(images)).backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
+            sched.step()
             return loss.item() / len(images)
 
         for rec in shuffled((r for r in session.records("train", epoch) if r["status"] == "ok"), rng):
@@ -124,7 +131,6 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
                 losses.append(step_on(images, targets))
                 step += 1
                 images, targets = [], []
-        sched.step()
         if epoch == epochs - 1 and int(config.get("precise_bn_batches", 16)) > 0:
             calib, images, targets = [], [], []
             for rec in (r for r in session.records("train", epoch) if r["status"] == "ok"):
@@ -147,9 +153,97 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
         session.report(metrics, state)
 
 
+def object_crops(record: dict, rng: np.random.Generator, side: int, background: int) -> list[tuple[torch.Tensor, int]]:
+    """Square crops of a record's objects (jittered around each box, label = its class id) and
+    ``background`` crops that overlap no box (label = the number of classes)."""
+    image = to_tensor(record["image"])
+    h, w = image.shape[-2:]
+    boxes = np.asarray(record["boxes"], dtype=np.float64).reshape(-1, 4)
+    windows = []
+    for (x1, y1, x2, y2), cls in zip(boxes, record["class_ids"]):
+        size = max(x2 - x1, y2 - y1) * rng.uniform(1.1, 1.6)
+        cx, cy = (x1 + x2) / 2 + rng.uniform(-0.1, 0.1) * size, (y1 + y2) / 2 + rng.uniform(-0.1, 0.1) * size
+        windows.append(((cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2), int(cls)))
+    n_classes = int(record.get("num_classes") or 0)
+    for _ in range(background * 8):
+        if sum(label == n_classes for _, label in windows) >= background:
+            break
+        size = rng.uniform(16, max(17.0, min(h, w) / 2))
+        x0, y0 = rng.uniform(0, w - size), rng.uniform(0, h - size)
+        if all(x0 >= b[2] or x0 + size <= b[0] or y0 >= b[3] or y0 + size <= b[1] for b in boxes):
+            windows.append(((x0, y0, x0 + size, y0 + size), n_classes))
+    out = []
+    for (x0, y0, x1, y1), label in windows:
+        x0, y0 = int(max(0, x0)), int(max(0, y0))
+        x1, y1 = int(min(w, max(x1, x0 + 2))), int(min(h, max(y1, y0 + 2)))
+        crop = torch.nn.functional.interpolate(image[None, :, y0:y1, x0:x1], size=(side, side), mode="bilinear",
+                                               align_corners=False)[0]
+        out.append((crop.flip(-1) if rng.random() < 0.5 else crop, label))
+    return out
+
+
+def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
+    """Pretrain a torchvision ResNet trunk as a classifier of object crops (each class, plus
+    background) of the detection set — ImageNet pretraining in miniature, for detectors trained
+    here from scratch: their backbones start from features of the objects they will detect.
+    config: name (a torchvision ResNet), classes, steps, batch_size, lr, crop (side, px), seed,
+    threads. A checkpoint after each pass over the set."""
+    import torchvision
+
+    seed = int(config.get("seed", 0))
+    torch.manual_seed(seed)
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    classes = list(config["classes"])
+    net = torchvision.models.get_model(config["name"], weights=None, num_classes=len(classes) + 1)
+    module = session.prepare(net)
+    steps, batch_size, side = int(config["steps"]), int(config.get("batch_size", 64)), int(config.get("crop", 64))
+    lr = float(config.get("lr", 2e-3))
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    step, epoch = 0, 0
+    state = session.restore()
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, epoch = int(state["step"]), int(state["epoch"]) + 1
+    mean = torch.tensor([0.485, 0.456, 0.406], device=session.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=session.device).view(1, 3, 1, 1)
+    while step < steps:
+        rng = np.random.default_rng([seed, epoch, session.rank])
+        pool, correct, seen, losses = [], 0, 0, []
+        for rec in shuffled((r for r in session.records("train", epoch) if r["status"] == "ok"), rng):
+            pool += object_crops({**rec, "num_classes": len(classes)}, rng, side, background=1)
+            if len(pool) < batch_size:
+                continue
+            batch, pool = pool[:batch_size], pool[batch_size:]
+            x = (torch.stack([c for c, _ in batch]).to(session.device) - mean) / std
+            y = torch.tensor([label for _, label in batch], device=session.device)
+            logits = module(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            correct, seen = correct + int((logits.argmax(1) == y).sum()), seen + len(y)
+            losses.append(float(loss))
+            if step >= steps:
+                break
+        save = session.rank == 0
+        session.report({"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
+                        "train_accuracy": correct / max(seen, 1)},
+                       {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "step": step, "epoch": epoch, "name": config["name"], "classes": classes} if save else None)
+        epoch += 1
+
+
 def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str | Path) -> Path:
     """Train a YOLO detector with ultralytics' own trainer (offline: no plots, no AMP check
-    download); returns the path of its best ``.pt``. Resumes an interrupted run of the same name."""
+    download); returns the path of its best ``.pt``. Resumes an interrupted run of the same name.
+    ``init``: a ``.pt`` to start from (fine-tuning another domain's detector) instead of random
+    weights; ``train_args``: further ``model.train`` arguments (``warmup_epochs``, ``optimizer``, …)."""
     from ultralytics import YOLO
 
     project_dir = Path(project_dir)
@@ -162,12 +256,13 @@ def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str |
         model = YOLO(str(last))
         model.train(resume=True)
     else:
-        model = YOLO(f"{config['name']}.yaml")
+        model = YOLO(str(config["init"]) if config.get("init") else f"{config['name']}.yaml")
         model.train(data=str(data_yaml), epochs=int(config["epochs"]), imgsz=int(config["canvas"]),
                     batch=int(config.get("batch_size", 16)), device=config.get("device", "cpu"),
                     workers=int(config.get("workers", 0)), project=str(project_dir), name=name, exist_ok=True,
                     seed=int(config.get("seed", 0)), deterministic=True, plots=False, amp=False, val=True,
-                    pretrained=False, verbose=False, lr0=float(config.get("lr", 0.01)),
-                    mosaic=float(config.get("mosaic", 1.0)), close_mosaic=int(config.get("close_mosaic", 2)))
+                    pretrained=bool(config.get("init")), verbose=False, lr0=float(config.get("lr", 0.01)),
+                    mosaic=float(config.get("mosaic", 1.0)), close_mosaic=int(config.get("close_mosaic", 2)),
+                    **(config.get("train_args") or {}))
     (project_dir / name / "DONE").write_text("ok")
     return best

@@ -1,0 +1,102 @@
+"""mAP on the shapes set against pycocotools called directly, and the bootstrap's resampled mAP
+against pycocotools on the explicitly resampled image set."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from icm.data.samples import SHAPE_CLASSES, shapes_reader
+from icm.metrics.bootstrap import ImageMatches, interval, paired_curve_comparison
+from icm.metrics.detection import coco_map, detections_to_coco, records_to_coco_gt
+
+
+def _noisy_detections(records, seed=0):
+    """Ground-truth boxes jittered, some relabelled or dropped, plus false positives, with
+    random scores: a detector of middling quality."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for rec in records:
+        boxes, scores, labels = [], [], []
+        for box, cls in zip(np.asarray(rec["boxes"]).reshape(-1, 4), rec["class_ids"]):
+            if rng.random() < 0.2:
+                continue
+            boxes.append(box + rng.normal(0, 3, 4))
+            scores.append(rng.uniform(0.3, 1.0))
+            labels.append(int(cls) if rng.random() < 0.85 else int(rng.integers(len(SHAPE_CLASSES))))
+        for _ in range(int(rng.integers(0, 3))):
+            x, y = rng.uniform(0, 100, 2)
+            boxes.append([x, y, x + rng.uniform(10, 40), y + rng.uniform(10, 40)])
+            scores.append(rng.uniform(0.01, 0.6))
+            labels.append(int(rng.integers(len(SHAPE_CLASSES))))
+        out.append({"boxes": np.asarray(boxes, float).reshape(-1, 4), "scores": np.asarray(scores, float),
+                    "labels": np.asarray(labels, int)})
+    return out
+
+
+def test_map_on_the_shapes_set_matches_pycocotools_on_its_annotation_file(small_shapes):
+    reader = shapes_reader("photo", "val", root=small_shapes.parent, n_train=24, n_val=12, seed=7)
+    records = list(reader.records())
+    predictions = _noisy_detections(records)
+    ours = coco_map(records_to_coco_gt(records, reader.classes), detections_to_coco(predictions))
+
+    ann_file = small_shapes / "photo/annotations/instances_val.json"
+    ann = json.loads(ann_file.read_text())
+    by_name = {Path(img["file_name"]).name: img["id"] for img in ann["images"]}
+    results = []
+    for rec, pred in zip(records, predictions):
+        image_id = by_name[Path(rec["path"]).name]
+        for box, score, label in zip(pred["boxes"], pred["scores"], pred["labels"]):
+            results.append({"image_id": image_id, "category_id": int(label) + 1, "score": float(score),
+                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
+    gt = COCO(str(ann_file))
+    evaluator = COCOeval(gt, gt.loadRes(results), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert 0.2 < ours["map50"] < 0.95
+    assert abs(ours["map50"] - evaluator.stats[1]) < 1e-9
+    assert abs(ours["map"] - evaluator.stats[0]) < 1e-9
+
+
+def test_resampled_map50_equals_pycocotools_on_the_resampled_set(small_shapes):
+    reader = shapes_reader("photo", "train", root=small_shapes.parent, n_train=24, n_val=12, seed=7)
+    records = list(reader.records())
+    predictions = _noisy_detections(records, seed=1)
+    matches = ImageMatches(records_to_coco_gt(records, reader.classes), detections_to_coco(predictions))
+    full = coco_map(records_to_coco_gt(records, reader.classes), detections_to_coco(predictions))["map50"]
+    assert abs(matches.ap50() - full) < 1e-9
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        picks = rng.integers(0, len(records), len(records))     # with repeats
+        direct = coco_map(records_to_coco_gt([records[i] for i in picks], reader.classes),
+                          detections_to_coco([predictions[i] for i in picks]))["map50"]
+        assert abs(matches.ap50(picks) - direct) < 1e-9
+
+
+def test_paired_comparison_finds_a_real_difference_and_its_interval_covers_it(small_shapes):
+    reader = shapes_reader("photo", "train", root=small_shapes.parent, n_train=24, n_val=12, seed=7)
+    records = list(reader.records())
+    gt = records_to_coco_gt(records, reader.classes)
+    n = len(records)
+    good = [ImageMatches(gt, detections_to_coco(_noisy_detections(records, seed=s))) for s in (10, 11)]
+    bad = []
+    for s in (20, 21):   # the same detector with most true boxes dropped: clearly worse
+        preds = _noisy_detections(records, seed=s)
+        for p in preds:
+            keep = np.arange(len(p["scores"])) % 4 == 0
+            p.update(boxes=p["boxes"][keep], scores=p["scores"][keep], labels=p["labels"][keep])
+        bad.append(ImageMatches(gt, detections_to_coco(preds)))
+    bpp = np.random.default_rng(0).uniform(0.1, 0.2, n)
+    curves = {"ref": [{"bpp": bpp * k, "matches": {"d": m}} for k, m in zip((1, 2), bad)],
+              "test": [{"bpp": bpp * k, "matches": {"d": m}} for k, m in zip((1, 2), good)]}
+    draws = np.random.default_rng(0).integers(0, n, (40, n))
+    result = paired_curve_comparison(curves, [("ref", "test")], "d", draws)
+    assert all(d > 0.1 for d in result["delta_map50"])
+    assert result["bd_map50"] > 0.1 and result["bd_map50_ci"][0] > 0
+    assert result["delta_bpp"] == [0.0, 0.0]
+    lo, hi = result["delta_map50_ci"][0]
+    assert lo <= result["delta_map50"][0] <= hi
+    assert interval([1.0, float("nan"), 2.0, 3.0], 0.5) == [1.5, 2.5]

@@ -1,0 +1,82 @@
+"""The MAA generalisation experiment end to end on a few images (random detectors, a tiny codec):
+MAA stage → sweep of original- vs MAA-target codecs → bootstrap table; a rerun redoes nothing and
+writes the same table."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {"type": "shapes", "domain": "photo", "n_train": 24, "n_val": 12, "seed": 7}   # = small_shapes
+SEEN = [{"label": "cn", "name": "centernet_resnet18", "weights": "random:0"},
+        {"label": "yolo", "name": "yolov8n", "weights": "random:1"}]
+
+
+def _cfg(out):
+    return {
+        "name": "t-exp", "out_dir": str(out),
+        "maa": {"method": "meta_model", "dataset": {**SHAPES, "split": "train"}, "limit": 4, "canvas": 64,
+                "outer": 1, "inner_steps": 1, "alpha": "2/255", "bound": {"type": "linf", "eps": "8/255"},
+                "batch_size": 2, "seed": 0, "device": "cpu", "detectors": SEEN,
+                "workers": {"actors": 1, "num_cpus": 0.5}, "figure_images": 1},
+        "codec": {"dataset": {**SHAPES, "split": "train"}, "limit": 4, "crop": 64,
+                  "codec": {"name": "ugicm:bmshj2018-hyperprior", "quality": 1, "channels": [16, 24], "cond_dim": 32,
+                            "weights": "random:0"},
+                  "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.01, "lmbda_clip": 0},
+                  "steps": 3, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1,
+                  "threads": 1, "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "data": {"num_cpus": 0.5}},
+        "rate_points": [{"name": "lo", "set": {"loss.lmbda": 0.002}}, {"name": "hi", "set": {"loss.lmbda": 0.05}}],
+        "seeds": [0],
+        "evaluate": {"dataset": {**SHAPES, "split": "val"}, "limit": 4, "canvas": 64, "device": "cpu",
+                     "detectors": SEEN + [{"label": "held", "name": "yolo11n", "weights": "random:2"}]},
+        "roles": {"held": "held out"},
+        "anchors": [],
+        "analysis": {"bootstrap": 10, "seed": 0},
+        "resources": {"max_concurrent_trials": 1, "trial_cpus": 0.05},
+        "ray": {"num_cpus": 2}}
+
+
+def _run(config):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "pipelines/experiments/maa_generalisation.py", "--config", str(config)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_experiment_end_to_end_and_rerun(small_shapes, tmp_path):
+    out = tmp_path / "exp"
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(_cfg(out)))
+    first = _run(config)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+
+    maa_rows = json.loads((out / "maa" / "summary.json").read_text())
+    assert maa_rows["images"]["done"] == 4
+    results = {p.parent.name: json.loads(p.read_text()) for p in (out / "sweep" / "trials").glob("*/result.json")}
+    assert set(results) == {f"{v}-s0__{r}" for v in ("original", "maa") for r in ("lo", "hi")}
+    for name, r in results.items():      # the pair differs in the machine target only
+        assert r["variant_settings"]["seed"] == 0
+        assert r["variant_settings"]["machine_targets.maa_dir"] == (str(out / "maa") if name.startswith("maa")
+                                                                    else None)
+    table = json.loads((out / "generalisation.json").read_text())
+    assert table["images"] == 4 and table["rate_points"] == ["lo", "hi"] and table["bootstrap"] == 10
+    rows = {r["detector"]: r for r in table["detectors"]}
+    assert set(rows) == {"cn", "yolo", "held"}
+    assert rows["cn"]["role"].startswith("seen") and rows["held"]["role"] == "held out"
+    for r in rows.values():
+        assert len(r["delta_map50"]) == len(r["delta_map50_ci"]) == 2
+        assert all(lo <= v <= hi for v, (lo, hi) in zip(r["delta_map50"], r["delta_map50_ci"]))
+    md = (out / "generalisation.md").read_text()
+    assert "| held | held out |" in md and (out / "generalisation.png").stat().st_size > 1000
+
+    stamps = {name: p.stat().st_mtime_ns for name, p in
+              ((p.parent.name, p) for p in (out / "sweep" / "trials").glob("*/result.json"))}
+    again = _run(config)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert {p.parent.name: p.stat().st_mtime_ns for p in (out / "sweep" / "trials").glob("*/result.json")} == stamps
+    assert json.loads((out / "generalisation.json").read_text()) == table

@@ -39,8 +39,9 @@ def _dataset_spec(cfg: dict, spec: dict, split: str) -> dict:
     return {**cfg["dataset"], "domain": spec["domain"], "split": split}
 
 
-def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> tuple[bytes, str]:
-    """The trained weights (file bytes) and their suffix."""
+def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> tuple[bytes, str]:
+    """The trained weights (file bytes) and their suffix. ``run`` names the training run (label +
+    recipe key): an interrupted run of the same recipe resumes, another recipe starts afresh."""
     label, canvas = spec["label"], int(spec.get("canvas", cfg["canvas"]))
     train_reader = build_reader(_dataset_spec(cfg, spec, "train"))
     classes = train_reader.classes
@@ -53,7 +54,7 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> tuple[byte
         task = ray.remote(num_cpus=workers.get("cpus_per_worker", 1), num_gpus=1 if workers.get("use_gpu") else 0)(
             train_yolo)
         device = "0" if workers.get("use_gpu") else "cpu"
-        best = ray.get(task.remote({**loop_cfg, "run_name": label, "device": device}, str(data_yaml),
+        best = ray.get(task.remote({**loop_cfg, "run_name": run, "device": device}, str(data_yaml),
                                    str((out_dir / "ultralytics").resolve())))
         return Path(best).read_bytes(), ".pt"
     else:
@@ -62,7 +63,7 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> tuple[byte
         loop_cfg["data_refs"] = {"train": [r.to_dict() for r in train_reader.refs()]}
         per_worker = len(loop_cfg["data_refs"]["train"]) // max(int(workers.get("num_workers", 1)), 1)
         loop_cfg["total_steps"] = int(spec["epochs"]) * (per_worker // int(spec.get("batch_size", 8)))
-        result = fit(train_detector_loop, loop_cfg, name=label, storage_path=out_dir / "ray-train",
+        result = fit(train_detector_loop, loop_cfg, name=run, storage_path=out_dir / "ray-train",
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                      cpus_per_worker=workers.get("cpus_per_worker", 1))
         buf = io.BytesIO()
@@ -105,7 +106,7 @@ def train_backbone(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> dict:
                 "seed": spec.get("seed", cfg.get("seed", 0)), "threads": workers.get("threads"),
                 "data_refs": {"train": [r.to_dict() for r in reader.refs()]}}
     start = time.time()
-    result = fit(train_backbone_loop, loop_cfg, name=label, storage_path=out_dir / "ray-train",
+    result = fit(train_backbone_loop, loop_cfg, name=f"{label}-{key[:12]}", storage_path=out_dir / "ray-train",
                  num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                  cpus_per_worker=workers.get("cpus_per_worker", 1))
     elapsed = time.time() - start
@@ -164,7 +165,7 @@ def main() -> None:
             print(f"[icm] training {label} ({spec['name']}, {spec.get('trainer', 'ray')})", flush=True)
             start = time.time()
             data, suffix = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)} if spec.get("init")
-                                     else spec, out_dir, workers)
+                                     else spec, out_dir, workers, run=f"{label}-{key[:12]}")
             elapsed = time.time() - start
             with tempfile.TemporaryDirectory() as tmp:
                 candidate = Path(tmp) / f"{label}{suffix}"

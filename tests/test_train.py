@@ -63,3 +63,28 @@ def test_ray_train_harness_resumes_from_checkpoint(ray_cluster, small_shapes, tm
     state = final_state(second)
     assert state["epoch"] == 1 and state["step"] == 2 * 6
     assert second.metrics["epoch"] == 1
+
+
+def test_cached_detectors_are_keyed_by_their_recipe(tmp_path, monkeypatch):
+    """A cached detector is reused only when its entry, training data version and starting weights
+    are those it was trained from; a new target alone does not retrain it."""
+    import train_detectors
+
+    monkeypatch.setenv("ICM_WEIGHTS_DIR", str(tmp_path / "weights"))
+    cfg = {"dataset": {"type": "shapes"}, "canvas": 128}
+    spec = {"label": "d", "name": "yolov8n", "domain": "sketch", "epochs": 3, "init": "trained:base"}
+    key = train_detectors.cache_key(cfg, spec)
+    assert train_detectors.cache_key(cfg, {**spec, "min_map50": 0.5}) == key
+    assert train_detectors.cache_key(cfg, {**spec, "epochs": 4}) != key
+    assert train_detectors.cache_key({**cfg, "canvas": 64}, spec) != key
+    monkeypatch.setattr(train_detectors, "SHAPES_VERSION", -1)
+    assert train_detectors.cache_key(cfg, spec) != key
+    monkeypatch.undo()
+    monkeypatch.setenv("ICM_WEIGHTS_DIR", str(tmp_path / "weights"))
+    trained = tmp_path / "weights" / "trained"
+    trained.mkdir(parents=True)
+    (trained / "base.pt").write_bytes(b"one")          # the weights it starts from appear, then change
+    with_base = train_detectors.cache_key(cfg, spec)
+    assert with_base != key
+    (trained / "base.pt").write_bytes(b"two")
+    assert train_detectors.cache_key(cfg, spec) != with_base

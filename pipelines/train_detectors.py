@@ -42,7 +42,7 @@ def _dataset_spec(cfg: dict, spec: dict, split: str) -> dict:
 def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> tuple[bytes, str]:
     """The trained weights (file bytes) and their suffix. ``run`` names the training run (label +
     recipe key): an interrupted run of the same recipe resumes, another recipe starts afresh."""
-    label, canvas = spec["label"], int(spec.get("canvas", cfg["canvas"]))
+    canvas = int(spec.get("canvas", cfg["canvas"]))
     train_reader = build_reader(_dataset_spec(cfg, spec, "train"))
     classes = train_reader.classes
     loop_cfg = {**{k: v for k, v in spec.items() if k not in ("label", "domain", "trainer")},
@@ -88,17 +88,28 @@ def cache_key(cfg: dict, spec: dict) -> str:
                                           "canvas": cfg["canvas"], "starts": starts}).encode()).hexdigest()
 
 
+def cached(cfg: dict, spec: dict) -> tuple[str, dict | None]:
+    """``spec``'s recipe key, and its cached info when the cache holds weights of that recipe."""
+    key = cache_key(cfg, spec)
+    info_path = trained_dir() / f"{spec['label']}.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else None
+    if info and info.get("cache_key") == key and not cfg.get("force"):
+        print(f"[icm] {spec['label']}: cached ({info['weights']})", flush=True)
+        return key, info
+    if info:
+        print(f"[icm] {spec['label']}: the cached weights were trained from another recipe (entry, data version "
+              "or starting weights) or force=true; retraining", flush=True)
+    return key, None
+
+
 def train_backbone(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> dict:
     """Pretrain a ResNet trunk on object crops of the domain's train split (``backbones:``);
     cached as ``trained:<label>`` like a detector; its val crop accuracy is its figure."""
     from icm.train.detectors import object_crops
 
     label = spec["label"]
-    info_path = trained_dir() / f"{label}.json"
-    key = cache_key(cfg, spec)
-    info = json.loads(info_path.read_text()) if info_path.is_file() else None
-    if info and info.get("cache_key") == key and not cfg.get("force"):
-        print(f"[icm] {label}: cached ({info['weights']})", flush=True)
+    key, info = cached(cfg, spec)
+    if info:
         return info
     print(f"[icm] pretraining backbone {label} ({spec['name']} on object crops)", flush=True)
     reader = build_reader(_dataset_spec(cfg, spec, "train"))
@@ -153,15 +164,8 @@ def main() -> None:
     table = []
     for spec in cfg["detectors"]:
         label = spec["label"]
-        info_path = trained_dir() / f"{label}.json"
-        key = cache_key(cfg, spec)
-        info = json.loads(info_path.read_text()) if info_path.is_file() else None
-        if info and info.get("cache_key") == key and not cfg.get("force"):
-            print(f"[icm] {label}: cached ({info['weights']})", flush=True)
-        else:
-            if info:
-                print(f"[icm] {label}: the cached weights were trained from another config or data version; "
-                      "retraining", flush=True)
+        key, info = cached(cfg, spec)
+        if not info:
             print(f"[icm] training {label} ({spec['name']}, {spec.get('trainer', 'ray')})", flush=True)
             start = time.time()
             data, suffix = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)} if spec.get("init")

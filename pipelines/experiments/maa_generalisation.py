@@ -99,7 +99,7 @@ def analyse(cfg: dict, sweep: dict, seen: list[str]) -> dict:
     detectors = cfg["evaluate"]["detectors"]
     _, classes = evaluation_images(sweep)
     curves = {v["name"]: load_curve(sweep, v["name"], detectors, classes) for v in sweep["variants"]}
-    ids = [c[0]["source_ids"] for c in curves.values()] + [p["source_ids"] for c in curves.values() for p in c]
+    ids = [p["source_ids"] for c in curves.values() for p in c]
     if any(i != ids[0] for i in ids):
         raise SystemExit("the trials were evaluated on different images; rerun the sweep with one evaluate.limit")
     analysis = cfg.get("analysis") or {}

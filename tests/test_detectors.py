@@ -10,7 +10,7 @@ from icm.zoo import build_detector
 
 CLASSES = ["circle", "square", "triangle"]
 FAMILIES = ["fasterrcnn_mobilenet_v3_large_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn",
-            "fcos_resnet50_fpn", "yolov8n", "centernet_resnet18"]
+            "fcos_resnet50_fpn", "yolov8n", "centernet_resnet18", "centernet_resnet18_skip"]
 SIZE = 96
 
 
@@ -119,6 +119,20 @@ def test_training_mode_updates_norm_statistics(images):
     total(det.loss(images, _targets())).backward()
     assert not torch.equal(before, bn.running_mean)
     assert any(p.grad is not None for p in det.parameters())
+
+
+def test_centernet_skip_variant_uses_the_shallow_stages_and_plain_keeps_its_layout(images):
+    plain = build_detector("centernet_resnet18", CLASSES, weights="random:1", image_size=SIZE)
+    assert not any(k.startswith("laterals.") for k in plain.state_dict())
+    assert {"upsample.0.weight", "upsample.3.weight", "upsample.6.weight"} <= set(plain.state_dict())
+    skip = build_detector("centernet_resnet18_skip", CLASSES, weights="random:1", image_size=SIZE).eval()
+    # The stride-4 features change when layer1's output changes, with layer2-4 held fixed: the
+    # skip path, not only the stride-32 one, reaches the heads.
+    feats = skip.features(images)[0]
+    with torch.no_grad():
+        skip.laterals[2][1].weight.mul_(3.0)  # the layer1 lateral's BatchNorm scale
+    assert not torch.allclose(feats, skip.features(images)[0])
+    assert feats.shape[-1] == SIZE // 4
 
 
 def test_detectron2_absent_gives_build_advice():

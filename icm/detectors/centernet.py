@@ -5,6 +5,13 @@ ResNet backbone → three stride-2 deconvolutions to stride 4 → heatmap (C), s
 0.1·L1 on box sizes and 1·L1 on centre offsets, each normalised by the image's object count;
 Gaussian splats with CornerNet's radius at ``min_overlap=0.7``.
 
+``centernet_resnet*`` is the paper's ResNet variant (upsampling from the last stage only);
+``centernet_resnet*_skip`` adds the skip connections of its DLA-34 variant in their simplest
+form: after each deconvolution the ResNet stage of the same stride is added back through a 1×1
+projection (as TTFNet's ResNet "shortcuts", Liu et al., AAAI 2020). On small images the last stage is a
+few cells wide, several objects share a cell and their classes blur; the skips carry the
+stride-16/8/4 features that keep them apart.
+
 Written here because no maintained package ships a trainable CenterNet for torch 2.x.
 """
 
@@ -25,6 +32,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = {"centernet_resnet18": ("resnet18", 512), "centernet_resnet34": ("resnet34", 512),
              "centernet_resnet50": ("resnet50", 2048)}
+SKIP_BACKBONES = {f"{name}_skip": spec for name, spec in BACKBONES.items()}
+STAGE_CHANNELS = {"resnet18": (64, 128, 256), "resnet34": (64, 128, 256), "resnet50": (256, 512, 1024)}
 
 
 def gaussian_radius(height: float, width: float, min_overlap: float = 0.7) -> float:
@@ -46,17 +55,22 @@ class CenterNet(Detector):
     stride = 4
 
     def __init__(self, classes: list[str], backbone: str = "resnet18", feat_channels: int = 512,
-                 head_channels: int = 64):
+                 head_channels: int = 64, skips: bool = False):
         super().__init__(classes)
         resnet = torchvision.models.get_model(backbone, weights=None)
         self.backbone = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
                                       resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
-        layers, in_ch = [], feat_channels
+        stages, in_ch = [], feat_channels
         for out_ch in (256, 128, 64):
-            layers += [nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),
-                       nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+            stages.append(nn.Sequential(nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),
+                                        nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)))
             in_ch = out_ch
-        self.upsample = nn.Sequential(*layers)
+        # Without skips the three stages form one Sequential, as the paper's ResNet variant.
+        self.upsample = nn.ModuleList(stages) if skips else nn.Sequential(*(m for st in stages for m in st))
+        # 1×1 projections of layer3, layer2, layer1 onto the stride-16, 8, 4 deconvolution outputs.
+        self.laterals = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch))
+            for c, out_ch in zip(reversed(STAGE_CHANNELS[backbone]), (256, 128, 64))) if skips else None
 
         def head(out_ch: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(64, head_channels, 3, padding=1), nn.ReLU(inplace=True),
@@ -71,11 +85,24 @@ class CenterNet(Detector):
         ph, pw = (-h) % 32, (-w) % 32
         return F.pad(images, (0, pw, 0, ph), value=0.5) if ph or pw else images
 
+    def _upsampled(self, images):
+        x = (self._pad(images) - self.mean) / self.std
+        if self.laterals is None:
+            return self.upsample(self.backbone(x))
+        stages = []
+        for i, layer in enumerate(self.backbone):
+            x = layer(x)
+            if i in (4, 5, 6):  # layer1 (stride 4), layer2 (8), layer3 (16)
+                stages.append(x)
+        for deconv, lateral, skip in zip(self.upsample, self.laterals, reversed(stages)):
+            x = F.relu(deconv(x) + lateral(skip))
+        return x
+
     def features(self, images):
-        return [self.upsample(self.backbone((self._pad(images) - self.mean) / self.std))]
+        return [self._upsampled(images)]
 
     def forward(self, images: torch.Tensor):
-        feats = self.upsample(self.backbone((self._pad(images) - self.mean) / self.std))
+        feats = self._upsampled(images)
         return self.heatmap(feats), self.size(feats), self.offset(feats)
 
     @torch.no_grad()
@@ -188,15 +215,15 @@ def load_trunk(resnet: nn.Module, state: dict, where: str) -> None:
         raise ValueError(f"backbone weights {where}: not a {type(resnet).__name__} state dict ({bad[:4]} …)")
 
 
-@register("detector", *BACKBONES)
+@register("detector", *BACKBONES, *SKIP_BACKBONES)
 def build_centernet(name: str, classes: list[str], weights: str = "random",
                     backbone_weights: str | None = None, **_) -> CenterNet:
     """``weights``: a full CenterNet checkpoint; ``backbone_weights``: ImageNet weights for the
     ResNet only (e.g. ``torchvision:DEFAULT``) when training from scratch."""
-    backbone, channels = BACKBONES[name]
+    backbone, channels = BACKBONES.get(name) or SKIP_BACKBONES[name]
     resolved = resolve(weights, family=name)
     with seeded(resolved.seed):
-        det = CenterNet(classes, backbone=backbone, feat_channels=channels)
+        det = CenterNet(classes, backbone=backbone, feat_channels=channels, skips=name in SKIP_BACKBONES)
     if resolved.path is not None:
         det.load_state_dict(load_state_dict(resolved.path))
     elif backbone_weights:

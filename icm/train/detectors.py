@@ -243,7 +243,8 @@ def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str |
     """Train a YOLO detector with ultralytics' own trainer (offline: no plots, no AMP check
     download); returns the path of its best ``.pt``. Resumes an interrupted run of the same name.
     ``init``: a ``.pt`` to start from (fine-tuning another domain's detector) instead of random
-    weights; ``train_args``: further ``model.train`` arguments (``warmup_epochs``, ``optimizer``, …)."""
+    weights; ``train_args``: further ``model.train`` arguments, overriding these defaults (``warmup_epochs``,
+    ``optimizer``, ``val: false`` to validate after the last epoch only, …)."""
     from ultralytics import YOLO
 
     project_dir = Path(project_dir)
@@ -257,12 +258,12 @@ def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str |
         model.train(resume=True)
     else:
         model = YOLO(str(config["init"]) if config.get("init") else f"{config['name']}.yaml")
-        model.train(data=str(data_yaml), epochs=int(config["epochs"]), imgsz=int(config["canvas"]),
+        args = dict(data=str(data_yaml), epochs=int(config["epochs"]), imgsz=int(config["canvas"]),
                     batch=int(config.get("batch_size", 16)), device=config.get("device", "cpu"),
                     workers=int(config.get("workers", 0)), project=str(project_dir), name=name, exist_ok=True,
                     seed=int(config.get("seed", 0)), deterministic=True, plots=False, amp=False, val=True,
                     pretrained=bool(config.get("init")), verbose=False, lr0=float(config.get("lr", 0.01)),
-                    mosaic=float(config.get("mosaic", 1.0)), close_mosaic=int(config.get("close_mosaic", 2)),
-                    **(config.get("train_args") or {}))
+                    mosaic=float(config.get("mosaic", 1.0)), close_mosaic=int(config.get("close_mosaic", 2)))
+        model.train(**{**args, **(config.get("train_args") or {})})
     (project_dir / name / "DONE").write_text("ok")
     return best

@@ -1,6 +1,7 @@
 """The MAA generalisation experiment end to end on a few images (random detectors, a tiny codec):
-MAA stage → sweep of original- vs MAA-target codecs → bootstrap table; a rerun redoes nothing and
-writes the same table."""
+base codec (trained beforehand by the Ray-free local runner, reused by recipe) → MAA stage →
+sweep of original- vs MAA-target codecs fine-tuned from it → bootstrap table; a rerun redoes
+nothing and writes the same table."""
 
 import json
 import os
@@ -17,16 +18,25 @@ SEEN = [{"label": "cn", "name": "centernet_resnet18", "weights": "random:0"},
         {"label": "yolo", "name": "yolov8n", "weights": "random:1"}]
 
 
+CODEC = {"name": "ugicm:bmshj2018-hyperprior", "quality": 1, "channels": [16, 24], "cond_dim": 32, "weights": "random:0"}
+
+
+def _base(out):
+    return {"name": "t-base", "out_dir": str(out / "base"), "dataset": {**SHAPES, "split": "train"}, "limit": 4,
+            "crop": 64, "codec": CODEC, "machine_targets": {"maa_dir": None},
+            "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.01, "lmbda_clip": 0},
+            "steps": 2, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1, "threads": 1,
+            "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "data": {"num_cpus": 0.5}}
+
+
 def _cfg(out):
     return {
-        "name": "t-exp", "out_dir": str(out),
+        "name": "t-exp", "out_dir": str(out), "base_codec": _base(out),
         "maa": {"method": "meta_model", "dataset": {**SHAPES, "split": "train"}, "limit": 4, "canvas": 64,
                 "outer": 1, "inner_steps": 1, "alpha": "2/255", "bound": {"type": "linf", "eps": "8/255"},
                 "batch_size": 2, "seed": 0, "device": "cpu", "detectors": SEEN,
                 "workers": {"actors": 1, "num_cpus": 0.5}, "figure_images": 1},
-        "codec": {"dataset": {**SHAPES, "split": "train"}, "limit": 4, "crop": 64,
-                  "codec": {"name": "ugicm:bmshj2018-hyperprior", "quality": 1, "channels": [16, 24], "cond_dim": 32,
-                            "weights": "random:0"},
+        "codec": {"dataset": {**SHAPES, "split": "train"}, "limit": 4, "crop": 64, "codec": CODEC,
                   "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.01, "lmbda_clip": 0},
                   "steps": 3, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1,
                   "threads": 1, "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "data": {"num_cpus": 0.5}},
@@ -41,19 +51,29 @@ def _cfg(out):
         "ray": {"num_cpus": 2}}
 
 
-def _run(config):
+def _run(config, script="pipelines/experiments/maa_generalisation.py", *extra):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "pipelines/experiments/maa_generalisation.py", "--config", str(config)],
+    return subprocess.run([sys.executable, script, "--config", str(config), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
 def test_experiment_end_to_end_and_rerun(small_shapes, tmp_path):
     out = tmp_path / "exp"
-    config = tmp_path / "exp.yaml"
+    base_config, config = tmp_path / "base.yaml", tmp_path / "exp.yaml"
+    base_config.write_text(yaml.safe_dump(_base(out)))
     config.write_text(yaml.safe_dump(_cfg(out)))
+    local = _run(base_config, "pipelines/train_codec_local.py", "--device", "cpu")
+    assert local.returncode == 0, (local.stdout + local.stderr)[-4000:]
+    base_info = json.loads((out / "base" / "model.json").read_text())
+    assert base_info["runner"].startswith("train_codec_local") and base_info["steps"] == 2
     first = _run(config)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    assert "same recipe, trained by train_codec_local (cpu)" in first.stdout   # not retrained on Ray
+    assert not (out / "base" / "ray-train").exists()
+    assert json.loads((out / "base" / "model.json").read_text()) == base_info
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base_codec"]["sha256"] == base_info["sha256"]
 
     maa_rows = json.loads((out / "maa" / "summary.json").read_text())
     assert maa_rows["images"]["done"] == 4
@@ -63,6 +83,8 @@ def test_experiment_end_to_end_and_rerun(small_shapes, tmp_path):
         assert r["variant_settings"]["seed"] == 0
         assert r["variant_settings"]["machine_targets.maa_dir"] == (str(out / "maa") if name.startswith("maa")
                                                                     else None)
+        trial_model = json.loads((out / "sweep" / "trials" / name / "model.json").read_text())
+        assert trial_model["init"] == str(out / "base" / "model.pth")   # fine-tuned from the base
     table = json.loads((out / "generalisation.json").read_text())
     assert table["images"] == 4 and table["rate_points"] == ["lo", "hi"] and table["bootstrap"] == 10
     rows = {r["detector"]: r for r in table["detectors"]}

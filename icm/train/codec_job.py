@@ -18,10 +18,14 @@ from icm.config import ConfigError
 from icm.data.ray_io import refs_dataset, select_refs
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
+from icm.config import canonical_json
 from icm.train.codec import build_training_codec, decode_and_crop, train_codec_loop
-from icm.train.ray_trainer import final_state, fit
 from icm.zoo.weights import publish_trained
 
+# What a trained codec is a function of (not where or how fast it ran): two exports with the same
+# recipe digest are interchangeable, whichever runner (Ray Train, pipelines/train_codec_local.py) made them.
+RECIPE_KEYS = ("dataset", "limit", "crop", "machine_targets", "codec", "loss", "steps", "batch_size", "lr", "aux_lr",
+               "clip_max_norm", "lr_schedule", "seed")
 LOOP_KEYS = ("codec", "loss", "steps", "batch_size", "lr", "aux_lr", "clip_max_norm", "lr_schedule", "checkpoint_every",
              "log_every", "seed", "threads")
 
@@ -39,9 +43,15 @@ def machine_targets(maa_dir: str | None) -> dict[str, str]:
             if r["status"] == "ok"}
 
 
-def export_model(state: dict, cfg: dict, storage: Storage) -> dict:
+def recipe_digest(cfg: dict) -> str:
+    return hashlib.sha256(canonical_json({k: cfg.get(k) for k in RECIPE_KEYS}).encode()).hexdigest()
+
+
+def export_model(state: dict, cfg: dict, storage: Storage, runner: str = "ray-train") -> dict:
     """CompressAI-style export: the state dict after ``update(force=True, update_quantiles=True)``
-    on the unwrapped model (TRAPS.md), plus ``model.json`` with the zoo spec to rebuild it."""
+    on the unwrapped model (TRAPS.md), plus ``model.json`` with the zoo spec to rebuild it, the
+    weights training started from (``init``), the recipe digest (``recipe_digest``) and the runner
+    that trained it."""
     model = build_training_codec({"codec": {**cfg["codec"], "weights": "random"}})
     model.load_state_dict(state["model"])
     model.update(force=True, update_quantiles=True)
@@ -51,7 +61,8 @@ def export_model(state: dict, cfg: dict, storage: Storage) -> dict:
     storage.write_bytes("model.pth", data)
     spec = {k: v for k, v in cfg["codec"].items() if k not in ("weights", "base_weights")}
     info = {"codec": spec, "weights": storage.display("model.pth"), "sha256": hashlib.sha256(data).hexdigest(),
-            "steps": state["step"], "loss": cfg["loss"]}
+            "steps": state["step"], "loss": cfg["loss"], "init": cfg["codec"].get("weights", "random"),
+            "recipe": recipe_digest(cfg), "runner": runner}
     if cfg.get("label"):  # trained:<label>: this node's weights dir and, with ICM_WEIGHTS_DIR=s3://…, the shared store
         info["zoo_spec"] = {**spec, "weights": f"trained:{cfg['label']}"}
         publish_trained(cfg["label"], data, ".pth", info)
@@ -121,6 +132,8 @@ def train_codec_job(cfg: dict, refs: list[dict], targets: dict[str, str], matche
         storage.local_path(f"tensorboard/{cfg['name']}") if storage.local else Path("tensorboard").resolve() / cfg["name"]))
     if not storage.local:
         loop_cfg["tensorboard_upload"] = storage.display(f"tensorboard/{cfg['name']}")
+    from icm.train.ray_trainer import final_state, fit  # here: the local runner uses this module without Ray
+
     start = time.time()
     result = fit(train_codec_loop, loop_cfg, name=cfg["name"], storage_path=f"{out_dir}/ray-train",
                  datasets={"train": train}, num_workers=int(workers.get("num_workers", 1)),

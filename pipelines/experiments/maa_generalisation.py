@@ -5,7 +5,12 @@ rate, than the same codec learning the original images.
     python pipelines/experiments/maa_generalisation.py --config pipelines/experiments/maa_generalisation.yaml
     make experiment          # the same, on the shapes set (≈ 40 min on 2 CPU cores)
 
-Three stages, each the project's own job, each resumable (rerun the same command):
+Four stages, each the project's own job, each resumable (rerun the same command):
+0. a base codec (``base_codec``, ``pipelines/train_codec.py``): human and machine decodes learning
+   the originals; every codec of the sweep fine-tunes from it, so the two arms of a pair differ
+   only in what the machine decode learns during fine-tuning. Reused when its ``model.json``
+   records the same recipe, whichever runner made it (``pipelines/train_codec_local.py`` on a
+   GPU without Ray gives the same recipe);
 1. MAA images of the training images with the model-wise trio (``pipelines/maa_augment.py``);
 2. an RD sweep (``tuning/sweep_rd.py``): rate points × {machine target = original, = MAA image}
    × seeds — same architecture, λ, steps and seed within a pair — each codec evaluated with real
@@ -32,6 +37,7 @@ import numpy as np  # noqa: E402
 
 import maa_augment  # noqa: E402
 import sweep_rd  # noqa: E402
+import train_codec  # noqa: E402
 from common import exit_status, parse_args, resolve_config, write_resolved, write_summary  # noqa: E402
 
 from icm.config import deep_merge, load_config  # noqa: E402
@@ -40,6 +46,7 @@ from icm.data.storage import Storage  # noqa: E402
 from icm.maa.stage import detector_label  # noqa: E402
 from icm.metrics.bootstrap import ImageMatches, paired_curve_comparison  # noqa: E402
 from icm.metrics.codec_eval import coco_inputs  # noqa: E402
+from icm.train.codec_job import check_config, recipe_digest  # noqa: E402
 from icm.train.rd_sweep import evaluation_images, trial_id  # noqa: E402
 
 
@@ -57,15 +64,42 @@ def maa_config(cfg: dict, store: Storage) -> dict:
     return maa
 
 
-def sweep_config(cfg: dict, store: Storage, maa_dir: str) -> dict:
-    """Variants: for each seed, the original-target codec and the MAA-target codec."""
+def base_codec(cfg: dict, address: str | None) -> dict | None:
+    """Stage 0: the base codec's ``model.json`` (trained here unless one of the same recipe is
+    in its out_dir); None without ``base_codec``."""
+    if not cfg.get("base_codec"):
+        return None
+    base = from_file(cfg["base_codec"])
+    base.pop("profiles", None)
+    base["ray"] = cfg.get("ray") or {}
+    check_config(base)
+    recipe = recipe_digest(base)
+    store = Storage(base["out_dir"])
+    if store.exists("model.json"):
+        info = json.loads(store.read_text("model.json"))
+        if info.get("recipe") == recipe:
+            print(f"[icm] base codec {store.display('model.pth')}: same recipe, trained by {info.get('runner')} "
+                  f"({info['steps']} steps) — reused", flush=True)
+            return {**info, "weights": store.display("model.pth")}  # wherever it was trained
+        print(f"[icm] base codec {store.display('model.json')} has another recipe — retraining", flush=True)
+    # The run is named by its recipe: a stopped run of this recipe resumes, another recipe's never does.
+    train_codec.run({**base, "name": f"{base['name']}-{recipe[:12]}"}, address)
+    return {**json.loads(store.read_text("model.json")), "weights": store.display("model.pth")}
+
+
+def sweep_config(cfg: dict, store: Storage, maa_dir: str, base: dict | None = None) -> dict:
+    """Variants: for each seed, the original-target codec and the MAA-target codec; every codec
+    fine-tunes from the base codec when there is one."""
     variants = []
     for seed in cfg["seeds"]:
         variants += [{"name": f"original-s{seed}", "description": f"machine target = the original, seed {seed}",
                       "set": {"seed": seed, "machine_targets.maa_dir": None}},
                      {"name": f"maa-s{seed}", "description": f"machine target = its MAA image, seed {seed}",
                       "set": {"seed": seed, "machine_targets.maa_dir": maa_dir}}]
-    return {"name": f"{cfg['name']}-sweep", "out_dir": store.display("sweep"), "train": dict(cfg["codec"]),
+    train = dict(cfg["codec"])
+    if base is not None:
+        train["codec"] = {**train["codec"], "weights": base["weights"]}
+    return {"name": f"{cfg['name']}-sweep", "out_dir": store.display("sweep"), "train": train,
             "rate_points": cfg["rate_points"], "variants": variants, "evaluate": cfg["evaluate"],
             "anchors": cfg.get("anchors") or [], "report": {"anchor": (cfg.get("anchors") or [{}])[0].get("label")
                                                             or variants[0]["name"]},
@@ -179,15 +213,17 @@ def run(cfg: dict, address: str | None = None) -> dict:
     store = Storage(cfg["out_dir"])
     write_resolved(cfg, store.display())
     start = time.time()
+    base = base_codec(cfg, address)
+    base_s = time.time() - start
     maa = maa_config(cfg, store)
     maa_summary = maa_augment.run(maa, address)
     exit_status(maa_summary)   # units that failed: stop here, the rerun retries them
-    maa_s = time.time() - start
-    sweep = sweep_config(cfg, store, maa["out_dir"])
+    maa_s = time.time() - start - base_s
+    sweep = sweep_config(cfg, store, maa["out_dir"], base)
     sweep_summary = sweep_rd.run(sweep, address)
     if sweep_summary["failed_trials"]:
         raise SystemExit(f"{len(sweep_summary['failed_trials'])} sweep trial(s) failed; rerun the same command")
-    sweep_s = time.time() - start - maa_s
+    sweep_s = time.time() - start - base_s - maa_s
     result = analyse(cfg, sweep, [detector_label(d) for d in maa["detectors"]])
     store.write_text("generalisation.json", json.dumps(result, indent=2))
     table = markdown(result)
@@ -195,7 +231,9 @@ def run(cfg: dict, address: str | None = None) -> dict:
     store.write_bytes("generalisation.png", figure(result))
     print("\n" + table)
     summary = {"job": "maa_generalisation", "name": cfg["name"], "maa_images": maa_summary["images"],
-               "trials": sweep_summary["trials_finished"], "maa_s": round(maa_s, 1), "sweep_s": round(sweep_s, 1),
+               "trials": sweep_summary["trials_finished"], "base_codec": base and {
+                   k: base.get(k) for k in ("weights", "sha256", "steps", "recipe", "runner")},
+               "base_s": round(base_s, 1), "maa_s": round(maa_s, 1), "sweep_s": round(sweep_s, 1),
                "wall_s": round(time.time() - start, 1), "table": store.display("generalisation.md"),
                "figure": store.display("generalisation.png"), "rd_figure": sweep_summary.get("figure")}
     write_summary(store.display(), summary, f"MAA generalisation {cfg['name']}")

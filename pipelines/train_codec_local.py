@@ -1,0 +1,98 @@
+"""Train a codec from a ``pipelines/train_codec.py`` config in this one process, on one device,
+without Ray: the same checks, the same training loop (``train_codec_loop``), the same export
+(``model.pth`` + ``model.json`` with the recipe digest, ``trained:<label>`` when the config has a
+label). For a single-GPU box without Ray, or to train a small codec on a lent GPU; a cluster runs
+``pipelines/train_codec.py``.
+
+    python pipelines/train_codec_local.py --config pipelines/configs/codec_ugicm.yaml --profile demo --device cuda
+
+One difference from the Ray job: images are decoded and cropped in this process (one worker, no
+Ray Data), each epoch in a new order. A rerun resumes from ``<out_dir>/local/<name>/state.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common import resolve_config  # noqa: E402
+
+from icm.data.storage import Storage  # noqa: E402
+from icm.train.codec import decode_and_crop, train_codec_loop  # noqa: E402
+from icm.train.codec_job import LOOP_KEYS, check_config, export_model, training_images  # noqa: E402
+from icm.train.session import LocalSession  # noqa: E402
+
+
+class CroppingSession(LocalSession):
+    """Each epoch: the references in a seeded new order, decoded and freshly cropped (as the Ray
+    job's ``decode_and_crop`` stage does, in one process)."""
+
+    def __init__(self, refs: list[dict], targets: dict[str, str], crop: int, seed: int, checkpoint_dir, device):
+        super().__init__({}, checkpoint_dir, device)
+        self.refs, self.targets, self.crop, self.seed = refs, targets, crop, seed
+
+    def records(self, split: str, epoch: int):
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.refs))
+        for start in range(0, len(order), 8):
+            batch = decode_and_crop({"ref_json": np.asarray([json.dumps(self.refs[i]) for i in order[start:start + 8]])},
+                                    size=self.crop, targets=self.targets, min_side=self.crop // 2)
+            for j in range(len(batch["x"])):
+                yield {key: batch[key][j] for key in batch}
+
+    def report(self, metrics, state=None):
+        super().report(metrics, state)
+        shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "bpp_loss", "psnr", "samples_per_s") if k in metrics)
+        print(f"[icm] step {metrics['step']}: {shown}{' (checkpoint)' if state else ''}", flush=True)
+
+
+def train_local(cfg: dict, device: str) -> dict:
+    check_config(cfg)
+    refs, targets, matched, classes = training_images(cfg)
+    storage = Storage(cfg["out_dir"])
+    if not storage.local:
+        raise SystemExit(f"out_dir {cfg['out_dir']}: the local runner writes to a local directory; "
+                         "use pipelines/train_codec.py for object storage")
+    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
+    loop_cfg |= {"dataset_classes": classes, "canvas": int(cfg.get("canvas", cfg["crop"]))}
+    if importlib.util.find_spec("tensorboard"):
+        loop_cfg["tensorboard_dir"] = storage.local_path(f"tensorboard/{cfg['name']}")
+    else:
+        print("[icm] tensorboard is not installed: no TensorBoard logs (metrics still go to summary.json)", flush=True)
+    checkpoints = storage.local_path(f"local/{cfg['name']}")
+    session = CroppingSession(refs, targets, int(cfg["crop"]), int(cfg.get("seed", 0)), checkpoints, device)
+    start = time.time()
+    train_codec_loop(loop_cfg, session)
+    state = torch.load(Path(checkpoints) / "state.pt", map_location="cpu", weights_only=True)
+    info = export_model(state, cfg, storage, runner=f"train_codec_local ({torch.device(device).type})")
+    summary = {"job": "train_codec_local", "codec": cfg["codec"]["name"], "device": str(device),
+               "train_images_listed": len(refs), "machine_targets": f"MAA images for {matched} of {len(refs)}"
+               if targets else "the originals", "steps": state["step"],
+               "final_metrics": session.reports[-1] if session.reports else {},
+               "train_wall_s": round(time.time() - start, 1), "model": info}
+    storage.write_text("summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="pipelines/configs/codec_ugicm.yaml")
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--out", default=None, help="output directory (overrides out_dir)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_args()
+    summary = train_local(resolve_config(args), args.device)
+    print(json.dumps({k: summary[k] for k in ("steps", "train_wall_s", "final_metrics")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -32,3 +32,43 @@ def test_config_errors_name_the_file(tmp_path):
         load_config(path, overrides=["novalue"])
     with pytest.raises(ConfigError, match="not a mapping"):
         load_config(path, overrides=["a.b=2"])
+
+
+def _detector_specs(node):
+    """Every spec listed under a ``detectors`` key anywhere in a resolved config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "detectors" and isinstance(value, list):
+                yield from (spec for spec in value if isinstance(spec, dict))
+            else:
+                yield from _detector_specs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _detector_specs(value)
+
+
+def test_shipped_configs_resolve_and_name_registered_models():
+    """Every YAML the README points at loads under each of its profiles, and every detector it
+    names is registered (a renamed builder — e.g. centernet_resnet18 → _skip — breaks here, not in
+    the middle of `make demo`)."""
+    from pathlib import Path
+
+    import yaml
+
+    import icm.detectors  # noqa: F401 - registration
+    from icm.zoo.registry import lookup
+
+    repo = Path(__file__).resolve().parents[1]
+    paths = sorted([*repo.glob("pipelines/configs/*.yaml"), *repo.glob("pipelines/experiments/*.yaml"),
+                    *repo.glob("tuning/configs/*.yaml")])
+    assert len(paths) >= 14
+    names = set()
+    for path in paths:
+        for profile in [None, *(yaml.safe_load(path.read_text()).get("profiles") or {})]:
+            for spec in _detector_specs(load_config(path, profile=profile)):
+                try:
+                    lookup("detector", spec["name"])
+                except KeyError as exc:
+                    raise AssertionError(f"{path.name} (profile {profile}): {exc}") from None
+                names.add(spec["name"])
+    assert {"centernet_resnet18_skip", "yolov8n", "fasterrcnn_resnet18_fpn", "fcos_resnet18_fpn"} <= names

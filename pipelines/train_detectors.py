@@ -39,9 +39,11 @@ def _dataset_spec(cfg: dict, spec: dict, split: str) -> dict:
     return {**cfg["dataset"], "domain": spec["domain"], "split": split}
 
 
-def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> tuple[bytes, str]:
-    """The trained weights (file bytes) and their suffix. ``run`` names the training run (label +
-    recipe key): an interrupted run of the same recipe resumes, another recipe starts afresh."""
+def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> tuple[bytes, str, float]:
+    """The trained weights (file bytes), their suffix and the run's training seconds over all its
+    sessions (a finished run found again costs nothing now, but its time is what it took). ``run``
+    names the training run (label + recipe key): an interrupted run of the same recipe resumes,
+    another recipe starts afresh."""
     canvas = int(spec.get("canvas", cfg["canvas"]))
     train_reader = build_reader(_dataset_spec(cfg, spec, "train"))
     classes = train_reader.classes
@@ -56,7 +58,11 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> 
         device = "0" if workers.get("use_gpu") else "cpu"
         best = ray.get(task.remote({**loop_cfg, "run_name": run, "device": device}, str(data_yaml),
                                    str((out_dir / "ultralytics").resolve())))
-        return Path(best).read_bytes(), ".pt"
+        # ultralytics' results.csv: one row per epoch, ``time`` = seconds since the run began
+        # (resumes included)
+        rows = (Path(best).parents[1] / "results.csv").read_text().strip().splitlines()
+        header = [c.strip() for c in rows[0].split(",")]
+        return Path(best).read_bytes(), ".pt", float(rows[-1].split(",")[header.index("time")])
     else:
         # A few hundred small images: each worker decodes its slice once (RayTrainSession);
         # large sets would go through Ray Data instead (datasets={"train": records_dataset(...)}).
@@ -66,9 +72,10 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> 
         result = fit(train_detector_loop, loop_cfg, name=run, storage_path=out_dir / "ray-train",
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                      cpus_per_worker=workers.get("cpus_per_worker", 1))
+        state = final_state(result)
         buf = io.BytesIO()
-        torch.save(final_state(result)["model"], buf)
-        return buf.getvalue(), ".pth"
+        torch.save(state["model"], buf)
+        return buf.getvalue(), ".pth", float(state.get("train_s", 0.0))
 
 
 def cache_key(cfg: dict, spec: dict) -> str:
@@ -120,8 +127,9 @@ def train_backbone(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> dict:
     result = fit(train_backbone_loop, loop_cfg, name=f"{label}-{key[:12]}", storage_path=out_dir / "ray-train",
                  num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                  cpus_per_worker=workers.get("cpus_per_worker", 1))
-    elapsed = time.time() - start
-    state = final_state(result)["model"]
+    final = final_state(result)
+    elapsed = max(time.time() - start, float(final.get("train_s", 0.0)))   # as for detectors (main)
+    state = final["model"]
     net = torchvision.models.get_model(spec["name"], weights=None, num_classes=len(reader.classes) + 1)
     net.load_state_dict(state)
     net.eval()
@@ -168,9 +176,10 @@ def main() -> None:
         if not info:
             print(f"[icm] training {label} ({spec['name']}, {spec.get('trainer', 'ray')})", flush=True)
             start = time.time()
-            data, suffix = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)} if spec.get("init")
-                                     else spec, out_dir, workers, run=f"{label}-{key[:12]}")
-            elapsed = time.time() - start
+            data, suffix, run_s = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)}
+                                            if spec.get("init") else spec, out_dir, workers, run=f"{label}-{key[:12]}")
+            # this session's wall clock (start-up included); for a run found finished, its own time
+            elapsed = max(time.time() - start, run_s)
             with tempfile.TemporaryDirectory() as tmp:
                 candidate = Path(tmp) / f"{label}{suffix}"
                 candidate.write_bytes(data)

@@ -36,11 +36,16 @@ def test_loss_goes_down_and_resume_equals_uninterrupted(tmp_path, train_records)
 
     with pytest.raises(Killed):
         train_detector_loop(_config(3), DiesAfterEpoch1({"train": train_records}, tmp_path / "part"))
+    before = LocalSession({"train": train_records}, tmp_path / "part").restore()["train_s"]
     resumed = LocalSession({"train": train_records}, tmp_path / "part")
     train_detector_loop(_config(3), resumed)          # same run started again
     assert [r["epoch"] for r in resumed.reports] == [2]
     a, b = full.restore(), resumed.restore()
     assert a["step"] == b["step"] == 9
+    # the run's training time spans both sessions: epochs 0-1, then epoch 2 on top
+    assert 0 < before < b["train_s"] == resumed.reports[-1]["train_s"]
+    train_detector_loop(_config(3), finished := LocalSession({"train": train_records}, tmp_path / "part"))
+    assert finished.reports == [] and finished.restore()["train_s"] == b["train_s"]   # found finished: unchanged
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
 

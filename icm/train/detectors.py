@@ -5,6 +5,7 @@ own trainer instead (``train_yolo``)."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -78,7 +79,8 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
     """config: name, classes, canvas, epochs, total_steps (optimiser steps of all epochs, for the
     learning-rate schedule), batch_size, lr, weight_decay, seed, weights,
     model_kwargs, checkpoint_every (epochs), threads (torch CPU threads), precise_bn_batches
-    (batches used to recompute BatchNorm statistics after the last epoch; 0 disables)."""
+    (batches used to recompute BatchNorm statistics after the last epoch; 0 disables). Metrics and
+    checkpoints carry ``train_s``: the training seconds of the run over all its sessions (resumes)."""
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     if config.get("threads"):
@@ -98,17 +100,19 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 1.0 if not total_steps else min(1.0, (s + 1) / warmup)
         * (0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)) * 0.95 + 0.05))
-    start_epoch, step = 0, 0
+    start_epoch, step, train_s = 0, 0, 0.0
     state = session.restore()
     if state is not None:
         det.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        train_s = float(state.get("train_s", 0.0))
     batch_size = int(config.get("batch_size", 8))
     canvas = int(config["canvas"])
     every = int(config.get("checkpoint_every", 1))
     for epoch in range(start_epoch, epochs):
+        epoch_started = time.time()
         rng = np.random.default_rng([seed, epoch, session.rank])
         losses, images, targets = [], [], []
 
@@ -143,13 +147,15 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
                 if len(calib) == int(config.get("precise_bn_batches", 16)):
                     break
             recalibrate_norm_stats(det, calib)
+        train_s += time.time() - epoch_started
         metrics = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
-                   "lr": opt.param_groups[0]["lr"]}
+                   "lr": opt.param_groups[0]["lr"], "train_s": train_s}
         last = epoch == epochs - 1
         state = None
         if session.rank == 0 and ((epoch + 1) % every == 0 or last):
             state = {"model": det.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "epoch": epoch, "step": step, "name": config["name"], "classes": list(config["classes"])}
+                     "epoch": epoch, "step": step, "name": config["name"], "classes": list(config["classes"]),
+                     "train_s": train_s}
         session.report(metrics, state)
 
 
@@ -201,16 +207,18 @@ def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
     lr = float(config.get("lr", 2e-3))
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    step, epoch = 0, 0
+    step, epoch, train_s = 0, 0, 0.0
     state = session.restore()
     if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, epoch = int(state["step"]), int(state["epoch"]) + 1
+        train_s = float(state.get("train_s", 0.0))
     mean = torch.tensor([0.485, 0.456, 0.406], device=session.device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=session.device).view(1, 3, 1, 1)
     while step < steps:
+        epoch_started = time.time()
         rng = np.random.default_rng([seed, epoch, session.rank])
         pool, correct, seen, losses = [], 0, 0, []
         for rec in shuffled((r for r in session.records("train", epoch) if r["status"] == "ok"), rng):
@@ -232,10 +240,12 @@ def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
             if step >= steps:
                 break
         save = session.rank == 0
+        train_s += time.time() - epoch_started
         session.report({"epoch": epoch, "step": step, "loss": float(np.mean(losses)) if losses else float("nan"),
-                        "train_accuracy": correct / max(seen, 1)},
+                        "train_accuracy": correct / max(seen, 1), "train_s": train_s},
                        {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "step": step, "epoch": epoch, "name": config["name"], "classes": classes} if save else None)
+                        "step": step, "epoch": epoch, "name": config["name"], "classes": classes,
+                        "train_s": train_s} if save else None)
         epoch += 1
 
 

@@ -36,7 +36,9 @@ def _cfg(out):
                 "outer": 1, "inner_steps": 1, "alpha": "2/255", "bound": {"type": "linf", "eps": "8/255"},
                 "batch_size": 2, "seed": 0, "device": "cpu", "detectors": SEEN,
                 "workers": {"actors": 1, "num_cpus": 0.5}, "figure_images": 1},
-        "codec": {"dataset": {**SHAPES, "split": "train"}, "limit": 4, "crop": 64, "codec": CODEC,
+        # as the shipped config: a train_codec.py YAML and profile, with overrides merged into it
+        "codec": {"from": "pipelines/configs/codec_ugicm.yaml", "profile": "demo",
+                  "dataset": {**SHAPES, "split": "train"}, "limit": 4, "crop": 64, "codec": CODEC,
                   "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.01, "lmbda_clip": 0},
                   "steps": 3, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "log_every": 1,
                   "threads": 1, "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "data": {"num_cpus": 0.5}},

@@ -97,8 +97,8 @@ def sweep_config(cfg: dict, store: Storage, maa_dir: str, base: dict | None = No
                      {"name": f"maa-s{seed}", "description": f"machine target = its MAA image, seed {seed}",
                       "set": {"seed": seed, "machine_targets.maa_dir": maa_dir}}]
     train = dict(cfg["codec"])
-    if base is not None:
-        train["codec"] = {**train["codec"], "weights": base["weights"]}
+    if base is not None:   # a full codec spec, or an override merged into the `from:` file's one
+        train["codec"] = {**(train.get("codec") or {}), "weights": base["weights"]}
     return {"name": f"{cfg['name']}-sweep", "out_dir": store.display("sweep"), "train": train,
             "rate_points": cfg["rate_points"], "variants": variants, "evaluate": cfg["evaluate"],
             "anchors": cfg.get("anchors") or [], "report": {"anchor": (cfg.get("anchors") or [{}])[0].get("label")

@@ -3,7 +3,7 @@ machine-friendly for a trio of detectors) serves detectors *outside* that trio b
 rate, than the same codec learning the original images.
 
     python pipelines/experiments/maa_generalisation.py --config pipelines/experiments/maa_generalisation.yaml
-    make experiment          # the same, on the shapes set (≈ 40 min on 2 CPU cores)
+    make experiment          # the same, on the shapes set (≈ 42 min on 2 CPU cores, base codec reused)
 
 Four stages, each the project's own job, each resumable (rerun the same command):
 0. a base codec (``base_codec``, ``pipelines/train_codec.py``): human and machine decodes learning

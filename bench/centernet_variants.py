@@ -68,7 +68,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     train = build_reader({"type": "shapes", "domain": "photo", "split": "train"})
     val = build_reader({"type": "shapes", "domain": "photo", "split": "val"})
     records = [r for r in train.records() if r["status"] == "ok"]

@@ -15,21 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
+from common import resolve_config, write_resolved
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from common import resolve_config  # noqa: E402
-
-from icm.data.storage import Storage  # noqa: E402
-from icm.train.codec import decode_and_crop, train_codec_loop  # noqa: E402
-from icm.train.codec_job import LOOP_KEYS, check_config, export_model, training_images  # noqa: E402
-from icm.train.session import LocalSession  # noqa: E402
+from icm.data.storage import Storage
+from icm.train.codec import decode_and_crop, train_codec_loop
+from icm.train.codec_job import check_config, export_model, loop_config, training_images
+from icm.train.session import LocalSession
 
 
 class CroppingSession(LocalSession):
@@ -61,8 +57,8 @@ def train_local(cfg: dict, device: str) -> dict:
     if not storage.local:
         raise SystemExit(f"out_dir {cfg['out_dir']}: the local runner writes to a local directory; "
                          "use pipelines/train_codec.py for object storage")
-    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
-    loop_cfg |= {"dataset_classes": classes, "canvas": int(cfg.get("canvas", cfg["crop"]))}
+    write_resolved(cfg, storage.display())
+    loop_cfg = loop_config(cfg, classes)
     if importlib.util.find_spec("tensorboard"):
         loop_cfg["tensorboard_dir"] = storage.local_path(f"tensorboard/{cfg['name']}")
     else:

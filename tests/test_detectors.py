@@ -126,8 +126,8 @@ def test_centernet_skip_variant_uses_the_shallow_stages_and_plain_keeps_its_layo
     assert not any(k.startswith("laterals.") for k in plain.state_dict())
     assert {"upsample.0.weight", "upsample.3.weight", "upsample.6.weight"} <= set(plain.state_dict())
     skip = build_detector("centernet_resnet18_skip", CLASSES, weights="random:1", image_size=SIZE).eval()
-    # The stride-4 features change when layer1's output changes, with layer2-4 held fixed: the
-    # skip path, not only the stride-32 one, reaches the heads.
+    # Scaling the layer1 lateral (its BatchNorm) changes the stride-4 features: the skip path,
+    # not only the stride-32 one, reaches the heads.
     feats = skip.features(images)[0]
     with torch.no_grad():
         skip.laterals[2][1].weight.mul_(3.0)  # the layer1 lateral's BatchNorm scale

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from icm.config import ConfigError
+from icm.config import ConfigError, canonical_json
 from icm.data.ray_io import refs_dataset, select_refs
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
-from icm.config import canonical_json
 from icm.train.codec import build_training_codec, decode_and_crop, train_codec_loop
 from icm.zoo.weights import publish_trained
 
@@ -41,6 +40,12 @@ def machine_targets(maa_dir: str | None) -> dict[str, str]:
     return {r["source_id"]: maa.display(r["output_path"])
             for r in maa.read_table("manifest.parquet", ["source_id", "output_path", "status"]).to_pylist()
             if r["status"] == "ok"}
+
+
+def loop_config(cfg: dict, classes: list[str]) -> dict:
+    """What ``train_codec_loop`` takes from a job config, whichever runner drives it."""
+    return {k: cfg[k] for k in LOOP_KEYS if k in cfg} | {"dataset_classes": classes,
+                                                          "canvas": int(cfg.get("canvas", cfg["crop"]))}
 
 
 def recipe_digest(cfg: dict) -> str:
@@ -122,9 +127,7 @@ def train_codec_job(cfg: dict, refs: list[dict], targets: dict[str, str], matche
         partial(decode_and_crop, size=int(cfg["crop"]), targets=targets, min_side=int(cfg["crop"]) // 2),
         batch_size=8, batch_format="numpy", num_cpus=data_cpus)
     workers = cfg.get("workers", {}) or {}
-    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg}
-    loop_cfg["shuffle_buffer"] = {"train": int(data.get("shuffle_buffer", 64))}
-    loop_cfg |= {"dataset_classes": classes, "canvas": int(cfg.get("canvas", cfg["crop"]))}
+    loop_cfg = loop_config(cfg, classes) | {"shuffle_buffer": {"train": int(data.get("shuffle_buffer", 64))}}
     # TensorBoard writes local files: beside the outputs; or, when the outputs are in object storage,
     # in a local dir of rank 0's node that is copied to out_dir/tensorboard/<name> at every checkpoint
     # (the node may be an autoscaled worker that disappears)

@@ -53,6 +53,7 @@ def gaussian_radius(height: float, width: float, min_overlap: float = 0.7) -> fl
 class CenterNet(Detector):
     family = "centernet"
     stride = 4
+    supports_autocast = True
 
     def __init__(self, classes: list[str], backbone: str = "resnet18", feat_channels: int = 512,
                  head_channels: int = 64, skips: bool = False):
@@ -104,6 +105,12 @@ class CenterNet(Detector):
     def forward(self, images: torch.Tensor):
         feats = self._upsampled(images)
         return self.heatmap(feats), self.size(feats), self.offset(feats)
+
+    def _network(self, images: torch.Tensor):
+        """Heatmap, size and offset maps in float32 whatever the autocast (the loss is float32)."""
+        with self.network_autocast(images.device.type):
+            outputs = self(self.network_input(images))
+        return tuple(o.float() for o in outputs)
 
     @torch.no_grad()
     def _targets(self, target: dict, out_h: int, out_w: int, device):
@@ -178,7 +185,7 @@ class CenterNet(Detector):
         if not self.batched:
             return self._per_image_loss(images, targets)
         with loss_branch(self, train_norm=self.training):
-            hm_logits, size_pred, off_pred = self(images)
+            hm_logits, size_pred, off_pred = self._network(images)
         hm, centers, sizes, offsets, valid = self._batch_targets(targets, tuple(hm_logits.shape[2:]),
                                                                  tuple(images.shape[2:]))
         focal, num_pos = self.focal_loss(hm_logits, hm)
@@ -194,7 +201,7 @@ class CenterNet(Detector):
         terms = {"heatmap": images.new_zeros(()), "size": images.new_zeros(()), "offset": images.new_zeros(())}
         for image, target in zip(images, targets):
             with loss_branch(self, train_norm=self.training):
-                hm_logits, size_pred, off_pred = self(image[None])
+                hm_logits, size_pred, off_pred = self._network(image[None])
             hm, centers, sizes, offsets = self._targets(target, *hm_logits.shape[2:], images.device)
             focal, num_pos = self.focal_loss(hm_logits, hm[None])
             terms["heatmap"] = terms["heatmap"] + focal[0] / max(float(num_pos), 1.0)

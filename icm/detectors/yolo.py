@@ -17,6 +17,7 @@ from functools import cache
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from icm.detectors.base import Detector, loss_branch, sum_terms
 from icm.zoo.registry import attach_provenance, register
@@ -29,6 +30,7 @@ ASSETS_URL = "https://github.com/ultralytics/assets/releases/download/v8.3.0/{}"
 
 class YoloDetector(Detector):
     family = "ultralytics"
+    supports_autocast = True
 
     def __init__(self, cfg: str, classes: list[str]):
         super().__init__(classes)
@@ -45,6 +47,16 @@ class YoloDetector(Detector):
         h, w = images.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
         return F.pad(images, (0, pw, 0, ph), value=114 / 255) if ph or pw else images
+
+    def _network(self, x: torch.Tensor):
+        """The head's training outputs for padded inputs ``x``, in float32 whatever the autocast."""
+        with self.network_autocast(x.device.type):
+            out = self.model(self.network_input(x))
+        return tree_map(lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t, out)
+
+    def fold_batchnorm(self) -> None:
+        """ultralytics' own ``fuse``: BatchNorm folded into its ``Conv`` blocks' convolutions."""
+        self.model.fuse(verbose=False)
 
     def _criterion(self, device):
         crit = getattr(self.model, "criterion", None)
@@ -114,11 +126,11 @@ class YoloDetector(Detector):
                 per_image = []
                 for image, target in zip(images, targets):
                     img = self._pad(image[None])
-                    loss, _ = criterion(self.model(img), self._yolo_batch(target, img))
+                    loss, _ = criterion(self._network(img), self._yolo_batch(target, img))
                     per_image.append({"box": loss[0], "cls": loss[1], "dfl": loss[2]})
                 return sum_terms(per_image)
             x = self._pad(images)
-            preds = criterion.parse_output(self.model(x))
+            preds = criterion.parse_output(self._network(x))
         if type(criterion) is v8DetectionLoss and criterion.use_dfl:
             box, cls, dfl = per_image_detection_loss(criterion, preds, self._ground_truth(targets, images.shape[-2:]),
                                                      self._anchors(preds["feats"], criterion))

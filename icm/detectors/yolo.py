@@ -211,11 +211,8 @@ def _sync_free_assigner_class():
 
 def sync_free_assigner(assigner):
     """A sync-free copy of ``assigner`` (same hyper-parameters), kept on it for later calls."""
-    cls = _sync_free_assigner_class()
-    if isinstance(assigner, cls):
-        return assigner
     if not hasattr(assigner, "_sync_free"):
-        assigner._sync_free = cls(topk=assigner.topk, num_classes=assigner.num_classes, alpha=assigner.alpha,
+        assigner._sync_free = _sync_free_assigner_class()(topk=assigner.topk, num_classes=assigner.num_classes, alpha=assigner.alpha,
                                   beta=assigner.beta, stride=assigner.stride, eps=assigner.eps,
                                   topk2=assigner.topk2)
     return assigner._sync_free

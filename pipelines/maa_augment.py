@@ -23,9 +23,10 @@ from icm.data.writers import decode_png
 from icm.data.ray_io import run_on_worker, select_refs
 from icm.maa.report import manifest_stats, summary_figure
 from icm.maa.stage import MAA_COLUMNS, MAAStage, check_detectors, detector_groups, detector_label, largest_batch
+from icm.runtime import Precision
 
 METHOD_KEYS = ("method", "canvas", "steps", "outer", "inner_steps", "alpha", "bound", "detectors", "domains",
-               "class_map", "device", "deterministic", "seed")
+               "class_map", "device", "deterministic", "precision", "seed")
 AUTO_BATCH_FILE = "batch_size_auto.json"
 
 
@@ -92,6 +93,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     storage = Storage(out_dir)
     reader = build_reader(cfg["dataset"])
     params = {k: cfg[k] for k in METHOD_KEYS if k in cfg}
+    params["precision"] = Precision.from_config(cfg.get("precision")).as_dict()   # resolved: the guard compares values
     check_detectors(params, reader.classes)  # fail on a bad method/detector config before starting workers
     guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
     write_resolved(cfg, out_dir)
@@ -112,6 +114,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
         [(originals[k]["image"], outputs[k]["image"], k) for k in sorted(outputs) if k in originals]))
     summary = {"job": "maa", "method": cfg["method"], "dataset": reader.name, "images": result["counts"],
                "batch_size": batch_size, "deterministic": bool(params.get("deterministic", True)),
+               "precision": params["precision"],
                "elapsed_s": round(result["elapsed_s"], 2), "images_per_s": round(result["images_per_s"], 3),
                **stats, "manifest": result["manifest"], "figure": storage.display("summary.png"),
                "wall_s": round(time.time() - start, 1), "failed_units": result["failed_units"],

@@ -75,6 +75,29 @@ def test_batched_loss_is_each_images_own_loss(name, images):
     assert (grad.sign() == ref_grad.sign()).float().mean() >= 0.995
 
 
+@pytest.mark.parametrize("name", ["yolov8n", "centernet_resnet18"])
+def test_loss_step_is_sync_free_and_its_ops_do_not_grow_with_the_batch(name):
+    """One MAA step (loss + input gradient, targets prepared once per unit) makes no host sync,
+    and dispatches at batch 16 at most 1.2× the ops of batch 1 (issue 22: one criterion call per
+    batch). Object counts differ per image, one image has none."""
+    from icm.dispatch import DispatchCounter
+    from icm.maa.methods import Member, gradient
+
+    det = build_detector(name, CLASSES, weights="random:1", image_size=64).freeze()
+    counts = {}
+    for batch in (1, 16):
+        targets = [{"boxes": torch.tensor([[4.0 + i, 6.0, 30.0 + i, 40.0], [20.0, 10.0, 60.0, 50.0 - i]][:i % 3]),
+                    "labels": torch.tensor([1, 2][:i % 3])} for i in range(1, batch + 1)]
+        member = Member("d", det, det.prepare_targets(targets, (64, 64)), list(range(batch)))
+        x = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        gradient(lambda a: member.loss(a, 0), x)
+        with DispatchCounter() as counts[batch]:
+            grad = gradient(lambda a: member.loss(a, 1), x)
+        assert torch.isfinite(grad).all() and (grad.flatten(1).abs().sum(1) > 0).all()
+    assert counts[1].syncs == counts[16].syncs == 0, (counts[1].sync_ops, counts[16].sync_ops)
+    assert counts[16].ops <= 1.2 * counts[1].ops, (counts[1].ops, counts[16].ops)
+
+
 def test_faster_rcnn_sampling_is_seeded(images):
     det = build_detector("fasterrcnn_mobilenet_v3_large_fpn", CLASSES, weights="random:1",
                          image_size=SIZE).freeze()

@@ -240,6 +240,35 @@ def test_losses_are_measured_on_the_written_png(tmp_path):
                 json.loads(r["loss_before"])[label], rel=1e-6, abs=1e-9)
 
 
+def test_precision_is_recorded_in_rows_and_guards_a_resume(tmp_path, monkeypatch):
+    """A precision setting reaches every row's runtime and the job parameters the resume guard
+    compares (resolved: absent keys equal their defaults); another precision refuses to resume."""
+    import maa_augment
+
+    reader = BoxedFolder(_folder(tmp_path / "src", [(48, 56), (50, 50)]), name="f")
+    precision = {"fold_bn": True, "channels_last": True}
+    stage = MAAStage(str(tmp_path / "out"), {**_params(), "precision": precision}, CLASSES)
+    rows = stage.run_unit(work_units(reader, 2)[0])
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for r in rows:
+        assert json.loads(r["runtime"])["precision"] == {"tf32": False, "autocast": None, "channels_last": True,
+                                                         "fold_bn": True}
+
+    class GuardPassed(Exception):
+        pass
+
+    def stop(*_a, **_k):
+        raise GuardPassed
+    monkeypatch.setattr(maa_augment, "start_ray", stop)
+    cfg = {**_pipeline_cfg(tmp_path / "src", tmp_path / "job"), "precision": precision}
+    with pytest.raises(GuardPassed):
+        maa_augment.run(cfg)
+    with pytest.raises(GuardPassed):   # the same setting spelled out in full
+        maa_augment.run({**cfg, "precision": {**precision, "tf32": False, "autocast": "off"}})
+    with pytest.raises(SystemExit, match="changed: .*'precision'"):
+        maa_augment.run({**cfg, "precision": {**precision, "tf32": True}})
+
+
 def test_per_detector_class_maps_and_label_checks(tmp_path):
     from icm.maa.stage import check_detectors
 

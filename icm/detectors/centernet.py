@@ -53,6 +53,7 @@ def gaussian_radius(height: float, width: float, min_overlap: float = 0.7) -> fl
 class CenterNet(Detector):
     family = "centernet"
     stride = 4
+    supports_autocast = True
 
     def __init__(self, classes: list[str], backbone: str = "resnet18", feat_channels: int = 512,
                  head_channels: int = 64, skips: bool = False):
@@ -105,6 +106,12 @@ class CenterNet(Detector):
         feats = self._upsampled(images)
         return self.heatmap(feats), self.size(feats), self.offset(feats)
 
+    def _network(self, images: torch.Tensor):
+        """Heatmap, size and offset maps in float32 whatever the autocast (the loss is float32)."""
+        with self.network_autocast(images.device.type):
+            outputs = self(self.network_input(images))
+        return tuple(o.float() for o in outputs)
+
     @torch.no_grad()
     def _targets(self, target: dict, out_h: int, out_w: int, device):
         hm = torch.zeros(self.num_classes, out_h, out_w, device=device)
@@ -131,12 +138,14 @@ class CenterNet(Detector):
 
     @staticmethod
     def focal_loss(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's focal-loss sum and its number of positives (both of shape (B,)), for
+        (B, C, H, W) logits and Gaussian heatmaps."""
         pred = logits.sigmoid().clamp(1e-4, 1 - 1e-4)
         pos = gt.eq(1).float()
         neg_weights = (1 - gt) ** 4
-        pos_loss = (torch.log(pred) * (1 - pred) ** 2 * pos).sum()
-        neg_loss = (torch.log(1 - pred) * pred ** 2 * neg_weights * (1 - pos)).sum()
-        return -(pos_loss + neg_loss), pos.sum()
+        pos_loss = (torch.log(pred) * (1 - pred) ** 2 * pos).sum((1, 2, 3))
+        neg_loss = (torch.log(1 - pred) * pred ** 2 * neg_weights * (1 - pos)).sum((1, 2, 3))
+        return -(pos_loss + neg_loss), pos.sum((1, 2, 3))
 
     def _output_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = image_size
@@ -144,29 +153,62 @@ class CenterNet(Detector):
 
     def prepare_targets(self, targets, image_size):
         """Heatmap, centres, sizes and offsets of each image, built once (an MAA unit makes ~270
-        loss calls on the same targets)."""
+        loss calls on the same targets); centres, sizes and offsets padded to the unit's most
+        objects, with a mask of the real ones, so a batch's targets concatenate in one op each."""
         out_h, out_w = self._output_size(image_size)
         device = self.mean.device
-        return [{**t, "centernet": (out_h, out_w, self._targets(t, out_h, out_w, device))} for t in targets]
+        built = [self._targets(t, out_h, out_w, device) for t in targets]
+        most = max((len(centers) for _, centers, _, _ in built), default=0)
+        prepared = []
+        for t, (hm, centers, sizes, offsets) in zip(targets, built):
+            pad = most - len(centers)
+            valid = torch.cat([torch.ones(len(centers), device=device), torch.zeros(pad, device=device)])
+            prepared.append({**t, "centernet": (out_h, out_w, (
+                hm[None], F.pad(centers, (0, pad))[None], F.pad(sizes, (0, 0, 0, pad))[None],
+                F.pad(offsets, (0, 0, 0, pad))[None], valid[None]))})
+        return prepared
+
+    def _batch_targets(self, targets: list[dict], out_size: tuple[int, int], image_size: tuple[int, int]):
+        """The batch's (heatmaps, centres, sizes, offsets, valid), concatenated from the prepared
+        targets (prepared here when they were not, for this size)."""
+        if not all(t.get("centernet", (None, None))[:2] == out_size for t in targets):
+            targets = self.prepare_targets(targets, image_size)
+        parts = [t["centernet"][2] for t in targets]
+        most = max(p[1].shape[1] for p in parts)
+        if any(p[1].shape[1] != most for p in parts):   # prepared in different units
+            parts = [(hm, F.pad(c, (0, most - c.shape[1])), F.pad(s, (0, 0, 0, most - s.shape[1])),
+                      F.pad(o, (0, 0, 0, most - o.shape[1])), F.pad(v, (0, most - v.shape[1])))
+                     for hm, c, s, o, v in parts]
+        return [torch.cat(column) for column in zip(*parts)]
 
     def loss(self, images, targets):
+        if not self.batched:
+            return self._per_image_loss(images, targets)
         with loss_branch(self, train_norm=self.training):
-            hm_logits, size_pred, off_pred = self(images)
-        _, _, out_h, out_w = hm_logits.shape
-        terms = {"heatmap": hm_logits.new_zeros(()), "size": hm_logits.new_zeros(()),
-                 "offset": hm_logits.new_zeros(())}
-        for i, target in enumerate(targets):  # per-image normalisation, then summed
-            prepared = target.get("centernet")
-            if prepared is not None and prepared[:2] == (out_h, out_w):
-                hm, centers, sizes, offsets = prepared[2]
-            else:
-                hm, centers, sizes, offsets = self._targets(target, out_h, out_w, images.device)
-            focal, num_pos = self.focal_loss(hm_logits[i], hm)
-            n = max(len(centers), 1)
-            terms["heatmap"] = terms["heatmap"] + focal / max(float(num_pos), 1.0)
+            hm_logits, size_pred, off_pred = self._network(images)
+        hm, centers, sizes, offsets, valid = self._batch_targets(targets, tuple(hm_logits.shape[2:]),
+                                                                 tuple(images.shape[2:]))
+        focal, num_pos = self.focal_loss(hm_logits, hm)
+        n = valid.sum(1).clamp(min=1)      # per image, normalised by its own object count
+        index = centers.unsqueeze(1).expand(-1, 2, -1)
+        size_l1 = (size_pred.flatten(2).gather(2, index).transpose(1, 2) - sizes).abs().sum(-1)
+        off_l1 = (off_pred.flatten(2).gather(2, index).transpose(1, 2) - offsets).abs().sum(-1)
+        return {"heatmap": (focal / num_pos.clamp(min=1)).sum(), "size": (0.1 * (size_l1 * valid).sum(1) / n).sum(),
+                "offset": ((off_l1 * valid).sum(1) / n).sum()}
+
+    def _per_image_loss(self, images, targets):
+        """One forward and one loss per image: the reference the batched loss is tested against."""
+        terms = {"heatmap": images.new_zeros(()), "size": images.new_zeros(()), "offset": images.new_zeros(())}
+        for image, target in zip(images, targets):
+            with loss_branch(self, train_norm=self.training):
+                hm_logits, size_pred, off_pred = self._network(image[None])
+            hm, centers, sizes, offsets = self._targets(target, *hm_logits.shape[2:], images.device)
+            focal, num_pos = self.focal_loss(hm_logits, hm[None])
+            terms["heatmap"] = terms["heatmap"] + focal[0] / max(float(num_pos), 1.0)
             if len(centers):
-                s = size_pred[i].flatten(1)[:, centers].t()
-                o = off_pred[i].flatten(1)[:, centers].t()
+                n = len(centers)
+                s = size_pred[0].flatten(1)[:, centers].t()
+                o = off_pred[0].flatten(1)[:, centers].t()
                 terms["size"] = terms["size"] + 0.1 * F.l1_loss(s, sizes, reduction="sum") / n
                 terms["offset"] = terms["offset"] + F.l1_loss(o, offsets, reduction="sum") / n
         return terms

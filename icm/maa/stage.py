@@ -21,7 +21,7 @@ from icm.detectors.base import map_targets
 from icm.maa.bounds import build_bound
 from icm.maa.canvas import boxes_to_canvas, letterbox, paste_back, to_tensor
 from icm.maa.methods import METHODS, Member, aafg, gradient, group_loss, meta_aafg, per_image_losses
-from icm.runtime import configure, describe
+from icm.runtime import Precision, configure, describe, fail_fast_on_nondeterminism
 from icm.zoo import build_detector
 
 MAA_COLUMNS = pa.schema([
@@ -144,9 +144,10 @@ class MAAStage(UnitStage):
     def __init__(self, out_dir: str, params: dict, dataset_classes: list[str]):
         self.cfg = params
         self.deterministic = bool(params.get("deterministic", True))
-        configure(self.deterministic)
+        self.precision = Precision.from_config(params.get("precision"))
+        configure(self.deterministic, self.precision)
         self.device = resolve_device(params.get("device"))
-        self.runtime = describe(self.device, self.deterministic)
+        self.runtime = describe(self.device, self.deterministic, self.precision)
         self.canvas = int(params.get("canvas", 512))
         self.bound = build_bound({k: (as_float(v) if k == "eps" else v)
                                   for k, v in (params.get("bound") or {"type": "linf"}).items()})
@@ -156,7 +157,9 @@ class MAAStage(UnitStage):
         for group in check_detectors(params, dataset_classes):
             built = []
             for spec in group["detectors"]:
-                det = build_from_spec(spec, dataset_classes, self.canvas).to(self.device)
+                det = build_from_spec(spec, dataset_classes, self.canvas).to(self.device).apply_precision(self.precision)
+                if self.deterministic:
+                    fail_fast_on_nondeterminism(detector_label(spec), lambda: preflight_step(det, self.canvas))
                 built.append((detector_label(spec), det, spec["class_map"]))
                 models.append({**det.icm_provenance, "label": detector_label(spec), "group": group["name"]})
             self.groups.append(built)
@@ -189,7 +192,7 @@ class MAAStage(UnitStage):
 
     def process_unit(self, refs):
         started = time.time()
-        self.runtime = describe(self.device, self.deterministic, batch=len(refs))
+        self.runtime = describe(self.device, self.deterministic, self.precision, batch=len(refs))
         rows, good = [], []
         for ref in refs:
             record = load_record(ref)
@@ -264,6 +267,17 @@ class MAAStage(UnitStage):
                 notes=list(record["notes"]) + dropped[i]
                 + ([f"downscaled to {p.placed_w}x{p.placed_h} on the canvas"] if p.resized else [])))
         return rows
+
+
+def preflight_step(det, canvas: int) -> None:
+    """One loss + input gradient of ``det`` on one canvas with one box: the ops a unit's steps run."""
+    device = next(det.parameters()).device
+    c = canvas / 2
+    target = {"boxes": torch.tensor([[c / 2, c / 2, c + c / 2, c + c / 2]], device=device),
+              "labels": torch.zeros(1, dtype=torch.int64, device=device)}
+    member = Member("preflight", det, det.prepare_targets([target], (canvas, canvas)), [0])
+    image = torch.rand(1, 3, canvas, canvas, generator=torch.Generator().manual_seed(0)).to(device)
+    gradient(lambda a: member.loss(a, 0), image)
 
 
 def largest_batch(params: dict, dataset_classes: list[str], limit: int = 64, cpu_batch: int = 8,

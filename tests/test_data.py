@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -147,6 +148,17 @@ def test_manifest_contract_and_comparison(tmp_path):
                              [["elsewhere", "elsewhere"]])
     assert comparable(table).equals(comparable(other))
     assert not set(VOLATILE) & set(comparable(table).columns)
+    assert list(comparable(table).columns) == [c for c in CONTRACT.names if c not in VOLATILE]
+    # a difference in any column that is not volatile is a difference
+    for column, value in (("status", "error"), ("error", "other"), ("output_path", "o9.png"), ("params", "{}"),
+                          ("models", "[]"), ("source_path", "/y"), ("seed", 4)):
+        i = table.schema.get_field_index(column)
+        changed = table.set_column(i, column, pa.array([table.column(column)[0].as_py(), value],
+                                                       table.schema.field(column).type))
+        assert not comparable(table).equals(comparable(changed)), column
+    reordered = pa.concat_tables([table.slice(1), table.slice(0, 1)])
+    assert comparable(reordered).equals(comparable(table))             # rows compared by source_id
+    assert comparable(table).equals(comparable(store.storage.display("manifest.parquet")))
     with pytest.raises(ValueError, match="status"):
         manifest_row(source_id="x", source_path="", status="done", params={}, models=[], seed=0,
                      started_at=0, duration_s=0)

@@ -14,19 +14,28 @@ from icm.zoo import build_codec
 
 
 def test_bitstream_decode_equals_forward_and_bpp_counts_bytes():
+    """bpp from the bytes CompressAI's own ``compress`` writes for the padded image (70x90 is
+    padded by 29 rows and 19 columns on each side to 128x128), over the 70·90 original pixels."""
     torch.manual_seed(0)
     model = build_codec("bmshj2018-hyperprior", 1, weights="random:0").eval()
     model.update(force=True)
     x = torch.rand(1, 3, 70, 90)
     coded = code_image(model, x)
-    assert coded.x_hat.shape == x.shape
-    assert coded.bpp == pytest.approx(8 * coded.num_bytes / (70 * 90))
-    assert coded.num_bytes == sum(len(s) for group in coded.strings for s in group)
-    padded, (left, right, top, bottom) = pad_to_multiple(x, 64)
-    assert padded.shape[-2:] == (128, 128)
+    padded, pad = pad_to_multiple(x, 64)
+    assert pad == (19, 19, 29, 29) and padded.shape[-2:] == (128, 128)
+    assert torch.equal(padded, torch.nn.functional.pad(x, (19, 19, 29, 29)))
     with torch.no_grad():
-        forward = model(padded)["x_hat"][..., top:128 - bottom, left:128 - right].clamp(0, 1)
+        direct = model.compress(padded)
+        decoded = model.decompress(direct["strings"], direct["shape"])["x_hat"][..., 29:99, 19:109].clamp(0, 1)
+        forward = model(padded)["x_hat"][..., 29:99, 19:109].clamp(0, 1)
+    nbytes = sum(len(s) for group in direct["strings"] for s in group)
+    assert nbytes > 0 and coded.strings == direct["strings"] and coded.num_bytes == nbytes
+    assert coded.bpp == 8 * nbytes / 6300
+    assert coded.pad == (19, 19, 29, 29) and coded.x_hat.shape == x.shape
+    assert torch.equal(coded.x_hat, decoded)
     torch.testing.assert_close(coded.x_hat, forward, atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="one image"):
+        code_image(model, torch.rand(2, 3, 64, 64))
 
 
 def test_psnr_msssim_known_answers():

@@ -164,6 +164,62 @@ def test_manifest_contract_and_comparison(tmp_path):
                      started_at=0, duration_s=0)
 
 
+def test_unit_stage_retries_a_failed_unit_and_writes_its_shard_last(tmp_path, capsys):
+    import time
+
+    from icm.data.units import UnitStage
+
+    class Flaky(UnitStage):
+        """Fails its first ``failures`` attempts at a unit as a whole."""
+
+        def __init__(self, out_dir, failures, retries=1):
+            super().__init__(out_dir, {"b": 1, "a": [2]}, models=[{"name": "m"}], seed=5, unit_retries=retries)
+            self.failures, self.calls = failures, 0
+
+        def process_unit(self, refs):
+            self.calls += 1
+            assert not self.store.done_units()           # the shard comes after the rows
+            if self.calls <= self.failures:
+                raise OSError("disk gone")
+            return [self.row(refs[0], status="ok", started_at=time.time(), output_path="o.png"),
+                    self.row(refs[1], status="ok", started_at=time.time(), seed=9),
+                    self.error_row(refs[2], "bad image", time.time())]
+
+    refs = [{"source_id": "d/1", "root": "/data", "path": "x/1.png"}, {"source_id": "d/2"},
+            {"source_id": "d/3", "root": "s3://b/r", "path": "3.png"}]
+    unit = {"unit_id": "unit-a", "refs": refs}
+    stage = Flaky(tmp_path / "once", failures=1)
+    rows = stage.run_unit(unit)
+    assert stage.calls == 2 and stage.failure == "" and "attempt 1 of 2" in capsys.readouterr().out
+    assert [r["source_path"] for r in rows] == ["/data/x/1.png", ".", "s3://b/r/3.png"]
+    assert [(r["status"], r["error"], r["seed"]) for r in rows] == [("ok", "", 5), ("ok", "", 9), ("error", "bad image", 5)]
+    assert rows[0]["params"] == '{"a":[2],"b":1}' and rows[0]["models"] == '[{"name":"m"}]'
+    assert rows[0]["output_path"] == "o.png" and rows[1]["output_path"] == ""
+    assert pq.read_table(tmp_path / "once" / "manifest" / "unit-a.parquet").column("source_id").to_pylist() == \
+        ["d/1", "d/2", "d/3"]
+
+    broken = Flaky(tmp_path / "twice", failures=2)
+    assert broken.run_unit(unit) is None and broken.calls == 2 and broken.failure == "OSError: disk gone"
+    assert not (tmp_path / "twice" / "manifest").exists()
+    patient = Flaky(tmp_path / "patient", failures=2, retries=2)
+    assert patient.run_unit(unit) is not None and patient.calls == 3
+    assert Flaky(tmp_path / "never", failures=1, retries=0).run_unit(unit) is None
+
+    # the Ray Data interface: one unit per batch row, rows back as JSON (numpy values included)
+    class Numpy(Flaky):
+        def process_unit(self, refs):
+            return [self.row(r, status="ok", started_at=0.0, seed=np.int64(3), boxes=np.arange(2)) for r in refs]
+
+    batch = {"unit_json": np.array([json.dumps({"unit_id": "unit-b", "refs": refs[:1]})])}
+    out = Numpy(tmp_path / "batch", failures=0)(batch)
+    assert out["unit_id"].tolist() == ["unit-b"] and out["failure"].tolist() == [""]
+    (row,) = json.loads(out["rows_json"][0])
+    assert row["seed"] == 3 and row["boxes"] == [0, 1] and row["source_id"] == "d/1"
+    failed = Flaky(tmp_path / "batch-failed", failures=5)(
+        {"unit_json": np.array([json.dumps({"unit_id": "unit-c", "refs": refs})])})
+    assert json.loads(failed["rows_json"][0]) == [] and failed["failure"].tolist() == ["OSError: disk gone"]
+
+
 def test_manifest_reader_keeps_ids_and_root(tmp_path):
     write_png(tmp_path / "out/images/a.png", _rgb())
     store = ManifestStore(tmp_path / "out")

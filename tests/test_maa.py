@@ -75,6 +75,85 @@ def test_meta_round_commits_exactly_the_held_out_step():
     assert not torch.equal(got, bound.project((adv_t - ALPHA * g_at_start.sign() * mask).clamp(0, 1), x))
 
 
+def test_linf_and_map_bounds_by_hand():
+    from icm.maa.bounds import MapBound, build_bound
+
+    original = torch.tensor([0.0, 0.02, 0.5, 0.99, 1.0])
+    adv = torch.tensor([-0.5, 0.2, 0.45, 0.9, 1.3])
+    torch.testing.assert_close(LinfBound(0.03).project(adv, original), torch.tensor([0.0, 0.05, 0.47, 0.96, 1.0]))
+    lower, upper = torch.tensor([0.0, 0.1, 0.46, 0.95, 0.9]), torch.tensor([0.1, 0.15, 0.6, 1.0, 1.2])
+    torch.testing.assert_close(MapBound().project(adv, original, lower, upper),
+                               torch.tensor([0.0, 0.15, 0.46, 0.95, 1.0]))
+    with pytest.raises(ValueError, match="lower and upper maps"):
+        MapBound().project(adv, original, lower, None)
+    with pytest.raises(ValueError, match="lower and upper maps"):
+        MapBound().project(adv, original, None, upper)
+    spec = {"type": "linf", "eps": 0.1}
+    assert build_bound(spec).eps == 0.1 and spec == {"type": "linf", "eps": 0.1}   # the spec is left as it was
+    assert build_bound(None).eps == 8 / 255 and build_bound({}).eps == 8 / 255
+    assert build_bound({"eps": 0.2}).to_dict() == {"type": "linf", "eps": 0.2}
+    assert isinstance(build_bound({"type": "map"}), MapBound) and MapBound().to_dict() == {"type": "map"}
+    assert (LinfBound().kind, MapBound().kind) == ("linf", "map")
+    with pytest.raises(ValueError, match="'box' is not 'linf' or 'map'"):
+        build_bound({"type": "box"})
+
+
+class SeedRecorder(Detector):
+    """Records the sampling seed of every image of every loss call; loss = mean of the image."""
+
+    family = "recorder"
+
+    def __init__(self):
+        super().__init__(["x"])
+        self.seen = []
+
+    def loss(self, images, targets):
+        self.seen.append([t["seed"] for t in targets])
+        return {"mean": images.mean(dim=(1, 2, 3)).sum()}
+
+
+def test_aafg_is_masked_sign_descent_projected_each_step():
+    x, mask, _ = _canvases([(20, 24), (24, 16)], 32)
+    det = TinyDetector(1).freeze()
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.tensor([lab])} for lab in (0.3, 0.8)]
+    eps = 3 / 255
+    got = aafg(x, mask, [Member("t", det, targets)], lambda a: LinfBound(eps).project(a, x), steps=3, alpha=ALPHA)
+    adv = x.clone()
+    for _ in range(3):
+        a = adv.detach().requires_grad_(True)
+        det.loss(a, targets)["l2"].backward()
+        adv = (adv - ALPHA * a.grad.sign() * mask).clamp(0, 1)
+        adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(0, 1)
+    assert torch.equal(got, adv) and not torch.equal(got, x)
+    assert torch.equal(aafg(x, mask, [Member("t", det, targets)], lambda a: a, steps=0), x)
+
+    # seeds: image seed s at step k samples with (s·1000003 + k) mod 2^31; no seeds: the step
+    rec = SeedRecorder()
+    aafg(x, mask, [Member("r", rec, targets, seeds=[5, 2 ** 31 - 1])], lambda a: a, steps=2)
+    assert rec.seen == [[5 * 1_000_003, (2 ** 31 - 1) * 1_000_003 % 2 ** 31],
+                        [5 * 1_000_003 + 1, ((2 ** 31 - 1) * 1_000_003 + 1) % 2 ** 31]]
+    # a mean loss falls under each descent step: every unmasked pixel goes down by α
+    one = aafg(x, mask, [Member("r", SeedRecorder(), targets)], lambda a: a, steps=1, alpha=ALPHA)
+    torch.testing.assert_close(one, (x - ALPHA * mask).clamp(0, 1))
+
+
+def test_meta_aafg_rounds_and_their_steps():
+    """Two groups, T = 2, one inner step: each round's inner steps use the other group, the
+    commit the held-out one, at steps (t·groups + h)·(inner + 1) + k."""
+    from icm.maa.methods import meta_aafg
+
+    x, mask, _ = _canvases([(20, 24)], 32)
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.tensor([0])}]
+    recorders = [SeedRecorder(), SeedRecorder()]
+    groups = [[Member(f"g{i}", r, targets)] for i, r in enumerate(recorders)]
+    out = meta_aafg(x, mask, groups, lambda a: a, outer=2, inner_steps=1, alpha=ALPHA)
+    assert [s for (s,) in recorders[0].seen] == [1, 2, 5, 6]
+    assert [s for (s,) in recorders[1].seen] == [0, 3, 4, 7]
+    torch.testing.assert_close(out, (x - 4 * ALPHA * mask).clamp(0, 1))     # 2 outer × 2 committed steps
+    with pytest.raises(ValueError, match="at least 2 groups"):
+        meta_aafg(x, mask, groups[:1], lambda a: a)
+
+
 def test_aafg_lowers_loss_keeps_bound_and_padding():
     det = build_detector("centernet_resnet18", CLASSES, weights="random:0", image_size=64).freeze()
     x, mask, _ = _canvases([(40, 56), (64, 30)], 64, seed=1)

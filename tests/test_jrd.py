@@ -221,6 +221,27 @@ def test_labelling_rule_edges():
     # a second, weaker detection then recognises the other object; higher scores claim first
     m = match_objects(two, [1, 1], [[0, 0, 10, 11], [0, 0, 10, 10]], [0.6, 0.9], [1, 1])
     assert m.recognised.tolist() == [True, True] and m.score.tolist() == pytest.approx([0.9, 0.6])
+    # a claimed object is not claimed again: the second of two identical detections takes the other
+    m = match_objects(two, [1, 1], [[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.6], [1, 1])
+    assert m.recognised.tolist() == [True, True] and m.best_iou.tolist() == pytest.approx([1.0, 10 / 12])
+    # the higher score claims, though a lower-scored detection overlaps more; the object's IoU and
+    # score are those of the detection that recognised it
+    m = match_objects(ref, [1], [[0, 0, 10, 16], [0, 0, 10, 11]], [0.9, 0.5], [1, 1])
+    assert m.recognised.tolist() == [True]
+    assert m.best_iou.tolist() == pytest.approx([10 / 16]) and m.score.tolist() == pytest.approx([0.9])
+    # not recognised: the best eligible detection's IoU and score (0 and 0 when none is eligible)
+    m = match_objects(ref + [[20, 20, 30, 30]], [1, 2], [[20, 20, 30, 40], [24, 20, 34, 30]], [0.8, 0.7], [2, 2])
+    assert m.recognised.tolist() == [False, True]
+    m = match_objects([[20, 20, 30, 30], [50, 50, 60, 60]], [2, 1], [[20, 20, 30, 60], [0, 0, 5, 5]], [0.8, 0.95],
+                      [2, 2])
+    assert m.recognised.tolist() == [False, False]
+    assert m.best_iou.tolist() == pytest.approx([0.25, 0.0]) and m.score.tolist() == pytest.approx([0.8, 0.0])
+    m = match_objects([[20, 20, 30, 30]], [2], [[0, 0, 5, 5]], [0.95], [2])   # eligible, no overlap at all
+    assert m.best_iou.tolist() == [0.0] and m.score.tolist() == pytest.approx([0.95])
+    assert m.best_iou.dtype == m.score.dtype == np.float32 and m.recognised.dtype == bool
+    # labels and scores in any array shape, boxes in any numeric type
+    m = match_objects(np.array([[0, 0, 10, 10]]), [[1]], np.array([[0, 0, 10, 10]], np.int64), [[0.9]], [[1]])
+    assert m.recognised.tolist() == [True] and m.best_iou.tolist() == pytest.approx([1.0])
 
 
 def test_both_jrd_conventions():
@@ -229,6 +250,9 @@ def test_both_jrd_conventions():
     bumpy = np.array([0] * 10 + [1] + [0] * 9 + [1] * 44)
     assert jrd(bumpy) == 19 and first_unrecognised(bumpy) == 10
     assert first_unrecognised([0] * 64) == 64 and jrd([1] * 64) == -1 and first_unrecognised([1] * 64) == 0
+    labels = not_recognised_labels(np.array([1, 1, 0]))              # recognised given as 0/1
+    assert labels.tolist() == [0, 0, 1] and labels.dtype == np.int64
+    assert is_monotonic([0, 0, 1, 1]) and is_monotonic([0, 0]) and not is_monotonic([1, 0])
 
 
 def test_jrd_and_error_tolerance_64_levels():
@@ -251,6 +275,13 @@ def test_jrd_and_error_tolerance_64_levels():
     r[[50, 52]] = 0                # windows ending at 50/52 hold ≥ 6 misses → back to p[22:30] → 29
     assert error_tolerant_jrd(r) == 29
     assert error_tolerant_jrd([0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]) == 7   # L = 16
+    assert error_tolerant_jrd([0] * 8 + [1] * 7 + [0]) == 7       # two changes: a late spurious hit is ignored
+    assert error_tolerant_jrd([1] * 14 + [0] * 2) == 15           # one change: the last level recognised
+    assert error_tolerant_jrd([1] * 7 + [0] + [1] * 7 + [0]) == 0  # no window qualifies
+    assert error_tolerant_jrd([0, 0, 0, 1, 0, 1, 1, 0]) == 7       # exactly one window (L = 8)
+    assert error_tolerant_jrd(np.array([False] * 3 + [True] + [False] * 4 + [True] * 8)) == 7   # boolean labels
+    with pytest.raises(ValueError, match="at least 8 levels, got 5"):
+        error_tolerant_jrd([0] * 5)
 
 
 class OracleDetector(Detector):

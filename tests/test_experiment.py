@@ -58,9 +58,11 @@ def _cfg(out):
 
 
 def _run(config, script="pipelines/experiments/maa_generalisation.py", *extra):
-    """The driver in a subprocess, with the oracle detector registered in it and its Ray workers."""
+    """A driver in a subprocess; the experiment's with the oracle detector registered in it and in
+    its Ray workers."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "tests/oracle_detectors.py", script, "--config", str(config), *extra],
+    wrapper = ["tests/oracle_detectors.py"] if script.endswith("maa_generalisation.py") else []
+    return subprocess.run([sys.executable, *wrapper, script, "--config", str(config), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 

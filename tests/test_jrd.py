@@ -239,6 +239,12 @@ def test_labelling_rule_edges():
     m = match_objects([[20, 20, 30, 30]], [2], [[0, 0, 5, 5]], [0.95], [2])   # eligible, no overlap at all
     assert m.best_iou.tolist() == [0.0] and m.score.tolist() == pytest.approx([0.95])
     assert m.best_iou.dtype == m.score.dtype == np.float32 and m.recognised.dtype == bool
+    # equal scores: the earlier detection claims first (a stable order; numpy's default sort
+    # reorders ties in an array this long)
+    far = [50, 50, 60, 60]
+    dets = [far, [0, 0, 10, 6], [0, 0, 10, 10]] + [far] * 23
+    m = match_objects(ref, [1], dets, [0.5] * 20 + [0.9] + [0.5] * 5, [1] * 26)
+    assert m.best_iou.tolist() == pytest.approx([0.6])
     # labels and scores in any array shape, boxes in any numeric type
     m = match_objects(np.array([[0, 0, 10, 10]]), [[1]], np.array([[0, 0, 10, 10]], np.int64), [[0.9]], [[1]])
     assert m.recognised.tolist() == [True] and m.best_iou.tolist() == pytest.approx([1.0])

@@ -73,8 +73,22 @@ def test_bd_rate_known_answer_and_na():
     quality = [28.0, 31.0, 34.0, 37.0]
     same = bd_metrics(rate, quality, rate, quality)
     assert same["bd_rate_percent"] == pytest.approx(0.0, abs=1e-6)
+    assert same["bd_quality"] == pytest.approx(0.0, abs=1e-9) and same["method"] == "akima"
+    assert same["points"] == [4, 4] and same["bd_rate_percent_overlap"] == same["bd_quality_overlap"] == 1.0
     cheaper = bd_metrics(rate, quality, [r * 0.9 for r in rate], quality)
     assert cheaper["bd_rate_percent"] == pytest.approx(-10.0, abs=0.05)
+    better = bd_metrics(rate, quality, rate, [q + 1.5 for q in quality])      # 1.5 dB more at every rate
+    assert better["bd_quality"] == pytest.approx(1.5, abs=1e-9) and better["bd_rate_percent_overlap"] == 0.714
+    # points in any order, non-positive or non-finite ones left out; the method passed through
+    shuffled = bd_metrics(rate[::-1] + [0.0, float("nan")], quality[::-1] + [20.0, 30.0],
+                          [r * 0.9 for r in rate], quality, method="pchip")
+    assert shuffled["points"] == [4, 4] and shuffled["method"] == "pchip"
+    assert shuffled["bd_rate_percent"] == pytest.approx(-10.0, abs=0.05)
+    uneven = bd_metrics(rate, quality[:3], rate, quality)
+    assert uneven["bd_rate_percent"] == uneven["bd_quality"] == "n/a"
+    assert uneven["bd_rate_percent_reason"] == "the anchor curve has 4 rates but 3 quality values"
+    assert bd_metrics(rate, quality, rate[:3], quality)["bd_quality_reason"] == \
+        "the test curve has 3 rates but 4 quality values"
     no_overlap = bd_metrics(rate, quality, rate[:2], [10.0, 11.0])
     assert no_overlap["bd_rate_percent"] == "n/a" and no_overlap["bd_rate_percent_reason"]
 

@@ -162,6 +162,34 @@ def test_manifest_contract_and_comparison(tmp_path):
     with pytest.raises(ValueError, match="status"):
         manifest_row(source_id="x", source_path="", status="done", params={}, models=[], seed=0,
                      started_at=0, duration_s=0)
+    # only the job's current images are consolidated; nothing to consolidate is an error
+    store.consolidate("some.parquet", source_ids={"d/2", "d/9"})
+    assert pq.read_table(tmp_path / "some.parquet").column("source_id").to_pylist() == ["d/2"]
+    with pytest.raises(FileNotFoundError, match="no manifest shards under"):
+        ManifestStore(tmp_path / "empty").consolidate()
+
+
+def test_manifest_rows_and_tables():
+    import socket
+
+    from icm.data.manifest import model_provenance, to_table
+
+    assert model_provenance("m", "fam", "random:1", "random:1") == {"name": "m", "family": "fam",
+                                                                   "weights": "random:1", "sha256": "random:1"}
+    row = manifest_row(source_id="d/1", source_path="/s", status="skipped", params='{"kept": "as is"}',
+                       models='[]', seed=np.int64(7), started_at=1, duration_s=2, runtime={"b": 1, "a": 2},
+                       extra_col=5)
+    assert row["params"] == '{"kept": "as is"}' and row["models"] == "[]" and row["runtime"] == '{"a":2,"b":1}'
+    assert row["node_id"] == socket.gethostname() and row["extra_col"] == 5 and row["output_path"] == ""
+    assert isinstance(row["seed"], int) and row["started_at"] == 1.0 and isinstance(row["duration_s"], float)
+    assert manifest_row(source_id="d/1", source_path="", status="ok", params={}, models=[], seed=0, started_at=0,
+                        duration_s=0, node_id="n7")["node_id"] == "n7"
+    table = to_table([row], pa.schema([("extra_col", pa.int32()), ("source_id", pa.int64())]))
+    assert table.schema.names == CONTRACT.names + ["extra_col"] and table.schema.field("extra_col").type == pa.int32()
+    assert table.schema.field("source_id").type == pa.string()          # the contract's type wins
+    assert to_table([row]).schema.names == CONTRACT.names
+    with pytest.raises(ValueError, match=r"miss contract columns \['status', 'seed'\]"):
+        to_table([{k: v for k, v in row.items() if k not in ("status", "seed")}])
 
 
 def test_unit_stage_retries_a_failed_unit_and_writes_its_shard_last(tmp_path, capsys):

@@ -93,6 +93,52 @@ def test_bd_rate_known_answer_and_na():
     assert no_overlap["bd_rate_percent"] == "n/a" and no_overlap["bd_rate_percent_reason"]
 
 
+def test_bd_metrics_edges():
+    import warnings
+
+    import bjontegaard as bd
+
+    rate, quality = [0.2, 0.4, 0.8, 1.6], [28.0, 31.0, 34.0, 37.0]
+    # exactly 75 % overlap (quality [0, 7] against [1, 8]) is enough; +1 at every rate is BD +1
+    edge = bd_metrics([1, 2], [0, 7], [1, 2], [1, 8])
+    assert edge["bd_rate_percent_overlap"] == 0.75 and isinstance(edge["bd_rate_percent"], float)
+    assert edge["bd_quality"] == pytest.approx(1.0, abs=1e-9)
+    # curves of different point counts, as the package computes them
+    fewer = bd_metrics(rate, quality, [0.2, 0.5, 1.6], [29.0, 32.5, 38.0])
+    assert fewer["points"] == [4, 3] and fewer["bd_rate_percent_overlap"] == 0.8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        direct = bd.bd_rate(rate, quality, [0.2, 0.5, 1.6], [29.0, 32.5, 38.0], method="akima",
+                            require_matching_points=False)
+    assert fewer["bd_rate_percent"] == pytest.approx(direct, rel=1e-12)
+    # a quality that stalls on either curve: no BD-rate (rate cannot be read off quality); BD-quality still
+    stalls = "quality does not rise strictly with rate on both curves (rate cannot be read off quality)"
+    for anchor_q, test_q in ((quality, [28.0, 31.0, 31.0, 37.0]), ([28.0, 28.0, 34.0, 37.0], quality),
+                             (quality, [28.0, 31.0, 30.0, 37.0])):
+        flat = bd_metrics(rate, anchor_q, rate, test_q)
+        assert flat["bd_rate_percent"] == "n/a" and flat["bd_rate_percent_reason"] == stalls
+        assert isinstance(flat["bd_quality"], float)
+    small_steps = bd_metrics([1, 2, 4], [0.3, 0.4, 0.5], [1, 2, 4], [0.32, 0.41, 0.52])   # mAP-like values
+    assert isinstance(small_steps["bd_rate_percent"], float) and small_steps["bd_quality"] == pytest.approx(
+        0.04 / 3, abs=0.005)
+    # unusable points (None as a lossless PSNR is written, ±inf, NaN, rate ≤ 0) are left out
+    messy = bd_metrics(rate + [float("inf"), 0.5, 0.7, -1.0], quality + [40.0, None, float("nan"), 30.0],
+                       [0.2, 0.4, 0.8, 1.6, 0.9], quality + [float("inf")])
+    assert messy["points"] == [4, 4] and messy["bd_rate_percent"] == pytest.approx(0.0, abs=1e-9)
+    # one rate for every point: no log-rate range to integrate over
+    constant = bd_metrics([0.5, 0.5], [1.0, 2.0], [0.5, 0.5], [1.0, 2.0])
+    assert constant["bd_quality"] == "n/a" and "do not overlap on the log-rate axis" in constant["bd_quality_reason"]
+    assert constant["bd_quality_overlap"] == 0.0
+    # the package's own refusal is reported with its type and message
+    wrong = bd_metrics(rate, quality, rate, quality, method="nosuch")
+    assert wrong["bd_rate_percent"] == wrong["bd_quality"] == "n/a"
+    assert wrong["bd_quality_reason"].startswith("ValueError: Invalid interpolation method 'nosuch'")
+    cheaper = bd_metrics(rate, quality, [r * 0.9 for r in rate], quality)
+    shift = math.log10(1 / 0.9)                      # on log-rate, the ranges are 8x wide and shifted
+    assert cheaper["bd_quality"] > 0
+    assert cheaper["bd_quality_overlap"] == round((math.log10(8) - shift) / (math.log10(8) + shift), 3)
+
+
 def _kodak():
     from pathlib import Path
 

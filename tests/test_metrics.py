@@ -66,6 +66,35 @@ def test_coco_map_ground_truth_is_perfect_and_shifted_is_not():
     wrong_class = [dict(p, labels=1 - p["labels"]) for p in perfect]
     assert coco_map(gt, detections_to_coco(wrong_class))["map50"] == 0.0
     assert coco_map(gt, []) == {"map": 0.0, "map50": 0.0, "map75": 0.0}
+    # no ground truth for any category: pycocotools' -1 is reported as 0
+    empty_gt = records_to_coco_gt([{"width": 10, "height": 10, "boxes": [], "class_ids": []}], ["a"])
+    assert coco_map(empty_gt, detections_to_coco([perfect[1]])) == {"map": 0.0, "map50": 0.0, "map75": 0.0}
+
+
+def test_coco_conversions_by_hand():
+    records = [{"width": 100.0, "height": 80, "path": "d/a.png", "boxes": [[10, 20, 50, 60]], "class_ids": [1]},
+               {"width": 30, "height": 40, "boxes": np.zeros((0, 4)), "class_ids": []},
+               {"width": 30, "height": 40, "boxes": [[1.5, 2.5, 4.5, 10.5], [0, 0, 3, 3]], "class_ids": [0, 1]}]
+    assert records_to_coco_gt(records, ["a", "b"]) == {
+        "images": [{"id": 1, "width": 100, "height": 80, "file_name": "d/a.png"},
+                   {"id": 2, "width": 30, "height": 40, "file_name": ""},
+                   {"id": 3, "width": 30, "height": 40, "file_name": ""}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [10.0, 20.0, 40.0, 40.0], "area": 1600.0, "iscrowd": 0},
+            {"id": 2, "image_id": 3, "category_id": 1, "bbox": [1.5, 2.5, 3.0, 8.0], "area": 24.0, "iscrowd": 0},
+            {"id": 3, "image_id": 3, "category_id": 2, "bbox": [0.0, 0.0, 3.0, 3.0], "area": 9.0, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    predictions = [{"boxes": torch.tensor([[10.0, 20.0, 50.0, 60.0]]), "scores": torch.tensor([0.5]),
+                    "labels": torch.tensor([1])},
+                   {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, int)},
+                   {"boxes": np.array([[1.0, 2.0, 4.0, 10.0]]), "scores": np.array([0.25]), "labels": np.array([0])}]
+    assert detections_to_coco(predictions) == [
+        {"image_id": 1, "category_id": 2, "bbox": [10.0, 20.0, 40.0, 40.0], "score": 0.5},
+        {"image_id": 3, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 8.0], "score": 0.25}]
+    result = coco_map(records_to_coco_gt(records, ["a", "b"]), detections_to_coco(predictions))
+    # class a: its one object found (AP 1); class b: one of two (precision 1 to recall 0.5: 51 of
+    # COCO's 101 recall points)
+    assert set(result) == {"map", "map50", "map75"} and result["map50"] == pytest.approx((1 + 51 / 101) / 2)
 
 
 def test_bd_rate_known_answer_and_na():

@@ -165,8 +165,24 @@ def test_manifest_contract_and_comparison(tmp_path):
     # only the job's current images are consolidated; nothing to consolidate is an error
     store.consolidate("some.parquet", source_ids={"d/2", "d/9"})
     assert pq.read_table(tmp_path / "some.parquet").column("source_id").to_pylist() == ["d/2"]
-    with pytest.raises(FileNotFoundError, match="no manifest shards under"):
+    store.consolidate("none.parquet", source_ids=set())
+    assert pq.read_table(tmp_path / "none.parquet").num_rows == 0
+    with pytest.raises(FileNotFoundError, match=f"no manifest shards under {tmp_path / 'empty' / 'manifest'}"):
         ManifestStore(tmp_path / "empty").consolidate()
+    (tmp_path / "manifest" / "unit-9.parquet.tmp").write_bytes(b"half")      # an interrupted write
+    assert store.done_units() == {"unit-0", "unit-1"}
+    assert table.column("models").to_pylist()[0] == '[{"name":"m"}]'
+
+
+def test_manifest_store_keeps_job_columns_and_joins_shards_of_other_schemas(tmp_path):
+    extra = pa.schema([("width", pa.int64())])
+    store = ManifestStore(tmp_path, extra)
+    common = dict(source_path="", status="ok", params={}, models=[], seed=0, started_at=0, duration_s=0)
+    store.write_unit("unit-a", [manifest_row(source_id="d/1", width=7, **common)])
+    assert pq.read_table(tmp_path / "manifest" / "unit-a.parquet").column("width").to_pylist() == [7]
+    ManifestStore(tmp_path).write_unit("unit-b", [manifest_row(source_id="d/2", **common)])   # an older job's shard
+    table = pq.read_table(store.consolidate())
+    assert table.column("source_id").to_pylist() == ["d/1", "d/2"] and table.column("width").to_pylist() == [7, None]
 
 
 def test_manifest_rows_and_tables():
@@ -181,6 +197,12 @@ def test_manifest_rows_and_tables():
                        extra_col=5)
     assert row["params"] == '{"kept": "as is"}' and row["models"] == "[]" and row["runtime"] == '{"a":2,"b":1}'
     assert row["node_id"] == socket.gethostname() and row["extra_col"] == 5 and row["output_path"] == ""
+    assert row["error"] == ""
+    plain = manifest_row(source_id="d/1", source_path="", status="ok", params={}, models=[{"b": 1}], seed=0,
+                         started_at=0, duration_s=0, runtime='{"as": "given"}')
+    assert plain["models"] == '[{"b":1}]' and plain["runtime"] == '{"as": "given"}'
+    assert manifest_row(source_id="d/1", source_path="", status="ok", params={}, models=[], seed=0, started_at=0,
+                        duration_s=0)["runtime"] == ""
     assert isinstance(row["seed"], int) and row["started_at"] == 1.0 and isinstance(row["duration_s"], float)
     assert manifest_row(source_id="d/1", source_path="", status="ok", params={}, models=[], seed=0, started_at=0,
                         duration_s=0, node_id="n7")["node_id"] == "n7"

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo sweep-demo adapt-demo experiment test venv clean-venv
+.PHONY: demo sweep-demo adapt-demo experiment test mutation venv clean-venv
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ experiment: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Mutation score of the pure-Python core, each module against its own fast tests (bench/, not CI)
+mutation: $(STAMP)
+	$(PY) bench/mutation.py
 
 clean-venv:
 	rm -rf $(VENV)

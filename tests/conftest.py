@@ -1,5 +1,6 @@
 """One shared local Ray cluster per test session, bound to a loopback address (TRAPS.md), and
-small sample data generated once per session."""
+small sample data generated once per session. The test detector ``oracle``
+(``tests/oracle_detectors.py``) is registered here and in every worker of the cluster."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipelines"))
+
+import oracle_detectors  # noqa: E402,F401 - registers the "oracle" detector
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +33,13 @@ def small_shapes(data_root) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster(data_root):
     import ray
+    from ray import cloudpickle
 
+    import oracle_detectors
+
+    cloudpickle.register_pickle_by_value(oracle_detectors)   # Ray workers cannot import tests/
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2",
-             runtime_env={"env_vars": {"ICM_DATA_DIR": str(data_root)}})
+             runtime_env={"env_vars": {"ICM_DATA_DIR": str(data_root)},
+                          "worker_process_setup_hook": oracle_detectors.worker_setup})   # the "oracle" detector
     yield ray
     ray.shutdown()

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -91,12 +92,19 @@ def test_paired_comparison_finds_a_real_difference_and_its_interval_covers_it(sm
         bad.append(ImageMatches(gt, detections_to_coco(preds)))
     bpp = np.random.default_rng(0).uniform(0.1, 0.2, n)
     curves = {"ref": [{"bpp": bpp * k, "matches": {"d": m}} for k, m in zip((1, 2), bad)],
-              "test": [{"bpp": bpp * k, "matches": {"d": m}} for k, m in zip((1, 2), good)]}
+              "test": [{"bpp": bpp * k * 1.05, "matches": {"d": m}} for k, m in zip((1, 2), good)]}   # 5 % dearer
     draws = np.random.default_rng(0).integers(0, n, (40, n))
     result = paired_curve_comparison(curves, [("ref", "test")], "d", draws)
     assert all(d > 0.1 for d in result["delta_map50"])
     assert result["bd_map50"] > 0.1 and result["bd_map50_ci"][0] > 0
-    assert result["delta_bpp"] == [0.0, 0.0]
+    # Δbpp at each rate point: 5 % of the reference's mean bpp there, on the full set and per draw
+    assert result["delta_bpp"] == pytest.approx([0.05 * bpp.mean(), 0.05 * 2 * bpp.mean()], rel=1e-9)
+    for k, (lo, hi) in enumerate(result["delta_bpp_ci"], start=1):
+        per_draw = sorted(0.05 * k * bpp[d].mean() for d in draws)
+        assert per_draw[0] <= lo <= hi <= per_draw[-1] and lo < hi
+    assert result["per_pair"][0]["test_bpp"] == pytest.approx([1.05 * bpp.mean(), 2.1 * bpp.mean()], rel=1e-9)
+    assert result["per_pair"][0]["ref_bpp"] == pytest.approx([bpp.mean(), 2 * bpp.mean()], rel=1e-9)
+    assert result["per_pair"][0]["ref_map50"] == pytest.approx([m.ap50() for m in bad], rel=1e-9)
     lo, hi = result["delta_map50_ci"][0]
     assert lo <= result["delta_map50"][0] <= hi
     assert interval([1.0, float("nan"), 2.0, 3.0], 0.5) == [1.5, 2.5]

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -147,9 +148,126 @@ def test_manifest_contract_and_comparison(tmp_path):
                              [["elsewhere", "elsewhere"]])
     assert comparable(table).equals(comparable(other))
     assert not set(VOLATILE) & set(comparable(table).columns)
+    assert list(comparable(table).columns) == [c for c in CONTRACT.names if c not in VOLATILE]
+    # a difference in any column that is not volatile is a difference
+    for column, value in (("status", "error"), ("error", "other"), ("output_path", "o9.png"), ("params", "{}"),
+                          ("models", "[]"), ("source_path", "/y"), ("seed", 4)):
+        i = table.schema.get_field_index(column)
+        changed = table.set_column(i, column, pa.array([table.column(column)[0].as_py(), value],
+                                                       table.schema.field(column).type))
+        assert not comparable(table).equals(comparable(changed)), column
+    reordered = pa.concat_tables([table.slice(1), table.slice(0, 1)])
+    assert comparable(reordered).equals(comparable(table))             # rows compared by source_id
+    assert comparable(table).equals(comparable(store.storage.display("manifest.parquet")))
     with pytest.raises(ValueError, match="status"):
         manifest_row(source_id="x", source_path="", status="done", params={}, models=[], seed=0,
                      started_at=0, duration_s=0)
+    # only the job's current images are consolidated; nothing to consolidate is an error
+    store.consolidate("some.parquet", source_ids={"d/2", "d/9"})
+    assert pq.read_table(tmp_path / "some.parquet").column("source_id").to_pylist() == ["d/2"]
+    store.consolidate("none.parquet", source_ids=set())
+    assert pq.read_table(tmp_path / "none.parquet").num_rows == 0
+    with pytest.raises(FileNotFoundError, match=f"no manifest shards under {tmp_path / 'empty' / 'manifest'}"):
+        ManifestStore(tmp_path / "empty").consolidate()
+    (tmp_path / "manifest" / "unit-9.parquet.tmp").write_bytes(b"half")      # an interrupted write
+    assert store.done_units() == {"unit-0", "unit-1"}
+    assert table.column("models").to_pylist()[0] == '[{"name":"m"}]'
+
+
+def test_manifest_store_keeps_job_columns_and_joins_shards_of_other_schemas(tmp_path):
+    extra = pa.schema([("width", pa.int64())])
+    store = ManifestStore(tmp_path, extra)
+    common = dict(source_path="", status="ok", params={}, models=[], seed=0, started_at=0, duration_s=0)
+    store.write_unit("unit-a", [manifest_row(source_id="d/1", width=7, **common)])
+    assert pq.read_table(tmp_path / "manifest" / "unit-a.parquet").column("width").to_pylist() == [7]
+    ManifestStore(tmp_path).write_unit("unit-b", [manifest_row(source_id="d/2", **common)])   # an older job's shard
+    table = pq.read_table(store.consolidate())
+    assert table.column("source_id").to_pylist() == ["d/1", "d/2"] and table.column("width").to_pylist() == [7, None]
+
+
+def test_manifest_rows_and_tables():
+    import socket
+
+    from icm.data.manifest import model_provenance, to_table
+
+    assert model_provenance("m", "fam", "random:1", "random:1") == {"name": "m", "family": "fam",
+                                                                   "weights": "random:1", "sha256": "random:1"}
+    row = manifest_row(source_id="d/1", source_path="/s", status="skipped", params='{"kept": "as is"}',
+                       models='[]', seed=np.int64(7), started_at=1, duration_s=2, runtime={"b": 1, "a": 2},
+                       extra_col=5)
+    assert row["params"] == '{"kept": "as is"}' and row["models"] == "[]" and row["runtime"] == '{"a":2,"b":1}'
+    assert row["node_id"] == socket.gethostname() and row["extra_col"] == 5 and row["output_path"] == ""
+    assert row["error"] == ""
+    plain = manifest_row(source_id="d/1", source_path="", status="ok", params={}, models=[{"b": 1}], seed=0,
+                         started_at=0, duration_s=0, runtime='{"as": "given"}')
+    assert plain["models"] == '[{"b":1}]' and plain["runtime"] == '{"as": "given"}'
+    assert manifest_row(source_id="d/1", source_path="", status="ok", params={}, models=[], seed=0, started_at=0,
+                        duration_s=0)["runtime"] == ""
+    assert isinstance(row["seed"], int) and row["started_at"] == 1.0 and isinstance(row["duration_s"], float)
+    assert manifest_row(source_id="d/1", source_path="", status="ok", params={}, models=[], seed=0, started_at=0,
+                        duration_s=0, node_id="n7")["node_id"] == "n7"
+    table = to_table([row], pa.schema([("extra_col", pa.int32()), ("source_id", pa.int64())]))
+    assert table.schema.names == CONTRACT.names + ["extra_col"] and table.schema.field("extra_col").type == pa.int32()
+    assert table.schema.field("source_id").type == pa.string()          # the contract's type wins
+    assert to_table([row]).schema.names == CONTRACT.names
+    with pytest.raises(ValueError, match=r"miss contract columns \['status', 'seed'\]"):
+        to_table([{k: v for k, v in row.items() if k not in ("status", "seed")}])
+
+
+def test_unit_stage_retries_a_failed_unit_and_writes_its_shard_last(tmp_path, capsys):
+    import time
+
+    from icm.data.units import UnitStage
+
+    class Flaky(UnitStage):
+        """Fails its first ``failures`` attempts at a unit as a whole."""
+
+        def __init__(self, out_dir, failures, retries=1):
+            super().__init__(out_dir, {"b": 1, "a": [2]}, models=[{"name": "m"}], seed=5, unit_retries=retries)
+            self.failures, self.calls = failures, 0
+
+        def process_unit(self, refs):
+            self.calls += 1
+            assert not self.store.done_units()           # the shard comes after the rows
+            if self.calls <= self.failures:
+                raise OSError("disk gone")
+            return [self.row(refs[0], status="ok", started_at=time.time(), output_path="o.png"),
+                    self.row(refs[1], status="ok", started_at=time.time(), seed=9),
+                    self.error_row(refs[2], "bad image", time.time())]
+
+    refs = [{"source_id": "d/1", "root": "/data", "path": "x/1.png"}, {"source_id": "d/2"},
+            {"source_id": "d/3", "root": "s3://b/r", "path": "3.png"}]
+    unit = {"unit_id": "unit-a", "refs": refs}
+    stage = Flaky(tmp_path / "once", failures=1)
+    rows = stage.run_unit(unit)
+    assert stage.calls == 2 and stage.failure == "" and "attempt 1 of 2" in capsys.readouterr().out
+    assert [r["source_path"] for r in rows] == ["/data/x/1.png", ".", "s3://b/r/3.png"]
+    assert [(r["status"], r["error"], r["seed"]) for r in rows] == [("ok", "", 5), ("ok", "", 9), ("error", "bad image", 5)]
+    assert rows[0]["params"] == '{"a":[2],"b":1}' and rows[0]["models"] == '[{"name":"m"}]'
+    assert rows[0]["output_path"] == "o.png" and rows[1]["output_path"] == ""
+    assert pq.read_table(tmp_path / "once" / "manifest" / "unit-a.parquet").column("source_id").to_pylist() == \
+        ["d/1", "d/2", "d/3"]
+
+    broken = Flaky(tmp_path / "twice", failures=2)
+    assert broken.run_unit(unit) is None and broken.calls == 2 and broken.failure == "OSError: disk gone"
+    assert not (tmp_path / "twice" / "manifest").exists()
+    patient = Flaky(tmp_path / "patient", failures=2, retries=2)
+    assert patient.run_unit(unit) is not None and patient.calls == 3
+    assert Flaky(tmp_path / "never", failures=1, retries=0).run_unit(unit) is None
+
+    # the Ray Data interface: one unit per batch row, rows back as JSON (numpy values included)
+    class Numpy(Flaky):
+        def process_unit(self, refs):
+            return [self.row(r, status="ok", started_at=0.0, seed=np.int64(3), boxes=np.arange(2)) for r in refs]
+
+    batch = {"unit_json": np.array([json.dumps({"unit_id": "unit-b", "refs": refs[:1]})])}
+    out = Numpy(tmp_path / "batch", failures=0)(batch)
+    assert out["unit_id"].tolist() == ["unit-b"] and out["failure"].tolist() == [""]
+    (row,) = json.loads(out["rows_json"][0])
+    assert row["seed"] == 3 and row["boxes"] == [0, 1] and row["source_id"] == "d/1"
+    failed = Flaky(tmp_path / "batch-failed", failures=5)(
+        {"unit_json": np.array([json.dumps({"unit_id": "unit-c", "refs": refs})])})
+    assert json.loads(failed["rows_json"][0]) == [] and failed["failure"].tolist() == ["OSError: disk gone"]
 
 
 def test_manifest_reader_keeps_ids_and_root(tmp_path):

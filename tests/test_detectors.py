@@ -115,23 +115,45 @@ def test_faster_rcnn_sampling_is_seeded(images):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_predictions_round_trip_through_coco(name, images):
+    """Each family's predictions are xyxy pixel boxes of the input with contiguous labels: taken
+    as the ground truth (written in COCO's xywh by hand), they score mAP 1 through
+    ``detections_to_coco`` and pycocotools; without the higher-scored half of them, the rest
+    are false positives ranked first, and the AP falls."""
     det = build_detector(name, CLASSES, weights="random:1", image_size=SIZE).freeze()
+    for part in (getattr(det, "model", None), getattr(getattr(det, "model", None), "roi_heads", None)):
+        if hasattr(part, "score_thresh"):  # torchvision's own floor (0.05) drops every box of a fresh init
+            part.score_thresh = 0.0
+    if name.startswith("centernet"):        # a fresh size head predicts sizes ≤ 0: boxes with no area
+        torch.nn.init.constant_(det.size[-1].bias, 3.0)
     preds = det.predict(images, score_threshold=0.0)
     assert len(preds) == 2
-    for p in preds:
-        assert p["boxes"].shape[-1] == 4 and len(p["boxes"]) == len(p["scores"]) == len(p["labels"])
-        assert ((p["labels"] >= 0) & (p["labels"] < len(CLASSES))).all()
-    gt = {"images": [{"id": i + 1, "width": SIZE, "height": SIZE} for i in range(2)],
-          "annotations": [{"id": k + 1, "image_id": i + 1, "category_id": lab + 1, "iscrowd": 0,
-                           "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
-                          for k, (i, b, lab) in enumerate((i, b, lab) for i, t in enumerate(_targets())
-                                                          for b, lab in zip(t["boxes"], t["labels"]))],
+    annotations = []
+    for i, p in enumerate(preds):
+        boxes, scores, labels = p["boxes"], p["scores"], p["labels"]
+        assert boxes.dtype == torch.float32 and boxes.shape[-1] == 4 and len(boxes) == len(scores) == len(labels)
+        assert len(boxes) > 0 and labels.dtype == torch.int64
+        assert ((labels >= 0) & (labels < len(CLASSES))).all() and ((scores >= 0) & (scores <= 1)).all()
+        assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)   # IoU needs an area
+        keep &= torch.arange(len(boxes)) < 50                                         # within maxDets
+        p.update(boxes=boxes[keep], scores=scores[keep], labels=labels[keep])
+        for (x1, y1, x2, y2), lab in zip(p["boxes"].tolist(), p["labels"].tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": lab + 1, "iscrowd": 0,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)})
+    assert len(annotations) >= 10
+    gt = {"images": [{"id": i + 1, "width": SIZE, "height": SIZE} for i in range(2)], "annotations": annotations,
           "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES)]}
-    result = coco_map(gt, detections_to_coco(preds))
-    assert 0.0 <= result["map"] <= 1.0 and 0.0 <= result["map50"] <= 1.0
+    assert coco_map(gt, detections_to_coco(preds))["map"] == pytest.approx(1.0)
+    half = {**gt, "annotations": [a for a in annotations if a["id"] % 2 == 0]}
+    assert coco_map(half, detections_to_coco(preds))["map50"] < 1.0
     as_predictions = [{"boxes": torch.tensor(t["boxes"]), "scores": torch.ones(len(t["labels"])),
                        "labels": torch.tensor(t["labels"])} for t in _targets()]
-    assert coco_map(gt, detections_to_coco(as_predictions))["map"] == pytest.approx(1.0)
+    targets = [(i, b, lab) for i, t in enumerate(_targets()) for b, lab in zip(t["boxes"], t["labels"])]
+    targets_gt = {**gt, "annotations": [
+        {"id": k + 1, "image_id": i + 1, "category_id": lab + 1, "iscrowd": 0,
+         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])}
+        for k, (i, b, lab) in enumerate(targets)]}
+    assert coco_map(targets_gt, detections_to_coco(as_predictions))["map"] == pytest.approx(1.0)
 
 
 def test_training_mode_updates_norm_statistics(images):

@@ -221,6 +221,33 @@ def test_labelling_rule_edges():
     # a second, weaker detection then recognises the other object; higher scores claim first
     m = match_objects(two, [1, 1], [[0, 0, 10, 11], [0, 0, 10, 10]], [0.6, 0.9], [1, 1])
     assert m.recognised.tolist() == [True, True] and m.score.tolist() == pytest.approx([0.9, 0.6])
+    # a claimed object is not claimed again: the second of two identical detections takes the other
+    m = match_objects(two, [1, 1], [[0, 0, 10, 10], [0, 0, 10, 10]], [0.9, 0.6], [1, 1])
+    assert m.recognised.tolist() == [True, True] and m.best_iou.tolist() == pytest.approx([1.0, 10 / 12])
+    # the higher score claims, though a lower-scored detection overlaps more; the object's IoU and
+    # score are those of the detection that recognised it
+    m = match_objects(ref, [1], [[0, 0, 10, 16], [0, 0, 10, 11]], [0.9, 0.5], [1, 1])
+    assert m.recognised.tolist() == [True]
+    assert m.best_iou.tolist() == pytest.approx([10 / 16]) and m.score.tolist() == pytest.approx([0.9])
+    # not recognised: the best eligible detection's IoU and score (0 and 0 when none is eligible)
+    m = match_objects(ref + [[20, 20, 30, 30]], [1, 2], [[20, 20, 30, 40], [24, 20, 34, 30]], [0.8, 0.7], [2, 2])
+    assert m.recognised.tolist() == [False, True]
+    m = match_objects([[20, 20, 30, 30], [50, 50, 60, 60]], [2, 1], [[20, 20, 30, 60], [0, 0, 5, 5]], [0.8, 0.95],
+                      [2, 2])
+    assert m.recognised.tolist() == [False, False]
+    assert m.best_iou.tolist() == pytest.approx([0.25, 0.0]) and m.score.tolist() == pytest.approx([0.8, 0.0])
+    m = match_objects([[20, 20, 30, 30]], [2], [[0, 0, 5, 5]], [0.95], [2])   # eligible, no overlap at all
+    assert m.best_iou.tolist() == [0.0] and m.score.tolist() == pytest.approx([0.95])
+    assert m.best_iou.dtype == m.score.dtype == np.float32 and m.recognised.dtype == bool
+    # equal scores: the earlier detection claims first (a stable order; numpy's default sort
+    # reorders ties in an array this long)
+    far = [50, 50, 60, 60]
+    dets = [far, [0, 0, 10, 6], [0, 0, 10, 10]] + [far] * 23
+    m = match_objects(ref, [1], dets, [0.5] * 20 + [0.9] + [0.5] * 5, [1] * 26)
+    assert m.best_iou.tolist() == pytest.approx([0.6])
+    # labels and scores in any array shape, boxes in any numeric type
+    m = match_objects(np.array([[0, 0, 10, 10]]), [[1]], np.array([[0, 0, 10, 10]], np.int64), [[0.9]], [[1]])
+    assert m.recognised.tolist() == [True] and m.best_iou.tolist() == pytest.approx([1.0])
 
 
 def test_both_jrd_conventions():
@@ -229,6 +256,9 @@ def test_both_jrd_conventions():
     bumpy = np.array([0] * 10 + [1] + [0] * 9 + [1] * 44)
     assert jrd(bumpy) == 19 and first_unrecognised(bumpy) == 10
     assert first_unrecognised([0] * 64) == 64 and jrd([1] * 64) == -1 and first_unrecognised([1] * 64) == 0
+    labels = not_recognised_labels(np.array([1, 1, 0]))              # recognised given as 0/1
+    assert labels.tolist() == [0, 0, 1] and labels.dtype == np.int64
+    assert is_monotonic([0, 0, 1, 1]) and is_monotonic([0, 0]) and not is_monotonic([1, 0])
 
 
 def test_jrd_and_error_tolerance_64_levels():
@@ -251,58 +281,115 @@ def test_jrd_and_error_tolerance_64_levels():
     r[[50, 52]] = 0                # windows ending at 50/52 hold ≥ 6 misses → back to p[22:30] → 29
     assert error_tolerant_jrd(r) == 29
     assert error_tolerant_jrd([0, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]) == 7   # L = 16
+    assert error_tolerant_jrd([0] * 8 + [1] * 7 + [0]) == 7       # two changes: a late spurious hit is ignored
+    assert error_tolerant_jrd([1] * 14 + [0] * 2) == 15           # one change: the last level recognised
+    assert error_tolerant_jrd([1] * 7 + [0] + [1] * 7 + [0]) == 0  # no window qualifies
+    assert error_tolerant_jrd([0, 0, 0, 1, 0, 1, 1, 0]) == 7       # exactly one window (L = 8)
+    assert error_tolerant_jrd(np.array([False] * 3 + [True] + [False] * 4 + [True] * 8)) == 7   # boolean labels
+    with pytest.raises(ValueError, match="at least 8 levels, got 5"):
+        error_tolerant_jrd([0] * 5)
 
 
 class OracleDetector(Detector):
-    """Detects a fixed box, with a score that falls with the decoded image's error against the
-    pristine image: the object is recognised while MSE ≤ ``tolerance``."""
+    """Recognises the object in exactly the images it is told to: it finds which of ``images``
+    (the pristine image and each of its decodes, letterboxed as the stage letterboxes them) it is
+    shown, and returns ``box`` (canvas pixels) of class 1 with score 0.9 where ``recognised`` says
+    so, 0.1 elsewhere."""
 
     family = "oracle"
 
-    def __init__(self, pristine, box, tolerance, canvas):
+    def __init__(self, images, recognised, box, canvas):
         super().__init__(CLASSES)
         from icm.maa.canvas import letterbox, to_tensor
 
-        self.pristine = letterbox(to_tensor(pristine), canvas)[0]
-        self.box, self.tolerance = torch.tensor([box], dtype=torch.float32), tolerance
+        self.references = torch.stack([letterbox(to_tensor(im), canvas)[0] for im in images])
+        assert len({r.numpy().tobytes() for r in self.references}) == len(images)   # each one told apart
+        self.recognised = list(recognised)
+        self.box = torch.tensor([box], dtype=torch.float32)
 
     def predict(self, images, score_threshold=0.05):
         out = []
         for im in images:
-            mse = float(((im - self.pristine) ** 2).mean()) * 255 ** 2
-            score = torch.tensor([0.9 if mse <= self.tolerance else 0.1])
+            distance = ((self.references - im) ** 2).flatten(1).amax(1)
+            k = int(distance.argmin())
+            assert float(distance[k]) == 0.0
+            score = torch.tensor([0.9 if self.recognised[k] else 0.1])
             keep = score >= score_threshold
             out.append({"boxes": self.box[keep], "scores": score[keep], "labels": torch.tensor([1])[keep]})
         return out
 
 
-def test_label_stage_known_jrd(photo, tmp_path, monkeypatch):
-    image = np.ascontiguousarray(photo[:96, :96])
-    box = [10.0, 20.0, 60.0, 70.0]
+# A 120x90 image on a 64 px canvas: scaled by 64/120 to 64x48, pasted at left 8. Its object
+# [20, 30, 50, 60] sits on the canvas at x·48/90 + 8, y·64/120.
+TALL_BOX = [20.0, 30.0, 50.0, 60.0]
+TALL_BOX_ON_CANVAS = [20 * 48 / 90 + 8, 30 * 64 / 120, 50 * 48 / 90 + 8, 60 * 64 / 120]
+
+
+def test_label_stage_known_jrd(photo, tmp_path):
+    image = np.ascontiguousarray(photo[:120, :90])
     ladders = [{"type": "jpeg", "levels": 16}, {"type": "webp", "levels": 12}]
-    params = {"ladders": ladders, "detector": {"name": "yolov8n", "weights": "random"}, "canvas": 96,
+    params = {"ladders": ladders, "detector": {"name": "yolov8n", "weights": "random"}, "canvas": 64,
               "reference": "gt", "score_threshold": 0.5, "iou_threshold": 0.5, "detect_batch": 5}
     stage = LabelStage(str(tmp_path), params, CLASSES, [11, 12, 13, 14])
-    tolerance = 150.0   # JPEG levels 0-5 and WebP levels 0-8 stay within it
-    stage.det = OracleDetector(image, box, tolerance, 96)
-    record = {"source_id": "t/img", "image_id": "img", "image": image, "boxes": np.array([box]),
-              "class_ids": np.array([1]), "class_names": ["square"], "width": 96, "height": 96, "notes": [],
+    record = {"source_id": "t/img", "image_id": "img", "image": image, "boxes": np.array([TALL_BOX]),
+              "class_ids": np.array([1]), "class_names": ["square"], "width": 90, "height": 120, "notes": [],
               "status": "ok"}
     entry = LadderStage(ladders).code_record(record)
+    # labels (1 = not recognised) per level, and what each convention makes of them, by hand
+    labels = {"jpeg": [0] * 8 + [1] * 7 + [0],            # a spurious hit at the last level
+              "webp": [0, 0, 1] + [0] * 6 + [1] * 3}      # a spurious miss at level 2
+    expected = {"jpeg": {"jrd": 15, "first_unrecognised": 8, "jrd_tolerant": 7, "monotonic": False},
+                "webp": {"jrd": 8, "first_unrecognised": 2, "jrd_tolerant": 8, "monotonic": False}}
+    decodes = [image] + [d for name in ("jpeg", "webp") for _, d, _ in entry["coded"][name]]
+    recognised = [True] + [not v for name in ("jpeg", "webp") for v in labels[name]]
+    stage.det = OracleDetector(decodes, recognised, TALL_BOX_ON_CANVAS, 64)
     levels, objects, notes = stage.label_image(record, entry["coded"])
     assert notes == [] and len(objects) == 2 and len(levels) == 16 + 12
     for obj in objects:
-        mses = [float(((c[1].astype(float) - image) ** 2).mean()) for c in entry["coded"][obj["ladder"]]]
-        expected = max(i for i, m in enumerate(mses) if m <= tolerance)
-        assert obj["jrd"] == expected, (obj["ladder"], mses)
+        assert {k: obj[k] for k in expected[obj["ladder"]]} == expected[obj["ladder"]], obj["ladder"]
+        assert obj["levels"] == len(labels[obj["ladder"]]) and obj["reference"] == "gt"
         assert obj["category_id"] == 12 and obj["CategoryId"] == 1 and obj["class_name"] == "square"
-        assert obj["recognised_pristine"] and obj["area"] == 2500
+        assert obj["recognised_pristine"] and obj["area"] == 900 and obj["box"] == TALL_BOX
+    for name in ("jpeg", "webp"):
+        rows = [r for r in levels if r["ladder"] == name]
+        assert [r["level"] for r in rows] == list(range(len(labels[name])))
+        assert [r["label"] for r in rows] == labels[name]
+        assert [r["recognised"] for r in rows] == [not v for v in labels[name]]
+        # the detection, mapped back off the canvas, is the object's own box
+        assert all(r["best_iou"] == pytest.approx(1.0, abs=1e-4) for r in rows if r["recognised"])
+        assert [r["score"] for r in rows] == pytest.approx([0.9 if not v else 0.0 for v in labels[name]])
+        assert [r["bytes"] for r in rows] == [c[0] for c in entry["coded"][name]]
+        assert all(r["bpp"] == pytest.approx(8 * r["bytes"] / (120 * 90)) for r in rows)
     rows = [r for r in levels if r["ladder"] == "jpeg"]
-    assert [r["level"] for r in rows] == list(range(16))
-    assert all(r["label"] == int(not r["recognised"]) for r in rows)
     assert json.loads(rows[3]["codec_params"]) == {"type": "jpeg", "quality": 80}
     crop = np.asarray(Image.open(__import__("io").BytesIO(rows[0]["crop_png"])))
-    assert crop.shape == (50, 50, 3)
+    assert np.array_equal(crop, entry["coded"]["jpeg"][0][1][30:60, 20:50])
+
+
+def test_jrd_statistics_by_ladder_class_and_area():
+    from icm.jrd.report import jrd_figure, jrd_stats
+
+    def obj(ladder, cls, area, jrd_, monotonic=True, pristine=True, levels=8):
+        return {"source_id": "s", "object_index": 0, "ladder": ladder, "class_name": cls, "area": area,
+                "levels": levels, "jrd": jrd_, "jrd_tolerant": max(jrd_, 0), "monotonic": monotonic,
+                "recognised_pristine": pristine}
+    objects = [obj("jpeg", "car", 100, 3), obj("jpeg", "car", 2000, 5, monotonic=False),
+               obj("jpeg", "person", 10000, -1, pristine=False), obj("jpeg", "person", 50, 0),
+               obj("jpeg", "car", 32 ** 2, 1),                                   # COCO's medium from 32²
+               obj("webp", "car", 100, 2, levels=4), obj("hevc", "car", 100, -1, pristine=False, levels=52)]
+    stats = jrd_stats(objects)
+    assert stats == {
+        "hevc": {"levels": 52, "objects": 1, "recognised_at_some_level": 0, "recognised_pristine": 0,
+                 "mean_jrd": None, "mean_jrd_by_class": {}, "mean_jrd_by_area": {}, "monotonic_share": None},
+        "jpeg": {"levels": 8, "objects": 5, "recognised_at_some_level": 4, "recognised_pristine": 4,
+                 "mean_jrd": 2.25, "mean_jrd_by_class": {"car": 3.0, "person": 0.0},
+                 "mean_jrd_by_area": {"small": 1.5, "medium": 3.0}, "monotonic_share": 0.75},
+        "webp": {"levels": 4, "objects": 1, "recognised_at_some_level": 1, "recognised_pristine": 1,
+                 "mean_jrd": 2.0, "mean_jrd_by_class": {"car": 2.0}, "mean_jrd_by_area": {"small": 2.0},
+                 "monotonic_share": 1.0}}
+    assert list(stats) == ["hevc", "jpeg", "webp"]
+    figure = jrd_figure(objects)
+    assert figure.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(figure)).size[1] > 500
 
 
 def _list_dataset(root, shapes_root, n=5):
@@ -452,10 +539,14 @@ def test_label_stage_with_detector_reference_labels_its_own_detections(photo, tm
     params = {"ladders": ladders, "detector": {"name": "yolov8n", "weights": "random", "classes": CLASSES},
               "canvas": 96, "reference": "detector", "score_threshold": 0.5, "iou_threshold": 0.5}
     stage = LabelStage(str(tmp_path), params, CLASSES, list(range(4)))
-    stage.det = OracleDetector(image, box, 150.0, 96)
     record = {"source_id": "f/img", "image_id": "img", "image": image, "boxes": np.zeros((0, 4)),
               "class_ids": np.zeros(0, int), "class_names": [], "width": 96, "height": 96, "notes": [],
               "status": "ok"}
-    levels, objects, _ = stage.label_image(record, LadderStage(ladders).code_record(record)["coded"])
+    coded = LadderStage(ladders).code_record(record)["coded"]
+    recognised = [True] * 5 + [False] * 4                   # the pristine image and JPEG levels 0-3
+    stage.det = OracleDetector([image] + [d for _, d, _ in coded["jpeg"]], recognised, box, 96)
+    levels, objects, _ = stage.label_image(record, coded)
     assert len(objects) == 1 and objects[0]["class_name"] == "square" and objects[0]["box"] == box
     assert objects[0]["recognised_pristine"] and len(levels) == 8
+    assert objects[0]["jrd"] == 3 and objects[0]["first_unrecognised"] == 4 and objects[0]["monotonic"]
+    assert objects[0]["jrd_tolerant"] == 3 and objects[0]["reference"] == "detector"

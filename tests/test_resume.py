@@ -114,6 +114,16 @@ def test_output_relpath_keeps_extension_and_separates_sanitised_names():
     for evil in ("ds/../../etc/passwd", "/abs/x.png", "ds/./x", "ds//x"):
         rel = output_relpath(evil)
         assert ".." not in rel.split("/") and not rel.startswith("/")
+    import hashlib
+
+    def tag(source_id):   # the first 10 hex digits of the id's SHA-1, appended when the name was changed
+        return hashlib.sha1(source_id.encode()).hexdigest()[:10]
+    assert output_relpath("ds/a b.png") == f"images/ds/a_b.png-{tag('ds/a b.png')}.png"
+    assert output_relpath("ds/../x") == f"images/ds/_/x-{tag('ds/../x')}.png"
+    assert output_relpath("/abs/./x.png") == f"images/abs/x.png-{tag('/abs/./x.png')}.png"
+    assert output_relpath("ds/é~$.png") == f"images/ds/_.png-{tag('ds/é~$.png')}.png"
+    assert output_relpath("") == f"images/_-{tag('')}.png" and output_relpath("..") == f"images/_-{tag('..')}.png"
+    assert output_relpath("d/x-1_2.A", ".json", "objects") == "objects/d/x-1_2.A.json"
 
 
 def test_list_file_naming_a_path_twice_gives_two_rows(tmp_path):

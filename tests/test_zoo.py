@@ -1,6 +1,9 @@
 """Weights specs: random (seeded), local files (weights_only), URLs failing fast, hub names."""
 
+import socket
+import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -71,11 +74,78 @@ def test_unreachable_download_fails_fast_with_advice(monkeypatch, tmp_path):
         resolve("no/such/file.pth")
 
 
+@contextmanager
+def _server(reply: bytes = b"", then: str = "stall"):
+    """A loopback TCP server that accepts every connection, sends ``reply`` and then either stays
+    silent (``stall``, as a host behind a dead proxy) or closes the connection (``close``)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            conn.recv(65536)
+            conn.sendall(reply)
+            if then == "close":
+                conn.close()
+            else:
+                held.append(conn)
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/weights/model.pth"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+PARTIAL = b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"w" * 1000
+
+
+@pytest.mark.timeout(60)   # without a timeout on the connection the download would hang here
+@pytest.mark.parametrize("reply,then", [(b"", "stall"), (PARTIAL, "stall"), (PARTIAL, "close")],
+                         ids=["silent", "stalls-mid-file", "closes-mid-file"])
+def test_download_from_a_host_that_stops_answering_fails_fast_and_leaves_nothing(monkeypatch, tmp_path, reply,
+                                                                                 then):
+    """A host that accepts the connection and never answers (or stops mid-file, or hangs up
+    mid-file) fails after the download timeout with advice, and no partial file is left in the
+    weights cache (a truncated file there would be taken for the weights next time)."""
+    import icm.zoo.weights as weights
+
+    monkeypatch.setenv("ICM_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setattr(weights, "DOWNLOAD_TIMEOUT_S", 1.0)
+    with _server(reply, then) as url:
+        start = time.time()
+        with pytest.raises(WeightsUnavailable) as err:
+            build_codec("bmshj2018-factorized", 1, weights=url)
+        assert time.time() - start < 15
+    assert url in str(err.value) and "local path" in str(err.value)
+    if then == "stall":
+        assert "timed out" in str(err.value)
+    assert [p.name for p in (tmp_path / "weights").rglob("*")] == []
+
+
 def test_hub_names_resolve_to_published_urls():
-    url = _compressai_hub("bmshj2018-hyperprior", 3)("compressai:mse")
-    assert url.startswith("https://") and url.endswith(".pth.tar")
+    """CompressAI's published checkpoints, one per architecture, metric and quality."""
+    root = "https://compressai.s3.amazonaws.com/models/v1/"
+    assert _compressai_hub("bmshj2018-hyperprior", 3)("compressai:mse") == root + "bmshj2018-hyperprior-3-6d87be32.pth.tar"
+    assert _compressai_hub("bmshj2018-hyperprior", 2)("compressai") == root + "bmshj2018-hyperprior-2-93677231.pth.tar"
+    assert _compressai_hub("mbt2018-mean", 5)("compressai:ms-ssim") == root + "mbt2018-mean-ms-ssim-5-1be7f059.pth.tar"
+    assert _compressai_hub("bmshj2018-hyperprior-vbr", 4)("compressai:mse") == \
+        root + "bmshj2018-hyperprior-mse-vbr-cddd26be.pth.tar"          # one checkpoint for every rate
     with pytest.raises(WeightsUnavailable, match="no bmshj2018-hyperprior weights"):
         _compressai_hub("bmshj2018-hyperprior", 3)("compressai:nosuchmetric")
+    with pytest.raises(WeightsUnavailable, match="at quality 9"):
+        _compressai_hub("bmshj2018-hyperprior", 9)("compressai:mse")
 
 
 def test_every_compressai_image_arch_builds():

@@ -230,7 +230,7 @@ class CenterNet(Detector):
             cls, pix = idx[i] // (h * w), idx[i] % (h * w)
             ys, xs = (pix // w).float(), (pix % w).float()
             off = off_pred[i].flatten(1)[:, pix]
-            wh = size_pred[i].flatten(1)[:, pix]
+            wh = size_pred[i].flatten(1)[:, pix].clamp(min=0)   # a negative size would invert the box
             cx, cy = xs + off[0], ys + off[1]
             boxes = torch.stack([cx - wh[0] / 2, cy - wh[1] / 2, cx + wh[0] / 2, cy + wh[1] / 2], 1) * self.stride
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, images.shape[-1])

@@ -240,7 +240,7 @@ class TorchvisionDetector(Detector):
             self.model.train(was_training)
         results = []
         for out in outputs:
-            keep = out["scores"] >= score_threshold
+            keep = (out["scores"] >= score_threshold) & (out["labels"] > 0)   # 0: torchvision's background
             results.append({"boxes": out["boxes"][keep], "scores": out["scores"][keep],
                             "labels": out["labels"][keep] - 1})
         return results

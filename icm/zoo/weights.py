@@ -27,6 +27,7 @@ a local file. Nothing ever falls back to random weights silently.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -154,12 +155,20 @@ def download(url: str, spec: str, dest_dir: Path | None = None) -> Path:
     if staged is not None:
         return staged
     dest_dir.mkdir(parents=True, exist_ok=True)
+    partial = None
     try:
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
                 tempfile.NamedTemporaryFile(dir=dest_dir, delete=False) as tmp:
+            partial = Path(tmp.name)
             shutil.copyfileobj(response, tmp)
-        os.replace(tmp.name, dest)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+            # http.client ends a body cut short by the server without an error
+            size = response.headers.get("Content-Length")
+            if size is not None and tmp.tell() != int(size):
+                raise OSError(f"the connection closed after {tmp.tell()} of {size} bytes")
+        os.replace(partial, dest)
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
         raise WeightsUnavailable(
             f"cannot download weights {spec!r} from {url}: {exc}. Without a network, download the "
             f"file elsewhere and pass its local path as the weights spec (or place it at {dest})."

@@ -1,0 +1,150 @@
+"""Mutation score of the pure-Python core, each module against its own fast tests (not in CI).
+
+    python bench/mutation.py                      # every module below
+    python bench/mutation.py icm/maa/canvas.py    # one module
+    make mutation                                 # the same as the first
+
+mutmut (pinned in the ``test`` extras) mutates one module at a time. Its own runner maps every
+test of the selection to the functions it reaches and reruns, for each mutant, only those tests;
+it is given the module's own tests (``MODULES``), never the whole suite. For each module this
+driver copies the tracked files of the checkout into a scratch directory (``--work``, default
+``$TMPDIR/icm-mutation/<module>``), appends a ``[tool.mutmut]`` section naming that module and
+its tests to the copy's ``pyproject.toml``, runs ``mutmut run`` there, and reads the verdicts
+back (``mutmut results``, ``mutmut show``). The checkout itself is never touched.
+
+Score = killed / (mutants − equivalent): a mutant is killed when a test fails (or times out)
+with it in place. Survivors judged equivalent (the code behaves the same) are listed in
+``EQUIVALENT`` with the reason; they are named by mutmut's mutant ids, which hold for the code
+they were judged on (a change to the module renumbers them: judge again). Writes
+``<work>/summary.json`` and prints a table and every surviving mutant's diff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# module → its own fast tests (pytest arguments)
+MODULES = {
+    "icm/maa/canvas.py": ["tests/test_maa.py", "-k", "letterbox_and_boxes or paste_back"],
+    "icm/maa/bounds.py": ["tests/test_maa.py", "-k", "bounds_by_hand or meta_round or paste_back"],
+    "icm/maa/methods.py": ["tests/test_maa.py", "-k", "meta_round or masked_sign or meta_aafg_rounds or aafg_lowers"],
+    "icm/jrd/labelling.py": ["tests/test_jrd.py", "-k", "labelling_rule or conventions or error_tolerance"],
+    "icm/data/manifest.py": ["tests/test_data.py", "-k", "manifest"],
+    "icm/data/units.py": ["tests/test_data.py", "tests/test_resume.py", "-k", "relpath or unit_stage_retries"],
+    "icm/metrics/rd.py": ["tests/test_metrics.py", "-k", "bd_"],
+    "icm/metrics/detection.py": ["tests/test_metrics.py", "tests/test_bootstrap.py", "-k",
+                                 "coco_map or matches_pycocotools"],
+    "icm/metrics/bootstrap.py": ["tests/test_bootstrap.py"],
+}
+
+# mutant id → why it cannot change behaviour (judged on the commit named in bench/RESULTS.md)
+SORT_KIND = ("only rows with equal source_id can come out in another order, and a manifest has one row per "
+             "source_id (comparable's contract)")
+EQUIVALENT: dict[str, str] = {
+    **{f"icm.data.manifest.x_comparable__mutmut_{n}": SORT_KIND for n in (10, 12, 15, 16)},
+    **{f"icm.data.manifest.xǁManifestStoreǁdone_source_ids__mutmut_{n}": "reads every column instead of "
+       "source_id only: the same set of ids (a cost, not a behaviour)" for n in (2, 4)},
+}
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.split("\n")
+    return [f for f in out if f and (REPO / f).is_file()]
+
+
+def prepare(module: str, work: Path) -> None:
+    if work.exists():
+        shutil.rmtree(work)
+    for rel in tracked_files():
+        if rel.startswith(("icm/", "tests/", "pipelines/")) or rel == "pyproject.toml":
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, work / rel)
+    selection = json.dumps(MODULES[module])
+    with open(work / "pyproject.toml", "a") as f:
+        f.write(f"""
+[tool.mutmut]
+source_paths = ["icm"]
+only_mutate = ["{module}"]
+pytest_add_cli_args_test_selection = {selection}
+pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
+process_isolation = "forkserver"
+use_git_change_detection = false
+""")
+
+
+def mutmut(work: Path, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("mutmut")
+    env = {**os.environ, "PYTHONPATH": f"{work}:{work / 'pipelines'}"}
+    return subprocess.run([str(exe), *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_module(module: str, work: Path, max_children: int) -> dict:
+    prepare(module, work)
+    start = time.time()
+    run = mutmut(work, "run", "--max-children", str(max_children))
+    elapsed = time.time() - start
+    if run.returncode != 0:
+        print(run.stdout[-3000:], run.stderr[-3000:], sep="\n")
+    mutmut(work, "export-cicd-stats")
+    stats_file = work / "mutants" / "mutmut-cicd-stats.json"
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    listing = mutmut(work, "results", "--all", "true").stdout
+    verdicts = dict(re.findall(r"^\s*(\S+): (.+)$", listing, flags=re.M))
+    survivors = sorted(m for m, v in verdicts.items() if v.strip() not in ("killed", "timeout"))
+    diffs = {m: "\n".join(line for line in mutmut(work, "show", m).stdout.splitlines()
+                          if line[:1] in "+-" and not line.startswith(("+++", "---")))
+             for m in survivors}
+    equivalent = [m for m in survivors if m in EQUIVALENT]
+    total = int(stats.get("total", len(verdicts)))
+    killed = int(stats.get("killed", 0)) + int(stats.get("timeout", 0))
+    scored = total - len(equivalent)
+    return {"module": module, "tests": MODULES[module], "mutants": total, "killed": killed,
+            "survived": len(survivors), "equivalent": len(equivalent),
+            "score": round(killed / scored, 4) if scored else None, "seconds": round(elapsed, 1),
+            "survivors": {m: {"verdict": verdicts[m], "diff": diffs[m], "equivalent": EQUIVALENT.get(m)}
+                          for m in survivors}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("modules", nargs="*", default=list(MODULES), help="modules (default: all)")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "icm-mutation"))
+    parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    args = parser.parse_args()
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        raise SystemExit(f"not in MODULES: {unknown}; known: {sorted(MODULES)}")
+    work = Path(args.work)
+    results = []
+    for module in args.modules:
+        print(f"[mutation] {module} against {' '.join(MODULES[module])}", flush=True)
+        result = run_module(module, work / module.replace("/", "_").removesuffix(".py"), args.max_children)
+        results.append(result)
+        (work / "summary.json").write_text(json.dumps(results, indent=2))
+        for name, s in result["survivors"].items():
+            print(f"  {name} ({s['verdict']}{'; equivalent: ' + s['equivalent'] if s['equivalent'] else ''})\n"
+                  + "\n".join("    " + line for line in s["diff"].splitlines()), flush=True)
+    print(f"\n{'module':<28}{'mutants':>8}{'killed':>8}{'equiv.':>8}{'score':>8}{'s':>8}")
+    for r in results:
+        score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        print(f"{r['module']:<28}{r['mutants']:>8}{r['killed']:>8}{r['equivalent']:>8}{score:>8}{r['seconds']:>8.0f}")
+    below = [r["module"] for r in results if r["score"] is not None and r["score"] < args.threshold]
+    if below:
+        raise SystemExit(f"below {args.threshold:.0%}: {below}")
+
+
+if __name__ == "__main__":
+    main()

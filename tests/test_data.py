@@ -186,9 +186,7 @@ def test_manifest_store_keeps_job_columns_and_joins_shards_of_other_schemas(tmp_
 
 
 def test_manifest_rows_and_tables():
-    import socket
-
-    from icm.data.manifest import model_provenance, to_table
+    from icm.data.manifest import current_node_id, model_provenance, to_table
 
     assert model_provenance("m", "fam", "random:1", "random:1") == {"name": "m", "family": "fam",
                                                                    "weights": "random:1", "sha256": "random:1"}
@@ -196,7 +194,7 @@ def test_manifest_rows_and_tables():
                        models='[]', seed=np.int64(7), started_at=1, duration_s=2, runtime={"b": 1, "a": 2},
                        extra_col=5)
     assert row["params"] == '{"kept": "as is"}' and row["models"] == "[]" and row["runtime"] == '{"a":2,"b":1}'
-    assert row["node_id"] == socket.gethostname() and row["extra_col"] == 5 and row["output_path"] == ""
+    assert row["node_id"] == current_node_id() and row["extra_col"] == 5 and row["output_path"] == ""
     assert row["error"] == ""
     plain = manifest_row(source_id="d/1", source_path="", status="ok", params={}, models=[{"b": 1}], seed=0,
                          started_at=0, duration_s=0, runtime='{"as": "given"}')

@@ -56,37 +56,32 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial
 
 def axis_weights(start: Tensor, end: Tensor, size: int, bins: int, spatial_scale: float, sampling_ratio: int,
                  aligned: bool) -> Tensor:
-    """Per ROI, the bins×size matrix of one axis's bilinear sampling weights (already divided by the
-    axis's grid size), reproducing torchvision's kernel arithmetic (``roi_align_kernel.cpp``:
-    ``bilinear_interpolate_gradient`` and the sample positions) step by step in the input dtype."""
+    """Per ROI (any leading shape), the bins×size matrix of one axis's bilinear sampling weights,
+    already divided by the axis's grid size, with torchvision's kernel arithmetic
+    (``roi_align_kernel.cpp``: the sample positions, then ``bilinear_interpolate_gradient``: samples
+    outside [-1, size] dropped, positions clamped to [0, size - 1], weights 1 - |cell - position|)."""
     offset = 0.5 if aligned else 0.0
     roi_start = start * spatial_scale - offset
     length = end * spatial_scale - offset - roi_start
     if not aligned:
         length = length.clamp(min=1.0)
-    bin_size = length / bins
+    bin_size = (length / bins)[..., None, None]
     if sampling_ratio > 0:
-        grid = torch.full_like(length, sampling_ratio)
-        most = sampling_ratio
+        grid, most = sampling_ratio, sampling_ratio
     else:
-        grid = torch.ceil(length / bins)
+        grid = torch.ceil(length / bins)[..., None, None]
         most = max(int(grid.max()), 1) if grid.numel() else 1   # adaptive sampling: a host sync
-    i = torch.arange(most, device=start.device, dtype=start.dtype)
-    p = torch.arange(bins, device=start.device, dtype=start.dtype)
-    # y = roi_start + p·bin + (i + 0.5)·bin / grid, in the kernel's order of operations
-    pos = (roi_start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-           + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid[:, None, None])     # K×bins×most
-    used = (i[None, None, :] < grid[:, None, None]) & (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(min=0)
-    low = pos.floor().clamp(max=size - 1)
-    high = (low + 1).clamp(max=size - 1)
-    pos = torch.where(low >= size - 1, low, pos)
-    frac = pos - low
+    samples = torch.arange(most, device=start.device, dtype=start.dtype)
+    bins_at = torch.arange(bins, device=start.device, dtype=start.dtype)[:, None]
+    # y = roi_start + p·bin + (i + 0.5)·bin / grid, in the kernel's order of operations: ...×bins×most
+    pos = roi_start[..., None, None] + bins_at * bin_size + (samples + 0.5) * bin_size / grid
+    used = (pos >= -1.0) & (pos <= size)
+    if sampling_ratio <= 0:
+        used &= samples < grid
     cells = torch.arange(size, device=start.device, dtype=start.dtype)
-    weight = (torch.where(cells == low[..., None], 1.0 - frac[..., None], 0.0)
-              + torch.where(cells == high[..., None], frac[..., None], 0.0))               # K×bins×most×size
-    weight = torch.where(used[..., None], weight, 0.0).sum(2)
-    return weight / grid.clamp(min=1)[:, None, None]
+    weight = (1.0 - (cells - pos.clamp(0, size - 1)[..., None]).abs()).clamp(min=0)
+    weight = torch.where(used[..., None], weight, 0.0).sum(-2)
+    return weight / (grid.clamp(min=1) if isinstance(grid, Tensor) else grid)
 
 
 class SeparableRoIAlign(torch.autograd.Function):
@@ -119,8 +114,12 @@ def separable_roi_align_backward(grad_output: Tensor, rois: Tensor, input_shape,
     if k == 0:
         return grad_input
     rois = rois.to(grad_output.dtype)
-    wy = axis_weights(rois[:, 2], rois[:, 4], height, pooled_height, spatial_scale, sampling_ratio, aligned)
-    wx = axis_weights(rois[:, 1], rois[:, 3], width, pooled_width, spatial_scale, sampling_ratio, aligned)
+    if (height, pooled_height) == (width, pooled_width):   # both axes in one pass
+        wy, wx = axis_weights(rois[:, [2, 1]].T, rois[:, [4, 3]].T, height, pooled_height, spatial_scale,
+                              sampling_ratio, aligned)
+    else:
+        wy = axis_weights(rois[:, 2], rois[:, 4], height, pooled_height, spatial_scale, sampling_ratio, aligned)
+        wx = axis_weights(rois[:, 1], rois[:, 3], width, pooled_width, spatial_scale, sampling_ratio, aligned)
     # Group the ROIs by image: slot s of image n holds its s-th ROI (table value k: an all-zero row).
     image = rois[:, 0].long()
     order = torch.argsort(image, stable=True)

@@ -273,3 +273,15 @@ def test_faster_rcnn_step_avoids_ops_without_deterministic_cuda_kernels(monkeypa
     assert not {"upsample_bilinear2d_backward", "_adaptive_avg_pool2d_backward", "_roi_align_backward"} & set(count.by_op)
     assert count.by_op["roi_align"] > 0
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_torchvision_targets_prepared_apart_give_the_same_loss(images):
+    """Targets from two prepare_targets calls (different object counts, so different padding) in
+    one batch: the same loss as targets prepared together."""
+    det = build_detector("fasterrcnn_mobilenet_v3_large_fpn", CLASSES, weights="random:1", image_size=SIZE).freeze()
+    tg = _targets()
+    together = det.loss(images, det.prepare_targets(tg, (SIZE, SIZE)))
+    apart = det.loss(images, det.prepare_targets(tg[:1], (SIZE, SIZE)) + det.prepare_targets(tg[1:], (SIZE, SIZE)))
+    assert together.keys() == apart.keys()
+    for key in together:
+        torch.testing.assert_close(apart[key], together[key])

@@ -175,6 +175,15 @@ def _host_to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image tensors padded (with zeros) along dim 0 to the longest: targets prepared as
+    one unit already share a length; targets from different units may not."""
+    most = max(len(t) for t in tensors)
+    if any(len(t) != most for t in tensors):
+        tensors = [F.pad(t, (0, 0) * (t.dim() - 1) + (0, most - len(t))) for t in tensors]
+    return torch.stack(tensors)
+
+
 def _orderable(x: torch.Tensor) -> torch.Tensor:
     """float32 values → int64 keys in the same order (IEEE bits, negatives mirrored)."""
     bits = x.float().contiguous().view(torch.int32).to(torch.int64)
@@ -462,8 +471,8 @@ class TorchvisionDetector(Detector):
         boxes, valid = self._proposals(proposals.view(n_images, n_anchors, 4), objectness.detach(), geo)
 
         # ROI candidates: each image's proposals, then its ground-truth boxes (add_gt_proposals)
-        gt = torch.stack([t["tv_boxes"] for t in targets])
-        gt_labels = torch.stack([t["tv_labels"] for t in targets])
+        gt = _stack_padded([t["tv_boxes"] for t in targets])
+        gt_labels = _stack_padded([t["tv_labels"] for t in targets])
         n_props, n_gt = boxes.shape[1], gt.shape[1]
         candidates = torch.cat([boxes, gt], 1)
         present = torch.cat([valid, gt_labels > 0], 1)
@@ -512,7 +521,7 @@ class TorchvisionDetector(Detector):
         mask_rois = rois[flat]
         logits = roi.mask_predictor(roi.mask_head(roi.mask_roi_pool(features, mask_rois, images.image_sizes)))
         m = logits.shape[-1]
-        gt_masks = torch.stack([t["tv_masks"] for t in targets]).flatten(0, 1)[:, None].to(rois.dtype)
+        gt_masks = _stack_padded([t["tv_masks"] for t in targets]).flatten(0, 1)[:, None].to(rois.dtype)
         gt_rois = torch.cat([(image * n_gt + matched.view(-1)[flat]).to(rois.dtype)[:, None], mask_rois[:, 1:]], 1)
         # torchvision's project_masks_on_boxes; the forward kernel (no atomics), no gradient needed
         mask_targets = torch.ops.torchvision.roi_align(gt_masks, gt_rois, 1.0, m, m, -1, False)[:, 0]
@@ -580,7 +589,7 @@ class TorchvisionDetector(Detector):
         n_post = min(rpn.post_nms_top_n(), k)
         kept = (image < n_images) & (place < n_post)
         dest = torch.where(kept, image * n_post + place, n_images * n_post + torch.arange(len(keep), device=keep.device))
-        out = boxes.new_zeros(n_images * n_post + len(keep), 4).index_copy(0, dest, boxes.view(-1, 4)[keep])
+        out = boxes.new_zeros(n_images * n_post + len(keep), 4).index_copy(0, dest, boxes.reshape(-1, 4)[keep])
         real = kept.new_zeros(n_images * n_post + len(keep)).index_copy(0, dest, kept)
         return out[:n_images * n_post].view(n_images, n_post, 4), real[:n_images * n_post].view(n_images, n_post)
 

@@ -396,8 +396,10 @@ class TorchvisionDetector(Detector):
     def loss(self, images, targets):
         if self.training:
             # Training the weights: one batched call (BatchNorm sees the whole batch); the
-            # families average over the batch, so scale back to a per-image sum.
-            self._seed(targets)
+            # families average over the batch, so scale back to a per-image sum. Targets without
+            # a seed draw one from the global RNG (fresh anchor/ROI samples each step, as
+            # torchvision's sampler; reproducible under the training loop's seed).
+            self._seed([t if "seed" in t else dict(t, seed=int(torch.randint(2 ** 31, ()))) for t in targets])
             with loss_branch(self.model, train_norm=True):
                 terms = self.model(list(images), [self._tv_target(t, im) for t, im in zip(targets, images)])
             return {k: v * len(images) for k, v in terms.items()}

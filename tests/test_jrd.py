@@ -288,8 +288,12 @@ def test_label_stage_known_jrd(photo, tmp_path, monkeypatch):
     record = {"source_id": "t/img", "image_id": "img", "image": image, "boxes": np.array([box]),
               "class_ids": np.array([1]), "class_names": ["square"], "width": 96, "height": 96, "notes": [],
               "status": "ok"}
-    entry = LadderStage(ladders).code_record(record)
-    levels, objects, notes = stage.label_image(record, entry["coded"])
+    # labelling only runs forward: cuDNN's deterministic flags, not PyTorch's deterministic-algorithm mode
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark
+    entry = LadderStage(ladders, crop_gt=True).code_record(record)      # crop PNGs encoded by the coder
+    levels, objects, notes = stage.label_image(record, entry["coded"], entry["crops"])
+    assert (levels, objects) == stage.label_image(record, entry["coded"])[:2]   # = cut and encoded here
     assert notes == [] and len(objects) == 2 and len(levels) == 16 + 12
     for obj in objects:
         mses = [float(((c[1].astype(float) - image) ** 2).mean()) for c in entry["coded"][obj["ladder"]]]

@@ -45,7 +45,7 @@ def sequential_loop(cfg: dict, reader, out_dir: Path) -> tuple[float, int]:
     labeller = LabelStage(str(out_dir), {k: cfg[k] for k in jrd_dataset.LABEL_KEYS if k in cfg},
                           reader.classes, reader.category_ids)
     for unit in work_units(reader, int(cfg["batch_size"]), limit=cfg["limit"]):
-        labeller.run_unit({**unit, "coded": {r["source_id"]: coder.code_image(r) for r in unit["refs"]}})
+        labeller.run_unit({**unit, "coded": coder.code_unit(unit["refs"])})
     return time.time() - start, read_table(out_dir, "levels", columns=["level"]).num_rows
 
 

@@ -291,7 +291,8 @@ def test_label_stage_known_jrd(photo, tmp_path, monkeypatch):
     # labelling only runs forward: cuDNN's deterministic flags, not PyTorch's deterministic-algorithm mode
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     assert not torch.backends.cudnn.benchmark
-    entry = LadderStage(ladders, crop_gt=True).code_record(record)      # crop PNGs encoded by the coder
+    coder = LadderStage(ladders, crop_gt=True)
+    entry = coder.with_crops(coder.code_record(record))                 # crop PNGs encoded by the coder
     levels, objects, notes = stage.label_image(record, entry["coded"], entry["crops"])
     assert (levels, objects) == stage.label_image(record, entry["coded"])[:2]   # = cut and encoded here
     assert notes == [] and len(objects) == 2 and len(levels) == 16 + 12

@@ -108,8 +108,7 @@ class LadderStage:
         return self.code_record(load_record(ref, min_side=self.min_side))
 
     def code_record(self, record: dict) -> dict[str, Any]:
-        """``{"record", "coded": {ladder: [(bytes, decoded, level params), ...]}}`` and, with
-        ``crop_gt``, ``"crops": {"original": [png per object], ladder: [[png per object] per level]}``."""
+        """``{"record", "coded": {ladder: [(bytes, decoded, level params), ...]}}``."""
         if record["status"] != "ok":
             return {"record": record}
         try:
@@ -119,20 +118,29 @@ class LadderStage:
         except Exception as exc:  # noqa: BLE001 - one image's codec failure is that image's error
             return {"record": {**record, "image": None, "status": "error",
                                "error": f"coding failed: {type(exc).__name__}: {exc}"}}
-        entry = {"record": record, "coded": coded}
-        if self.crop_gt:
-            boxes = [b.tolist() for b in gt_boxes(record)]
-            entry["crops"] = {"original": [png_bytes(crop_box(record["image"], b)) for b in boxes],
-                              **{name: [[png_bytes(crop_box(dec, b)) for b in boxes] for _, dec, _ in levels]
-                                 for name, levels in coded.items()}}
-        return entry
+        return {"record": record, "coded": coded}
+
+    def with_crops(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """With ``crop_gt``, a coded entry plus ``"crops": {"original": [png per object], ladder:
+        [[png per object] per level]}``: every ground-truth object cut from the pristine image and
+        from each decoded level."""
+        if not self.crop_gt or "coded" not in entry:
+            return entry
+        record, boxes = entry["record"], [b.tolist() for b in gt_boxes(entry["record"])]
+        crops = {"original": [png_bytes(crop_box(record["image"], b)) for b in boxes]}
+        for name, levels in entry["coded"].items():
+            crops[name] = [[png_bytes(crop_box(dec, b)) for b in boxes] for _, dec, _ in levels]
+        return {**entry, "crops": crops}
+
+    def code_unit(self, refs: list[dict]) -> dict[str, dict[str, Any]]:
+        """``{source_id: entry}`` for a unit's images, what the label stage takes."""
+        return {r["source_id"]: self.with_crops(self.code_image(r)) for r in refs}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []
         for unit_json in batch["unit_json"]:
             unit = json.loads(str(unit_json))
-            payloads.append(pickle.dumps({r["source_id"]: self.code_image(r) for r in unit["refs"]},
-                                         protocol=pickle.HIGHEST_PROTOCOL))
+            payloads.append(pickle.dumps(self.code_unit(unit["refs"]), protocol=pickle.HIGHEST_PROTOCOL))
         return {"unit_json": batch["unit_json"], "payload": np.array(payloads, dtype=object)}
 
 

@@ -151,31 +151,6 @@ def test_stage_batch_vs_alone_and_rerun_identical(tmp_path):
     assert set(before) == set(after) == {"cn", "yolo"}
 
 
-def test_stage_writes_overlapped_with_compute_write_the_same_bytes(tmp_path):
-    """Two units at once on one stage (as Ray Data runs an ``overlap_io`` GPU actor: one decodes
-    and writes while the other computes) write what one unit at a time writes, byte for byte."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    reader = BoxedFolder(_folder(tmp_path / "src", [(48, 56), (50, 50), (60, 44), (52, 64)]), name="f")
-    units = work_units(reader, 2)
-    batches = [{"unit_json": np.array([json.dumps(u)])} for u in units]
-    serial = MAAStage(str(tmp_path / "serial"), _params(), CLASSES)
-    for batch in batches:
-        serial(batch)
-    overlapped = MAAStage(str(tmp_path / "overlapped"), _params(), CLASSES)
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(overlapped, batches))
-    assert all(not r["failure"][0] for r in results)
-    for unit in units:
-        for ref in unit["refs"]:
-            rel = json.loads(next(str(r["rows_json"][0]) for r in results if r["unit_id"][0] == unit["unit_id"]))
-            path = next(row["output_path"] for row in rel if row["source_id"] == ref["source_id"])
-            assert (tmp_path / "serial" / path).read_bytes() == (tmp_path / "overlapped" / path).read_bytes()
-        a = comparable(tmp_path / "serial/manifest" / f"{unit['unit_id']}.parquet")
-        b = comparable(tmp_path / "overlapped/manifest" / f"{unit['unit_id']}.parquet")
-        assert a.equals(b)
-
-
 def _pipeline_cfg(src, out):
     params = _params()
     for spec in params["detectors"]:
@@ -234,6 +209,31 @@ def test_map_bound_holds_per_pixel(tmp_path):
         orig = np.asarray(Image.open(src / r["source_id"].split("/", 1)[1])).astype(int)
         diff = out - orig
         assert diff.min() >= -3 and diff.max() <= 1 and (diff != 0).any()
+
+
+def test_stage_writes_overlapped_with_compute_write_the_same_bytes(tmp_path):
+    """Two units at once on one stage (as Ray Data runs an ``overlap_io`` GPU actor: one decodes
+    and writes while the other computes) write what one unit at a time writes, byte for byte."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = BoxedFolder(_folder(tmp_path / "src", [(48, 56), (50, 50), (60, 44), (52, 64)]), name="f")
+    units = work_units(reader, 2)
+    batches = [{"unit_json": np.array([json.dumps(u)])} for u in units]
+    serial = MAAStage(str(tmp_path / "serial"), _params(), CLASSES)
+    for batch in batches:
+        serial(batch)
+    overlapped = MAAStage(str(tmp_path / "overlapped"), _params(), CLASSES)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(overlapped, batches))
+    assert all(not r["failure"][0] for r in results)
+    for unit in units:
+        for ref in unit["refs"]:
+            rel = json.loads(next(str(r["rows_json"][0]) for r in results if r["unit_id"][0] == unit["unit_id"]))
+            path = next(row["output_path"] for row in rel if row["source_id"] == ref["source_id"])
+            assert (tmp_path / "serial" / path).read_bytes() == (tmp_path / "overlapped" / path).read_bytes()
+        a = comparable(tmp_path / "serial/manifest" / f"{unit['unit_id']}.parquet")
+        b = comparable(tmp_path / "overlapped/manifest" / f"{unit['unit_id']}.parquet")
+        assert a.equals(b)
 
 
 def _loss_of_png(stage, label, path, row, box):

@@ -211,8 +211,15 @@ def run_setting(setting: dict, work: Path, deadline: float) -> dict:
     out["step_counts"] = _step_counts(stage, batch)
     if stage.device.type == "cuda":
         out |= _kernel_busy(stage, unit)
+    outer = int(params.get("outer", 10))
+    per_outer = out["warmup_outer1_s"]
+    fallback = min(int(setting.get("fallback_outer") or outer), outer)
+    if time.time() + 2 * per_outer * outer > deadline and time.time() + 2 * per_outer * fallback <= deadline:
+        outer = fallback                     # a figure at fewer outer steps, labelled as such, not extrapolated
+    params = {**params, "outer": outer}
     stage.cfg = params
-    estimate = out["warmup_outer1_s"] * params.get("outer", 10)
+    out["timed_outer"] = outer
+    estimate = per_outer * outer
     out["estimate_s"] = round(estimate, 1)
     busy_meter, repeats, nvml = NvmlBusy(stage.device), [], []
     for i in range(setting["repeats"]):
@@ -279,6 +286,9 @@ def main() -> None:
                         help="an extra deterministic setting of the first trio, e.g. --variant tf32 tf32=true "
                              "(values are YAML)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fallback-outer", type=int, default=2,
+                        help="when two repeats at --outer do not fit the budget, time this many outer steps instead "
+                             "(reported as such)")
     parser.add_argument("--budget-s", type=float, default=480)
     parser.add_argument("--no-pair", action="store_true", help="skip the two-process reproducibility run")
     parser.add_argument("--no-probe", action="store_true", help="skip the batch_size: auto probes")
@@ -326,7 +336,7 @@ def main() -> None:
                 record("settings", {**entry, "not_measured": "budget spent"})
                 continue
             params = stage_params(trios[item["trio"]], args, item["deterministic"], item.get("extra"))
-            base = {"params": params, "batch": args.batch, "repeats": args.repeats}
+            base = {"params": params, "batch": args.batch, "repeats": args.repeats, "fallback_outer": args.fallback_outer}
             work = tmp / f"s{i}"
             solo = _result(_spawn({**base, "role": "time"}, work / "time", deadline), work / "time", deadline)
             entry |= solo
@@ -338,6 +348,7 @@ def main() -> None:
                     barrier = work / "barrier"
                     barrier.mkdir()
                     pair = {**base, "role": "pair", "barrier": str(barrier),    # two actors sharing one GPU
+                            "params": {**params, "outer": solo["timed_outer"]},
                             "memory_share": 0.5 if solo.get("device_type") == "cuda" else None}
                     procs = [(_spawn(pair, work / f"pair{k}", deadline), work / f"pair{k}") for k in range(2)]
                     partners = [_result(p, w, deadline) for p, w in procs]
@@ -364,17 +375,17 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=1))
     print(f"\nMAA stage, model-wise Meta-AAFG, canvas {args.canvas}, T = {args.outer}, {args.inner} inner steps, "
           f"unit {args.batch} images; {time.time() - begin:.0f} s in all")
-    print("| trio | deterministic | variant | images/s (repeats) | kernel busy % | NVML busy % | peak GiB | "
-          "2 processes sharing: images/s, byte-identical |\n|---|---|---|---|---|---|---|---|")
+    print("| trio | deterministic | variant | T timed | images/s (repeats) | kernel busy % | NVML busy % | peak GiB | "
+          "2 processes sharing: images/s, byte-identical |\n|---|---|---|---|---|---|---|---|---|")
     for s in results["settings"]:
         if "not_measured" in s or "error" in s:
-            print(f"| {s['trio']} | {'on' if s['deterministic'] else 'off'} | {s['variant']} | "
+            print(f"| {s['trio']} | {'on' if s['deterministic'] else 'off'} | {s['variant']} | | "
                   f"not measured: {s.get('not_measured') or s.get('error')} | | | | |")
             continue
         pair = (f"{s.get('pair_images_per_s')}, {s.get('byte_identical_across_processes')}"
                 if "pair_images_per_s" in s else (s.get("pair") if isinstance(s.get("pair"), str) else ""))
         rates = s.get("images_per_s")
-        print(f"| {s['trio']} | {'on' if s['deterministic'] else 'off'} | {s['variant']} | "
+        print(f"| {s['trio']} | {'on' if s['deterministic'] else 'off'} | {s['variant']} | {s.get('timed_outer')} | "
               f"{s.get('images_per_s_mean')} ({', '.join(map(str, rates or [])) or s.get('cut')}) | "
               f"{s.get('kernel_busy_pct')} | {s.get('nvml_busy_pct')} | {s.get('peak_reserved_gib')} | {pair} |")
     for s in results["settings"]:

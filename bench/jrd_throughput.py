@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None)
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--cpus", type=int, default=2, help="cores given to the Ray pipeline")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="detector workers per Ray setting")
+    parser.add_argument("--workers", default="1,2", help="detector workers per Ray setting, comma-separated")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.profile, args.overrides)
@@ -73,7 +73,7 @@ def main() -> None:
         results["per_level_loop"] = {"pipeline": rows / per_level_s, "end_to_end": rows / per_level_s}
         loop_s, rows = sequential_loop(cfg, reader, tmp / "loop")
         results["batched_loop"] = {"pipeline": rows / loop_s, "end_to_end": rows / loop_s}
-        for workers in args.workers:
+        for workers in [int(n) for n in args.workers.split(",")]:
             label_cpus = args.cpus / 2 / workers
             start = time.time()
             summary = jrd_dataset.run({**cfg, "out_dir": str(tmp / f"ray{workers}"),

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--profile", default="demo")
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--cpus", type=int, default=2, help="cores given to each setting")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray settings to run")
+    parser.add_argument("--workers", default="1,2", help="Ray settings to run, comma-separated")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.profile, args.overrides)
@@ -74,7 +74,7 @@ def main() -> None:
         torch.set_num_threads(args.cpus)
         loop_s = seed_style_loop(cfg, reader, tmp / "loop")
         results["seed_loop_batch1"] = {"pipeline": args.images / loop_s, "end_to_end": args.images / loop_s}
-        for actors in args.workers:
+        for actors in [int(n) for n in args.workers.split(",")]:
             out = tmp / f"ray{actors}"
             run_cfg = {**cfg, "out_dir": str(out), "figure_images": 0,
                        "workers": {**cfg.get("workers", {}), "actors": actors, "num_cpus": args.cpus / actors}}

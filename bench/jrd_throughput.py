@@ -1,10 +1,18 @@
 """OW-JRD throughput in (object, level) labels per second: a sequential loop (the two stages called
-one after the other in one process) running the detector on one decoded level at a time
-(`detect_batch=1`, the per-level baseline) and on batches of levels (`detect_batch` of the config),
-and the Ray pipeline (coding actors streaming into detector actors) at 1 and 2 detector workers.
-Same images, ladders and detector. One command, prints the rates and the ratios to the baseline.
+one after the other in one process, one torch thread) running the detector on one decoded level at
+a time (`detect_batch=1`, the per-level baseline) and on batches of levels (`detect_batch` of the
+config), and the Ray pipeline (coding actors streaming into detector actors) with 1 and 2
+detector workers on the same ``--cpus`` cores. Same images, ladders and detector, and the same
+work: the loop's coder also encodes the crop PNGs, as the pipeline's coders do. One command,
+prints the rates and the ratios to the baseline and to the batched loop.
 
-    .venv/bin/python bench/jrd_throughput.py [--images 12] [--config pipelines/configs/jrd_demo.yaml] [key=value ...]
+    .venv/bin/python bench/jrd_throughput.py [--images 12] [--cpus 2] [--config pipelines/configs/jrd_demo.yaml] [key=value ...]
+
+Ray gets exactly ``--cpus`` cores. With N detector workers they share half of them (torch threads
+per actor = its CPUs, at least 1) and the coders (``coders.actors: auto``, one CPU each) fill the
+rest; the pools Ray Data ran are printed (``[icm] LadderStage: …`` / ``[icm] LabelStage: …``).
+Rates: labels over the pipeline's own time (actor start-up and model building included, Ray's start
+not), and end to end.
 """
 
 from __future__ import annotations
@@ -33,49 +41,62 @@ from icm.jrd.stage import LabelStage, LadderStage  # noqa: E402
 
 def sequential_loop(cfg: dict, reader, out_dir: Path) -> tuple[float, int]:
     start = time.time()
-    coder = LadderStage(cfg["ladders"])
+    coder = LadderStage(cfg["ladders"], crop_gt=cfg.get("reference", "gt") == "gt")
     labeller = LabelStage(str(out_dir), {k: cfg[k] for k in jrd_dataset.LABEL_KEYS if k in cfg},
                           reader.classes, reader.category_ids)
     for unit in work_units(reader, int(cfg["batch_size"]), limit=cfg["limit"]):
-        labeller.coded = {r["source_id"]: coder.code_image(r) for r in unit["refs"]}
-        labeller.run_unit(unit)
+        labeller.run_unit({**unit, "coded": coder.code_unit(unit["refs"])})
     return time.time() - start, read_table(out_dir, "levels", columns=["level"]).num_rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "pipelines/configs/jrd_demo.yaml"))
     parser.add_argument("--profile", default=None)
     parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--cpus", type=int, default=2, help="cores given to the Ray pipeline")
+    parser.add_argument("--workers", default="1,2", help="detector workers per Ray setting, comma-separated")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.profile, args.overrides)
     cfg["limit"] = args.images
     cfg["export"] = {"enabled": False}
+    cfg["ray"] = {**(cfg.get("ray") or {}), "num_cpus": args.cpus}
     notes: list[str] = []
     cfg["detector"] = available_or_random(cfg["detector"], notes)
     reader = build_reader(cfg["dataset"])
     tmp = Path(tempfile.mkdtemp(prefix="icm-bench-"))
+    results = {}
     try:
-        torch.set_num_threads(1)  # each Ray actor holds one core; the loop gets the same per stage
+        torch.set_num_threads(1)  # the loop: one core, as each Ray actor of one CPU
         per_level_s, rows = sequential_loop({**cfg, "detect_batch": 1}, reader, tmp / "per-level")
+        results["per_level_loop"] = {"pipeline": rows / per_level_s, "end_to_end": rows / per_level_s}
         loop_s, rows = sequential_loop(cfg, reader, tmp / "loop")
-        results = {"per_level_loop": rows / per_level_s, "batched_loop": rows / loop_s}
-        for workers in (1, 2):
+        results["batched_loop"] = {"pipeline": rows / loop_s, "end_to_end": rows / loop_s}
+        for workers in [int(n) for n in args.workers.split(",")]:
+            label_cpus = args.cpus / 2 / workers
+            start = time.time()
             summary = jrd_dataset.run({**cfg, "out_dir": str(tmp / f"ray{workers}"),
-                                       "workers": {**cfg.get("workers", {}), "actors": workers}})
+                                       "workers": {**cfg.get("workers", {}), "actors": workers, "num_cpus": label_cpus},
+                                       "coders": {**cfg.get("coders", {}), "actors": "auto", "num_cpus": 1}})
+            wall = time.time() - start
             ray_rows = read_table(tmp / f"ray{workers}", "levels", columns=["level"]).num_rows
-            results[f"ray_{workers}_workers"] = ray_rows / summary["elapsed_s"]
+            if ray_rows != rows:
+                raise RuntimeError(f"the pipeline wrote {ray_rows} labels, the loop {rows}")
+            results[f"ray_{workers}_workers"] = {"pipeline": ray_rows / summary["elapsed_s"], "end_to_end": ray_rows / wall}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\n== OW-JRD throughput ((object, level) labels per second) ==")
     print(f"{args.images} images, ladders {summary['ladders']}, detector {cfg['detector']['name']}, "
-          f"canvas {cfg['canvas']}, detect_batch {cfg.get('detect_batch')}, {rows} labels")
+          f"canvas {cfg['canvas']}, detect_batch {cfg.get('detect_batch')}, {rows} labels, Ray on {args.cpus} cores")
+    base, batched = results["per_level_loop"]["pipeline"], results["batched_loop"]["pipeline"]
     for name, value in results.items():
-        print(f"{name:<18}{value:>9.1f} labels/s   ratio vs per-level loop {value / results['per_level_loop']:>5.2f}x")
+        print(f"{name:<16}{value['pipeline']:>9.1f} labels/s (end to end {value['end_to_end']:.1f})   "
+              f"vs per-level loop {value['pipeline'] / base:>5.2f}x   vs batched loop {value['pipeline'] / batched:>5.2f}x "
+              f"(end to end {value['end_to_end'] / batched:.2f}x)")
     for note in notes:
         print(f"note: {note}")
-    print(json.dumps({k: round(v, 2) for k, v in results.items()}))
+    print(json.dumps({k: {m: round(v, 2) for m, v in r.items()} for k, r in results.items()}))
 
 
 if __name__ == "__main__":

@@ -128,3 +128,13 @@ def describe(device: torch.device, deterministic: bool, precision: Precision | N
     return {"device": str(device), "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
             "deterministic": bool(deterministic), "precision": (precision or Precision()).as_dict(), **extra}
+
+
+def configure_inference(deterministic: bool) -> None:
+    """Algorithms for a stage that only runs detectors forward (OW-JRD's labelling): no
+    deterministic-algorithm checks — they guard backward kernels and atomics a forward pass does
+    not use — only cuDNN's flags (fixed convolution algorithms, no autotuning), which make its
+    forward pass repeat bit for bit."""
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic

@@ -95,12 +95,10 @@ def run_resumable(refs: list[dict], unit_size: int, stage_cls: type, stage_kwarg
     done_before = store.done_source_ids()
     selected = {r["source_id"] for r in refs}
     units = work_units(refs, unit_size, done=done_before)
-    print(f"[icm] {len(refs)} images: {len(selected & done_before)} already done, {len(units)} unit(s) "
-          f"to run on {workers.get('actors', 1)} actor(s)", flush=True)
+    print(f"[icm] {len(refs)} images: {len(selected & done_before)} already done, {len(units)} unit(s) to run",
+          flush=True)
     start = time.time()
-    results = run_units(units, stage_cls, stage_kwargs, actors=workers.get("actors", 1),
-                        num_gpus_per_actor=workers.get("num_gpus", 0),
-                        num_cpus_per_actor=workers.get("num_cpus", 1), pre_stage=pre_stage)
+    results = run_units(units, stage_cls, stage_kwargs, workers=workers, pre_stage=pre_stage)
     elapsed = time.time() - start
     manifest = store.consolidate(source_ids=selected) if store.done_units() else None
     rows = [r for res in results for r in res["rows"]]

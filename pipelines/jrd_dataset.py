@@ -3,8 +3,9 @@
     python pipelines/jrd_dataset.py --config pipelines/configs/jrd_demo.yaml
     ray job submit --working-dir . -- python pipelines/jrd_dataset.py --config pipelines/configs/jrd.yaml
 
-Every image is coded at every level of every configured ladder (a CPU actor pool), the detector
-labels every object at every level (an actor pool, one per GPU on a cluster), and each unit's rows
+Every image is coded at every level of every configured ladder, and each object's crops encoded
+(a CPU actor pool, ``coders.actors: auto``: as many as the CPUs allow), the detector labels every
+object at every level (an actor pool on GPU shares, ``workers.actors: auto``), and each unit's rows
 go to sharded parquet (``levels/``, ``objects/``) plus the per-image manifest. Resumable: rerun with
 the same out_dir. Then the authors' layout is exported per ladder (``export/<ladder>/``).
 """
@@ -39,8 +40,9 @@ def run(cfg: dict, address: str | None = None) -> dict:
     start_ray(cfg, address)
     refs = select_refs(reader, cfg.get("limit"))
     coders = cfg.get("coders", {}) or {}
-    pre_stage = {"cls": LadderStage, "kwargs": {"ladders": cfg["ladders"]},
-                 "actors": coders.get("actors", 1), "num_cpus": coders.get("num_cpus", 1)}
+    pre_stage = {"cls": LadderStage, "kwargs": {"ladders": cfg["ladders"], "crop_gt": params.get("reference", "gt") == "gt"},
+                 "actors": coders.get("actors", 1), "max_actors": coders.get("max_actors"),
+                 "num_cpus": coders.get("num_cpus", 1)}
     start = time.time()
     result = run_resumable(refs, int(cfg.get("batch_size", 2)), LabelStage,
                            {"out_dir": out_dir, "params": params, "dataset_classes": classes,

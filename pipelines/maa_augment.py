@@ -4,9 +4,9 @@
     ray job submit --working-dir . -- python pipelines/maa_augment.py --config pipelines/configs/maa_domain.yaml
 
 Reads any data-layer dataset, cuts it into fixed units (sorted by source_id, chunked by
-batch_size), runs the MAA stage on an actor pool (one actor per GPU on a cluster; models built
-once per actor), writes lossless PNGs + a parquet manifest, and is resumable: rerun with the same
-out_dir to finish an interrupted job.
+batch_size), runs the MAA stage on an actor pool (``workers.actors: auto``: autoscaled up to every
+GPU share the cluster has or can scale to; models built once per actor), writes lossless PNGs + a
+parquet manifest, and is resumable: rerun with the same out_dir to finish an interrupted job.
 """
 
 from __future__ import annotations
@@ -67,11 +67,13 @@ def evaluate(cfg: dict, reader, storage: Storage, manifest: list[dict]) -> list[
 
 
 def resolve_batch_size(cfg: dict, params: dict, classes: list[str], storage: Storage) -> int:
-    """``batch_size`` (images per unit and per batched step); ``auto``: the largest that fits a
-    worker's GPU, found by a trial step on one worker with the job's resources. The size ``auto``
-    chose is kept in the output folder: on GPU an image's result depends on its batch neighbours
-    beyond float rounding (bench/RESULTS.md: units re-cut in halves wrote 0 of 8 PNGs identical on
-    an H100), so a resumed job — perhaps on another GPU type — must cut its units the same way."""
+    """``batch_size`` (images per unit and per batched step); ``auto``: what is fastest on a
+    worker with the job's resources — on a GPU the largest batch that fits its share of the GPU,
+    on a CPU the size a short timed probe finds fastest (``largest_batch``). The choice, and how it
+    was made, is kept in the output folder: on GPU an image's result depends on its batch
+    neighbours beyond float rounding (bench/RESULTS.md: units re-cut in halves wrote 0 of 8 PNGs
+    identical on an H100), so a resumed job — perhaps on another GPU type, or a busier CPU, where a
+    new probe could choose otherwise — must cut its units the same way."""
     value = cfg.get("batch_size", 4)
     if value != "auto":
         return int(value)
@@ -81,11 +83,12 @@ def resolve_batch_size(cfg: dict, params: dict, classes: list[str], storage: Sto
               f"({storage.display(AUTO_BATCH_FILE)})", flush=True)
         return size
     workers = cfg.get("workers") or {}
-    size = run_on_worker(largest_batch, params, classes, num_gpus=workers.get("num_gpus", 0),
-                         num_cpus=workers.get("num_cpus", 1))
-    storage.write_text(AUTO_BATCH_FILE, json.dumps({"batch_size": size}))
-    print(f"[icm] batch_size auto: {size} images per batch", flush=True)
-    return size
+    choice = run_on_worker(largest_batch, params, classes, num_gpus=workers.get("num_gpus", 0),
+                           num_cpus=workers.get("num_cpus", 1))
+    storage.write_text(AUTO_BATCH_FILE, json.dumps(choice, indent=1, sort_keys=True))
+    print(f"[icm] batch_size auto: {choice['batch_size']} images per batch on {choice['device']} "
+          f"({choice['how']}: {choice.get('seconds_per_image') or choice.get('peak_reserved_gib')})", flush=True)
+    return int(choice["batch_size"])
 
 
 def run(cfg: dict, address: str | None = None) -> dict:

@@ -550,3 +550,27 @@ def test_label_stage_with_detector_reference_labels_its_own_detections(photo, tm
     assert objects[0]["recognised_pristine"] and len(levels) == 8
     assert objects[0]["jrd"] == 3 and objects[0]["first_unrecognised"] == 4 and objects[0]["monotonic"]
     assert objects[0]["jrd_tolerant"] == 3 and objects[0]["reference"] == "detector"
+
+
+def test_crops_encoded_by_the_coders_are_the_label_stage_s_and_labelling_runs_forward_only(photo, tmp_path):
+    """The coder actors encode each ground-truth object's crop at every level (so detector actors
+    only detect): the rows are those of crops cut and encoded on the label side, also for a box
+    whose float64 corner rounds differently in float32. Labelling is forward only: cuDNN's
+    deterministic flags, without PyTorch's deterministic-algorithm mode."""
+    image = np.ascontiguousarray(photo[:96, :96])
+    ladders = [{"type": "jpeg", "levels": 6}, {"type": "webp", "levels": 4}]
+    params = {"ladders": ladders, "detector": {"name": "yolov8n", "weights": "random:2"}, "canvas": 96,
+              "reference": "gt", "score_threshold": 0.0, "iou_threshold": 0.5, "detect_batch": 4}
+    stage = LabelStage(str(tmp_path), params, CLASSES, [11, 12, 13, 14])
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    record = {"source_id": "t/img", "image_id": "img", "image": image,
+              "boxes": np.array([[10.0, 20.0, 60.0, 70.0], [30.2, 5.5, 60.00000001, 41.7]]),
+              "class_ids": np.array([1, 2]), "class_names": ["square", "triangle"], "width": 96, "height": 96,
+              "notes": [], "status": "ok"}
+    coder = LadderStage(ladders, crop_gt=True)
+    entry = coder.with_crops(coder.code_record(record))
+    assert len(entry["crops"]["original"]) == 2 and len(entry["crops"]["jpeg"]) == 6
+    levels, objects, _ = stage.label_image(record, entry["coded"], entry["crops"])
+    assert len(levels) == 2 * (6 + 4) and len(objects) == 2 * 2
+    assert (levels, objects) == stage.label_image(record, entry["coded"])[:2]     # = cut and encoded here

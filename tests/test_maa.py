@@ -333,6 +333,7 @@ def test_pipeline_resume_bad_input_through_ray(ray_cluster, tmp_path):
     big = [r for r in manifest if r["source_id"] == "mixed/img4.png"][0]
     assert big["resized"] and json.loads(big["placement"])["width"] == 140
     assert json.loads(manifest[0]["models"])[0]["sha256"] == "random:0"
+    assert {json.loads(r["runtime"])["threads"] for r in manifest if r["status"] == "ok"} == {1}   # 0.5 CPU each
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
@@ -365,6 +366,32 @@ def test_map_bound_holds_per_pixel(tmp_path):
         orig = np.asarray(Image.open(src / r["source_id"].split("/", 1)[1])).astype(int)
         diff = out - orig
         assert diff.min() >= -3 and diff.max() <= 1 and (diff != 0).any()
+
+
+def test_stage_writes_overlapped_with_compute_write_the_same_bytes(tmp_path):
+    """Two units at once on one stage (as Ray Data runs an ``overlap_io`` GPU actor: one decodes
+    and writes while the other computes) write what one unit at a time writes, byte for byte."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = BoxedFolder(_folder(tmp_path / "src", [(48, 56), (50, 50), (60, 44), (52, 64)]), name="f")
+    units = work_units(reader, 2)
+    batches = [{"unit_json": np.array([json.dumps(u)])} for u in units]
+    serial = MAAStage(str(tmp_path / "serial"), _params(), CLASSES)
+    for batch in batches:
+        serial(batch)
+    overlapped = MAAStage(str(tmp_path / "overlapped"), _params(), CLASSES)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(overlapped, batches))
+    assert all(not r["failure"][0] for r in results)
+    for unit in units:
+        for ref in unit["refs"]:
+            rel = json.loads(next(str(r["rows_json"][0]) for r in results if r["unit_id"][0] == unit["unit_id"]))
+            path = next(row["output_path"] for row in rel if row["source_id"] == ref["source_id"])
+            assert (tmp_path / "serial" / path).read_bytes() == (tmp_path / "overlapped" / path).read_bytes()
+        a = comparable(tmp_path / "serial/manifest" / f"{unit['unit_id']}.parquet")
+        b = comparable(tmp_path / "overlapped/manifest" / f"{unit['unit_id']}.parquet")
+        assert a.equals(b)
+
 
 
 def _loss_of_png(stage, label, path, row, canvas_box, label_index):
@@ -522,14 +549,36 @@ def test_meta_domain_groups_and_class_map_precedence(tmp_path):
     assert set(before) == set(after) == {"cn", "y"}
 
 
-def test_deterministic_setting_and_auto_batch_on_cpu(tmp_path):
-    from icm.maa.stage import largest_batch
+def test_deterministic_setting_and_auto_batch_on_cpu(tmp_path, monkeypatch):
+    """On a CPU ``batch_size: auto`` times the heaviest step per image and keeps doubling only
+    while that pays (≥ 10 % less time per image); it measures each size after a warm-up there."""
+    import time
+
+    import icm.maa.stage as maa_stage
 
     MAAStage(str(tmp_path / "a"), {**_params(), "deterministic": False}, CLASSES)
     assert not torch.are_deterministic_algorithms_enabled()
     MAAStage(str(tmp_path / "b"), _params(), CLASSES)          # default: deterministic
     assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
-    assert largest_batch(_params(), CLASSES) == 8               # memory is not the limit on a CPU
+
+    real = maa_stage.largest_batch(_params(), CLASSES)          # the real step, timed
+    tried = {int(k): v for k, v in real["seconds_per_image"].items()}
+    assert real["device"] == "cpu" and real["batch_size"] in tried and real["threads"] == torch.get_num_threads()
+    assert all(tried[2 * b] <= 0.9 * tried[b] for b in tried if 2 * b <= real["batch_size"])
+    assert 2 * real["batch_size"] not in tried or tried[2 * real["batch_size"]] > 0.9 * tried[real["batch_size"]]
+
+    calls = []
+
+    def step_costing(seconds_per_image):                         # a model of the step's cost per size
+        def step(stage, size):
+            calls.append(size)
+            time.sleep(seconds_per_image[size] * size)
+        return step
+    monkeypatch.setattr(maa_stage, "_heaviest_step", step_costing({1: 0.4, 2: 0.2, 4: 0.19, 8: 0.01}))
+    assert maa_stage.largest_batch(_params(), CLASSES)["batch_size"] == 2   # 4 gains 5 %, not 10: stop at 2
+    assert calls == [1, 1, 2, 2, 4, 4]                                      # warm-up, then timed, per size
+    monkeypatch.setattr(maa_stage, "_heaviest_step", step_costing({1: 0.05, 2: 0.06, 4: 0.001, 8: 0.001}))
+    assert maa_stage.largest_batch(_params(), CLASSES)["batch_size"] == 1   # batching buys nothing: per image
 
 
 def test_auto_batch_size_is_kept_for_a_resumed_job(tmp_path, monkeypatch):
@@ -539,10 +588,12 @@ def test_auto_batch_size_is_kept_for_a_resumed_job(tmp_path, monkeypatch):
 
     from icm.data.storage import Storage
 
-    probes = iter([16, 4])
+    probes = iter([{"batch_size": 16, "device": "NVIDIA H100", "how": "memory probe"},
+                   {"batch_size": 4, "device": "NVIDIA L4", "how": "memory probe"}])
     monkeypatch.setattr(maa_augment, "run_on_worker", lambda *a, **k: next(probes))
     storage = Storage(str(tmp_path / "out"))
     cfg = {"batch_size": "auto"}
     assert maa_augment.resolve_batch_size(cfg, _params(), CLASSES, storage) == 16
     assert maa_augment.resolve_batch_size(cfg, _params(), CLASSES, storage) == 16   # not the new probe's 4
+    assert json.loads(storage.read_text(maa_augment.AUTO_BATCH_FILE))["device"] == "NVIDIA H100"   # how it was chosen
     assert maa_augment.resolve_batch_size({"batch_size": 2}, _params(), CLASSES, storage) == 2

@@ -8,15 +8,19 @@
   image. Unit ids are hashes of their members, so they never collide with earlier units.
 * ``init_ray`` — connect to a cluster (``address`` / ``RAY_ADDRESS``, as under ``ray job
   submit``) or start a local one bound to a loopback address.
+* ``run_units`` — a stage over the units on an actor pool; ``actors: auto`` is Ray Data's
+  autoscaling pool, bounded by what the cluster has or can scale to (``pool_bounds``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 from collections import Counter
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -109,6 +113,18 @@ def assigned_gpu_ids() -> list:
     return list(ray.get_gpu_ids()) if ray.is_initialized() else []
 
 
+def assigned_resources() -> dict[str, float]:
+    """What Ray reserved for this worker (``{"CPU": 3.0, "GPU": 0.5}``); empty outside a Ray
+    worker (the driver, a Ray-free bench), and where Ray is not installed."""
+    try:
+        import ray
+    except ImportError:
+        return {}
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return {}
+    return dict(ray.get_runtime_context().get_assigned_resources())
+
+
 def _record_row(ref: dict[str, Any], min_side: int) -> dict[str, Any]:
     record = load_record(ref, min_side=min_side)
     if record["image"] is None:  # keep the column a tensor column: empty image for error rows
@@ -172,37 +188,206 @@ def units_dataset(units: list[dict[str, Any]]):
     return ray.data.from_items(units, override_num_blocks=max(1, len(units)))
 
 
+# ``ray up`` leaves the cluster launcher's config (node types with their resources and
+# max_workers) here on the head node, where ``ray job submit`` runs the driver.
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def actors_per_node(resources: dict[str, float], per_actor: dict[str, float]) -> int | float:
+    """How many actors asking ``per_actor`` fit on a node with ``resources`` (inf: it asks nothing)."""
+    asks = {r: v for r, v in per_actor.items() if v and v > 0}
+    if not asks:
+        return math.inf
+    return min(math.floor(float(resources.get(r, 0)) / v + 1e-9) for r, v in asks.items())
+
+
+def launcher_node_groups(config: dict[str, Any]) -> dict[str, Any]:
+    """The node groups of a cluster-launcher config (``cluster/aws.yaml``, ``cluster/gcp.yaml``):
+    every node type at its ``max_workers`` (``min_workers: 0`` groups counted at their maximum:
+    they scale up on demand), the head once, and the cluster's ``max_workers`` cap on workers."""
+    head = config.get("head_node_type")
+    groups = []
+    for name, node_type in (config.get("available_node_types") or {}).items():
+        if name == head:
+            count = 1 + int(node_type.get("max_workers", 0))
+        else:
+            count = int(node_type.get("max_workers", config.get("max_workers", 0)))
+        groups.append({"name": name, "resources": dict(node_type.get("resources") or {}), "max_count": count,
+                       "head": name == head})
+    return {"groups": groups, "max_workers": config.get("max_workers"), "source": "cluster launcher config"}
+
+
+def _published_node_groups() -> dict[str, Any] | None:
+    """The node groups the autoscaler published to the GCS (what Ray Data's own autoscaling reads)."""
+    try:
+        import ray._private.state
+
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or newer Ray without it: fall back
+        return None
+    if not config or not config.node_group_configs:
+        return None
+    groups = [{"name": g.name, "resources": dict(g.resources), "max_count": int(g.max_count), "head": False}
+              for g in config.node_group_configs]
+    return {"groups": groups, "max_resources": dict(config.max_resources), "source": "autoscaler (GCS)"}
+
+
+def cluster_description() -> dict[str, Any]:
+    """The connected cluster as ``pool_bounds`` reads it: the alive nodes' resources, and the
+    node groups it can scale to — published by the autoscaler, else from the launcher's config on
+    the head (``$ICM_CLUSTER_CONFIG`` overrides the path); ``None`` when neither is there."""
+    import ray
+    import yaml
+
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    scaling = _published_node_groups()
+    if scaling is None:
+        path = Path(os.environ.get("ICM_CLUSTER_CONFIG") or LAUNCHER_CONFIG).expanduser()
+        if path.is_file():
+            scaling = {**launcher_node_groups(yaml.safe_load(path.read_text()) or {}), "source": str(path)}
+    return {"nodes": nodes, "scaling": scaling}
+
+
+def _scalable_capacity(scaling: dict[str, Any], per_actor: dict[str, float]) -> int | None:
+    """Actors that fit once every node group is at its maximum (None: unbounded)."""
+    fits = sorted(((actors_per_node(g["resources"], per_actor), g) for g in scaling["groups"]),
+                  key=lambda fg: fg[0], reverse=True)
+    total = 0
+    workers_left = scaling.get("max_workers")
+    workers_left = math.inf if workers_left is None else int(workers_left)
+    for fit, group in fits:
+        if fit == 0 or group["max_count"] == 0:
+            continue
+        if fit == math.inf or group["max_count"] < 0:
+            return None
+        count = group["max_count"]
+        if not group.get("head"):    # the cluster's max_workers caps worker nodes, not the head
+            count = min(count, workers_left)
+            workers_left -= count
+        total += fit * count
+    for resource, limit in (scaling.get("max_resources") or {}).items():
+        if per_actor.get(resource):
+            total = min(total, math.floor(float(limit) / per_actor[resource] + 1e-9))
+    return total
+
+
+def pool_bounds(actors: int | str, per_actor: dict[str, float], cluster: dict[str, Any], units: int,
+                max_actors: int | None = None, reserved: dict[str, float] | None = None) -> dict[str, int]:
+    """``{"min", "initial", "max"}`` actors for a pool of ``actors`` (a number: that many; ``auto``:
+    Ray Data's autoscaling pool from one actor up to all that fit the cluster once it has scaled
+    out). ``initial`` is what fits the alive nodes now (after ``reserved``, held for another pool
+    of the job); the maximum is what fits the node groups at their maximum, or, for a cluster that
+    publishes no groups, open (Ray Data grows the pool as nodes join). Never more than ``units``
+    or ``max_actors``."""
+    units = max(1, int(units))
+    if actors != "auto":
+        n = max(1, min(int(actors), units))
+        return {"min": n, "initial": n, "max": n}
+    nodes = [dict(n) for n in cluster.get("nodes") or []]
+    for resource, amount in (reserved or {}).items():
+        if nodes and amount:
+            host = max(nodes, key=lambda n: n.get(resource, 0))
+            host[resource] = max(0.0, host.get(resource, 0) - amount)
+    live = sum(actors_per_node(n, per_actor) for n in nodes)
+    scaling = cluster.get("scaling")
+    capacity = _scalable_capacity(scaling, per_actor) if scaling else None
+    top = units if capacity is None or live == math.inf else max(capacity, live)
+    top = max(1, min(top, units, max_actors or units))
+    return {"min": 1, "initial": int(max(1, min(live, top))), "max": int(top)}
+
+
+def _fit_note(per_actor: dict[str, float], cluster: dict[str, Any]) -> str:
+    """A hint when a node's CPUs, not its GPUs, bound the actors on it (part of its GPU idles)."""
+    gpu = per_actor.get("GPU") or 0
+    if not gpu:
+        return ""
+    shapes = list(cluster.get("nodes") or []) + [g["resources"] for g in (cluster.get("scaling") or {}).get("groups", [])]
+    for res in shapes:
+        if res.get("GPU") and actors_per_node(res, per_actor) < math.floor(res["GPU"] / gpu + 1e-9):
+            return (f"; a node with {res.get('CPU', 0):g} CPUs and {res['GPU']:g} GPU(s) fits only "
+                    f"{actors_per_node(res, per_actor)} actor(s) of {per_actor.get('CPU', 0):g} CPUs, so part of "
+                    "its GPU idles: lower workers.num_cpus")
+    return ""
+
+
+def _pool_strategy(bounds: dict[str, int], concurrent_calls: int):
+    """Ray Data's actor pool. One unit in flight per concurrent call: a unit never queues behind a
+    busy actor while another idles, and the pool grows once every slot is busy (see run_units)."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(
+        min_size=bounds["min"], max_size=bounds["max"], initial_size=bounds["initial"],
+        max_tasks_in_flight_per_actor=concurrent_calls, max_concurrent_calls_per_actor=concurrent_calls,
+        enable_true_multi_threading=concurrent_calls > 1)
+
+
+def _describe_pool(name: str, bounds: dict[str, int], per_actor: dict[str, float], cluster: dict[str, Any],
+                   concurrent_calls: int) -> str:
+    size = (f"{bounds['max']}" if bounds["min"] == bounds["max"] else
+            f"{bounds['initial']} now, {bounds['min']}–{bounds['max']} autoscaled")
+    asks = ", ".join(f"{v:g} {k}" for k, v in per_actor.items() if v)
+    where = (cluster.get("scaling") or {}).get("source") or "the alive nodes (no node groups published)"
+    calls = f", {concurrent_calls} units at once each (I/O beside compute)" if concurrent_calls > 1 else ""
+    return f"[icm] {name}: {size} actor(s) of {asks or 'no resources'}{calls}; cluster from {where}"
+
+
 def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[str, Any], *,
-              actors: int = 1, num_gpus_per_actor: float = 0,
-              num_cpus_per_actor: float = 1, pre_stage: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              workers: dict[str, Any] | None = None, pre_stage: dict[str, Any] | None = None,
+              cluster: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run ``stage_cls`` (a callable class built once per actor) over ``units`` on an actor pool.
 
-    ``pre_stage`` (``{"cls", "kwargs", "actors", "num_cpus"}``) puts a CPU stage in front: it gets
-    the ``unit_json`` batches and passes its own columns on to ``stage_cls`` (Ray Data streams
-    between the two, so CPU coding and detector work overlap).
+    ``workers`` (a job's ``workers:`` section): ``actors`` (a number, or ``auto``: autoscaled up to
+    what the cluster has or can scale to, ``pool_bounds``), ``max_actors``, ``num_gpus`` (a
+    fraction lets actors share a GPU) and ``num_cpus`` per actor. ``pre_stage`` (``{"cls",
+    "kwargs", "actors", "max_actors", "num_cpus"}``) puts a CPU stage in front: it gets the
+    ``unit_json`` batches and passes its own columns on to ``stage_cls`` (Ray Data streams between
+    the two, so CPU coding and detector work overlap).
 
     The stage takes ``{"unit_json": [...]}`` batches (one unit per batch), does the unit's work,
     writes its outputs and manifest shard itself, and returns ``{"unit_id", "rows_json",
     "failure"}`` (``failure`` non-empty when the unit failed as a whole and wrote no shard). The
     driver only sees the small per-unit results. Ray Data restarts actors that die and retries
-    their unit; a unit's outputs are written atomically, so a retry leaves no half files.
+    their unit; a unit's outputs are written atomically, so a retry leaves no half files. A stage
+    with ``overlap_io`` on a GPU runs two units at once per actor (``icm.data.units``).
+
+    Every slot takes one unit at a time (no queue per actor) and the pool grows when all slots are
+    busy (Ray Data's upscaling threshold set to full utilisation for these datasets): units last
+    seconds to minutes, so a unit queued behind a busy actor while another sits idle would cost
+    more than the dispatch latency it saves.
     """
+    import dataclasses
     import json
 
     import ray
 
     if not units:
         return []
+    workers = workers or {}
+    cluster = cluster or cluster_description()
+    per_actor = {"CPU": float(workers.get("num_cpus", 1)), "GPU": float(workers.get("num_gpus") or 0)}
+    calls = 2 if per_actor["GPU"] and getattr(stage_cls, "overlap_io", False) else 1
     ds = units_dataset([{"unit_json": json.dumps(u, sort_keys=True)} for u in units])
     if pre_stage:
+        pre_ask = {"CPU": float(pre_stage.get("num_cpus", 1))}
+        main_now = pool_bounds(workers.get("actors", 1), per_actor, cluster, len(units), workers.get("max_actors"),
+                               reserved=pre_ask)
+        pre_bounds = pool_bounds(pre_stage.get("actors", 1), pre_ask, cluster, len(units), pre_stage.get("max_actors"),
+                                 reserved={k: v * main_now["initial"] for k, v in per_actor.items()})
+        print(_describe_pool(pre_stage["cls"].__name__, pre_bounds, pre_ask, cluster, 1), flush=True)
         ds = ds.map_batches(
             pre_stage["cls"], fn_constructor_kwargs=pre_stage.get("kwargs", {}), batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=max(1, int(pre_stage.get("actors", 1)))),
-            num_cpus=pre_stage.get("num_cpus", 1))
+            compute=_pool_strategy(pre_bounds, 1), num_cpus=pre_ask["CPU"])
+    else:
+        pre_ask = None
+    bounds = pool_bounds(workers.get("actors", 1), per_actor, cluster, len(units), workers.get("max_actors"),
+                         reserved=pre_ask)
+    print(_describe_pool(stage_cls.__name__, bounds, per_actor, cluster, calls) + _fit_note(per_actor, cluster),
+          flush=True)
     out = ds.map_batches(
         stage_cls, fn_constructor_kwargs=stage_kwargs, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=max(1, actors)), num_gpus=num_gpus_per_actor or None,
-        num_cpus=num_cpus_per_actor)
+        compute=_pool_strategy(bounds, calls), num_gpus=per_actor["GPU"] or None, num_cpus=per_actor["CPU"])
+    out.context.autoscaling_config = dataclasses.replace(out.context.autoscaling_config,
+                                                         actor_pool_util_upscaling_threshold=1.0)
     results = []
     for row in out.iter_rows():
         results.append({"unit_id": str(row["unit_id"]), "rows": json.loads(str(row["rows_json"])),

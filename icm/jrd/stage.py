@@ -1,12 +1,16 @@
 """The OW-JRD job's two stages (Ray-free callable classes; Ray Data chains them).
 
-``LadderStage`` (CPU): decode a unit's images and encode → decode each at every level of every
-ladder. ``LabelStage`` (detector, GPU on a cluster): run the detector on the pristine image and all
-its levels, label every object at every level, and write the unit's rows:
+``LadderStage`` (CPU): decode a unit's images, encode → decode each at every level of every
+ladder, and (ground-truth reference) encode every object's crop at every level as PNG.
+``LabelStage`` (detector, a share of a GPU on a cluster): run the detector on the pristine image
+and all its levels, label every object at every level, and write the unit's rows:
 
 * ``levels/<unit>.parquet`` — one row per (object, ladder, level) with the crop's PNG bytes;
 * ``objects/<unit>.parquet`` — one row per (object, ladder) with its JRD and the original crop;
 * ``manifest/<unit>.parquet`` — one row per image (the manifest contract), written last.
+
+Coder actors import this module too, so the detector stack (torchvision, ultralytics, CompressAI:
+seconds of CPU per process, on every actor start) is imported only where a detector is built.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import pickle
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,13 +29,9 @@ from icm.data.classes import class_list
 from icm.data.records import load_record
 from icm.data.units import UnitStage
 from icm.data.writers import png_bytes
-from icm.detectors.base import map_targets
-from icm.detectors.evaluate import detect_images
 from icm.jrd.labelling import (error_tolerant_jrd, first_unrecognised, is_monotonic, jrd, match_objects,
                                not_recognised_labels)
 from icm.jrd.ladders import build_ladder
-from icm.maa.stage import build_from_spec, detector_label, reachable_classes, resolve_device
-from icm.runtime import configure, describe
 
 BOX = pa.list_(pa.float64(), 4)
 OBJECT_KEY = [("source_id", pa.string()), ("image_id", pa.string()), ("object_index", pa.int64()),
@@ -69,6 +70,8 @@ def label_categories(params: dict, reader) -> tuple[list[str], list[int]]:
     """The categories objects are labelled in: the dataset's; or, with ``reference: detector`` on
     a dataset without a class list, the detector's own (``detector.classes``). Fails at start when
     nothing could be labelled."""
+    from icm.maa.stage import reachable_classes
+
     spec, reference = params["detector"], params.get("reference", "gt")
     if reference not in ("gt", "detector"):
         raise ValueError(f"reference must be 'gt' or 'detector', got {reference!r}")
@@ -85,12 +88,21 @@ def label_categories(params: dict, reader) -> tuple[list[str], list[int]]:
     return classes, list(range(len(classes)))
 
 
-class LadderStage:
-    """Decode each image of a unit and code it at every ladder level (CPU work)."""
+def gt_boxes(record: dict) -> torch.Tensor:
+    """The record's ground-truth boxes as the label stage holds them (float32, N×4): crops cut on
+    the coder side and on the label side from the same numbers are the same pixels."""
+    return torch.as_tensor(np.asarray(record["boxes"], np.float32)).reshape(-1, 4)
 
-    def __init__(self, ladders: list[dict], min_side: int = 8):
+
+class LadderStage:
+    """Decode each image of a unit and code it at every ladder level (CPU work); with
+    ``crop_gt``, also encode each ground-truth object's crop of the pristine image and of every
+    level as PNG (the rows' ``original_png`` / ``crop_png``), so the label actors only detect."""
+
+    def __init__(self, ladders: list[dict], min_side: int = 8, crop_gt: bool = False):
         self.ladders = build_ladders(ladders)
         self.min_side = min_side
+        self.crop_gt = crop_gt
 
     def code_image(self, ref: dict) -> dict[str, Any]:
         return self.code_record(load_record(ref, min_side=self.min_side))
@@ -108,26 +120,49 @@ class LadderStage:
                                "error": f"coding failed: {type(exc).__name__}: {exc}"}}
         return {"record": record, "coded": coded}
 
+    def with_crops(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """With ``crop_gt``, a coded entry plus ``"crops": {"original": [png per object], ladder:
+        [[png per object] per level]}``: every ground-truth object cut from the pristine image and
+        from each decoded level."""
+        if not self.crop_gt or "coded" not in entry:
+            return entry
+        record, boxes = entry["record"], [b.tolist() for b in gt_boxes(entry["record"])]
+        crops = {"original": [png_bytes(crop_box(record["image"], b)) for b in boxes]}
+        for name, levels in entry["coded"].items():
+            crops[name] = [[png_bytes(crop_box(dec, b)) for b in boxes] for _, dec, _ in levels]
+        return {**entry, "crops": crops}
+
+    def code_unit(self, refs: list[dict]) -> dict[str, dict[str, Any]]:
+        """``{source_id: entry}`` for a unit's images, what the label stage takes."""
+        return {r["source_id"]: self.with_crops(self.code_image(r)) for r in refs}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []
         for unit_json in batch["unit_json"]:
             unit = json.loads(str(unit_json))
-            payloads.append(pickle.dumps({r["source_id"]: self.code_image(r) for r in unit["refs"]},
-                                         protocol=pickle.HIGHEST_PROTOCOL))
+            payloads.append(pickle.dumps(self.code_unit(unit["refs"]), protocol=pickle.HIGHEST_PROTOCOL))
         return {"unit_json": batch["unit_json"], "payload": np.array(payloads, dtype=object)}
 
 
 class LabelStage(UnitStage):
-    """Label every object at every level of every ladder with one detector."""
+    """Label every object at every level of every ladder with one detector. Detection only runs
+    forward: ``deterministic`` sets cuDNN's flags (``configure_inference``), not PyTorch's
+    deterministic-algorithm mode."""
 
     extra_schema = JRD_COLUMNS
+    overlap_io = True   # unpickling the coded levels and the parquet writes beside another unit's detection
 
     def __init__(self, out_dir: str, params: dict, dataset_classes: list[str], category_ids: list[int]):
+        from icm.maa.stage import build_from_spec, claim_worker_share, detector_label, resolve_device
+        from icm.runtime import configure_inference, describe
+
         self.cfg = params
         deterministic = bool(params.get("deterministic", True))
-        configure(deterministic)
+        configure_inference(deterministic)
         self.device = resolve_device(params.get("device"))
-        self.runtime = describe(self.device, deterministic)
+        claim_worker_share(self.device)
+        self.runtime = describe(self.device, deterministic, algorithms="forward only: cuDNN deterministic flags",
+                                threads=torch.get_num_threads())
         self.canvas = int(params.get("canvas", 512))
         self.iou_threshold = float(params.get("iou_threshold", 0.5))
         self.score_threshold = float(params.get("score_threshold", 0.5))
@@ -139,35 +174,42 @@ class LabelStage(UnitStage):
         self.det = build_from_spec(spec, dataset_classes, self.canvas).to(self.device)
         self.class_map = spec.get("class_map")
         self.dataset_classes, self.category_ids = list(dataset_classes), list(category_ids)
-        self.coded: dict[str, dict] = {}
         models = [{**self.det.icm_provenance, "label": detector_label(spec)}]
         super().__init__(out_dir, params, models=models, seed=int(params.get("seed", 0)))
 
     def load_unit(self, batch, i):
-        self.coded = pickle.loads(batch["payload"][i])
-        return super().load_unit(batch, i)
+        return {**super().load_unit(batch, i), "coded": batch["payload"][i]}
+
+    def prepare_unit(self, unit):
+        """The coder's output for the unit's images (``{source_id: entry}``), unpickled off the lock."""
+        coded = unit.get("coded", {})
+        return pickle.loads(coded) if isinstance(coded, bytes) else coded
 
     def error_row(self, ref, reason, started_at):
         return self.row(ref, status="error", error=reason, started_at=started_at, width=0, height=0, objects=0,
                         ladders="", notes=list(ref.get("notes") or []))
 
     def detect(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        from icm.detectors.evaluate import detect_images
+
         return detect_images(self.det, images, self.canvas, self.score_threshold, self.batch_size, self.device)
 
     def reference_objects(self, record: dict, pristine: dict) -> tuple[list[dict], list[str]]:
-        """Objects to label: ``{box, det_label, CategoryId}``; the ground truth (in the detector's
-        classes) or the detector's own detections on the pristine image."""
+        """Objects to label: ``{box, det_label, CategoryId}`` (and ``gt_index``, the object's
+        index in the record); the ground truth (in the detector's classes) or the detector's own
+        detections on the pristine image."""
+        from icm.detectors.base import map_targets
+
         notes = []
         index = {c: i for i, c in enumerate(self.dataset_classes)}
         if self.reference == "gt":
             names = list(record["class_names"])
-            boxes = torch.as_tensor(np.asarray(record["boxes"], np.float32)).reshape(-1, 4)
-            mapped = map_targets(boxes, names, self.det.classes, self.class_map)
+            mapped = map_targets(gt_boxes(record), names, self.det.classes, self.class_map)
             kept = [i for i, n in enumerate(names) if (self.class_map or {}).get(n, n) in self.det.classes]
             if len(kept) < len(names):
                 notes.append(f"{len(names) - len(kept)} object(s) of classes the detector lacks were skipped")
             return [{"box": mapped["boxes"][j].tolist(), "det_label": int(mapped["labels"][j]),
-                     "CategoryId": int(record["class_ids"][i])} for j, i in enumerate(kept)], notes
+                     "CategoryId": int(record["class_ids"][i]), "gt_index": i} for j, i in enumerate(kept)], notes
         inverse = {v: k for k, v in (self.class_map or {}).items()}
         objects = []
         for box, label in zip(pristine["boxes"], pristine["labels"]):
@@ -179,15 +221,16 @@ class LabelStage(UnitStage):
 
     def process_unit(self, refs):
         started = time.time()
+        coded = self.prepared if self.prepared is not None else {}
         rows, level_rows, object_rows = [], [], []
         for ref in refs:
-            entry = self.coded.get(ref["source_id"], {})
+            entry = coded.get(ref["source_id"], {})
             record = entry.get("record") or {"status": "error", "error": "no ladder output for this image"}
             if record["status"] != "ok":
                 rows.append(self.error_row(ref, record["error"], started))
                 continue
             try:
-                levels, objects, notes = self.label_image(record, entry["coded"])
+                levels, objects, notes = self.label_image(record, entry["coded"], entry.get("crops"))
             except Exception as exc:  # noqa: BLE001 - the image fails, the unit goes on
                 rows.append(self.error_row(ref, f"labelling failed: {type(exc).__name__}: {exc}", started))
                 continue
@@ -198,11 +241,14 @@ class LabelStage(UnitStage):
                                  objects=len({(o["object_index"]) for o in objects}),
                                  ladders=json.dumps({k: len(v) for k, v in entry["coded"].items()}, sort_keys=True),
                                  notes=list(record["notes"]) + notes))
-        self.storage.write_table(f"levels/{self.unit_id}.parquet", pa.Table.from_pylist(level_rows, schema=LEVEL_SCHEMA))
-        self.storage.write_table(f"objects/{self.unit_id}.parquet", pa.Table.from_pylist(object_rows, schema=OBJECT_SCHEMA))
+        for kind, table_rows, schema in (("levels", level_rows, LEVEL_SCHEMA), ("objects", object_rows, OBJECT_SCHEMA)):
+            self.write_later(partial(write_table_rows, self.storage, f"{kind}/{self.unit_id}.parquet", table_rows, schema))
         return rows
 
-    def label_image(self, record: dict, coded: dict[str, list]) -> tuple[list[dict], list[dict], list[str]]:
+    def label_image(self, record: dict, coded: dict[str, list],
+                    crops: dict | None = None) -> tuple[list[dict], list[dict], list[str]]:
+        """Rows for one image; ``crops``: the coder's PNG crops of the ground-truth objects (else,
+        and always for detector references, the crops are encoded here)."""
         image = record["image"]
         h, w = image.shape[:2]
         names = list(coded)
@@ -223,7 +269,9 @@ class LabelStage(UnitStage):
                          "area": float((o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]))})
         at_pristine = match_objects(ref_boxes, ref_labels, pristine["boxes"], pristine["scores"], pristine["labels"],
                                     self.iou_threshold, self.score_threshold)
-        originals = [png_bytes(crop_box(image, o["box"])) for o in objects]
+        coder_crops = crops is not None and self.reference == "gt"
+        originals = [crops["original"][o["gt_index"]] if coder_crops else png_bytes(crop_box(image, o["box"]))
+                     for o in objects]
         level_rows, object_rows, offset = [], [], 0
         for name in names:
             recognised = []
@@ -238,7 +286,8 @@ class LabelStage(UnitStage):
                                        "bytes": int(num_bytes), "bpp": 8.0 * num_bytes / (h * w),
                                        "recognised": bool(m.recognised[k]), "label": int(not m.recognised[k]),
                                        "best_iou": float(m.best_iou[k]), "score": float(m.score[k]),
-                                       "crop_png": png_bytes(crop_box(dec, key["box"]))})
+                                       "crop_png": crops[name][level][objects[k]["gt_index"]] if coder_crops
+                                       else png_bytes(crop_box(dec, key["box"]))})
             offset += len(coded[name])
             table = np.stack(recognised, axis=1)  # objects × levels
             for k, key in enumerate(keys):
@@ -250,3 +299,7 @@ class LabelStage(UnitStage):
                                     "jrd_tolerant": int(tolerant), "monotonic": is_monotonic(labels),
                                     "original_png": originals[k]})
         return level_rows, object_rows, notes
+
+
+def write_table_rows(storage, rel: str, rows: list[dict], schema: pa.Schema) -> None:
+    storage.write_table(rel, pa.Table.from_pylist(rows, schema=schema))

@@ -7,6 +7,7 @@ import json
 import time
 import zlib
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,22 @@ def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def claim_worker_share(device: torch.device) -> float:
+    """Fit this process to what Ray reserved for its actor: torch threads = its CPUs (at least 1),
+    so actors sharing a node never oversubscribe its cores; below a whole GPU, PyTorch's caching
+    allocator capped at that share of the GPU's memory, so actors sharing a GPU cannot crowd each
+    other out. Returns the GPU share (1.0 outside Ray or with a whole GPU)."""
+    from icm.data.ray_io import assigned_resources
+
+    reserved = assigned_resources()
+    if reserved.get("CPU"):
+        torch.set_num_threads(max(1, int(reserved["CPU"] + 1e-9)))
+    share = float(reserved.get("GPU") or 1.0)
+    if device.type == "cuda" and share < 1:
+        torch.cuda.set_per_process_memory_fraction(share, device)
+    return min(share, 1.0)
 
 
 def image_seed(source_id: str, seed: int) -> int:
@@ -140,6 +157,7 @@ def build_from_spec(spec: dict, dataset_classes: list[str], canvas: int):
 
 class MAAStage(UnitStage):
     extra_schema = MAA_COLUMNS
+    overlap_io = True   # decode and PNG writes of one unit beside another's attack (icm.data.units)
 
     def __init__(self, out_dir: str, params: dict, dataset_classes: list[str]):
         self.cfg = params
@@ -147,6 +165,7 @@ class MAAStage(UnitStage):
         self.precision = Precision.from_config(params.get("precision"))
         configure(self.deterministic, self.precision)
         self.device = resolve_device(params.get("device"))
+        self.gpu_share = claim_worker_share(self.device)
         self.runtime = describe(self.device, self.deterministic, self.precision)
         self.canvas = int(params.get("canvas", 512))
         self.bound = build_bound({k: (as_float(v) if k == "eps" else v)
@@ -171,7 +190,7 @@ class MAAStage(UnitStage):
                         linf=float("nan"), l2=float("nan"), notes=list(ref.get("notes") or []))
 
     def _bound_maps(self, refs: list[dict], placements):
-        """Per-pixel bound maps for ``map`` bounds: (canvas lower, canvas upper) tensors and the
+        """Per-pixel bound maps for ``map`` bounds: (canvas lower, canvas upper) CPU tensors and the
         full-size maps, read from ``lower_dir``/``upper_dir`` at the image's relative path."""
         if self.bound.kind != "map":
             return None, []
@@ -186,32 +205,36 @@ class MAAStage(UnitStage):
                 pair.append(to_tensor(rec["image"]))
             full_maps.append(pair)
             canvas_maps.append([letterbox(m, self.canvas)[0] for m in pair])
-        lower = torch.stack([c[0] for c in canvas_maps]).to(self.device)
-        upper = torch.stack([c[1] for c in canvas_maps]).to(self.device)
-        return (lower, upper), full_maps
+        return (torch.stack([c[0] for c in canvas_maps]), torch.stack([c[1] for c in canvas_maps])), full_maps
 
-    def process_unit(self, refs):
+    def prepare_unit(self, unit):
+        """Decode and letterbox the unit's images and read its bound maps: CPU work, done outside
+        the compute lock (while the actor's other unit uses the GPU)."""
         started = time.time()
-        self.runtime = describe(self.device, self.deterministic, self.precision, batch=len(refs))
-        rows, good = [], []
-        for ref in refs:
+        bad, good = [], []
+        for ref in unit["refs"]:
             record = load_record(ref)
             if record["status"] != "ok":
-                rows.append(self.error_row(ref, record["error"], started))
+                bad.append((ref, record["error"]))
             else:
                 good.append((ref, record))
+        originals = [to_tensor(record["image"]) for _, record in good]
+        placed = [letterbox(original, self.canvas) for original in originals]
+        canvas_maps, full_maps = self._bound_maps([r for r, _ in good], [p for _, _, p in placed])
+        return {"started": started, "bad": bad, "good": good, "originals": originals, "placed": placed,
+                "canvas_maps": canvas_maps, "full_maps": full_maps}
+
+    def process_unit(self, refs):
+        unit = self.prepared if self.prepared is not None else self.prepare_unit({"refs": refs})
+        started, good, originals, full_maps = unit["started"], unit["good"], unit["originals"], unit["full_maps"]
+        self.runtime = describe(self.device, self.deterministic, self.precision, batch=len(refs),
+                                threads=torch.get_num_threads())
+        rows = [self.error_row(ref, reason, started) for ref, reason in unit["bad"]]
         if not good:
             return rows
-        canvases, masks, placements, originals = [], [], [], []
-        for _, record in good:
-            original = to_tensor(record["image"])
-            canvas, mask, placement = letterbox(original, self.canvas)
-            canvases.append(canvas)
-            masks.append(mask)
-            placements.append(placement)
-            originals.append(original)
-        x = torch.stack(canvases).to(self.device)
-        mask = torch.stack(masks).to(self.device)
+        x = torch.stack([c for c, _, _ in unit["placed"]]).to(self.device)
+        mask = torch.stack([m for _, m, _ in unit["placed"]]).to(self.device)
+        placements = [p for _, _, p in unit["placed"]]
         seeds = [image_seed(ref["source_id"], self.seed) for ref, _ in good]
         groups, dropped = [], [[] for _ in good]
         for built in self.groups:
@@ -227,8 +250,7 @@ class MAAStage(UnitStage):
                                               (self.canvas, self.canvas))
                 members.append(Member(label, det, targets, seeds))
             groups.append(members)
-        canvas_maps, full_maps = self._bound_maps([r for r, _ in good], placements)
-        lower, upper = canvas_maps or (None, None)
+        lower, upper = (m.to(self.device) for m in unit["canvas_maps"]) if unit["canvas_maps"] else (None, None)
 
         def project(adv):
             return self.bound.project(adv, x, lower, upper)
@@ -256,7 +278,7 @@ class MAAStage(UnitStage):
         after = {m.name: per_image_losses(m, written) for m in members}
         for i, ((ref, record), p, out_u8) in enumerate(zip(good, placements, outputs)):
             rel = output_relpath(ref["source_id"])
-            self.storage.write_bytes(rel, png_bytes(out_u8))
+            self.write_later(partial(write_png_to, self.storage, rel, out_u8))   # encoded and written off the lock
             diff = (out_u8.astype(np.float64) - record["image"].astype(np.float64)) / 255.0
             rows.append(self.row(
                 ref, status="ok", output_path=rel, started_at=started, seed=seeds[i], method=method,
@@ -280,37 +302,79 @@ def preflight_step(det, canvas: int) -> None:
     gradient(lambda a: member.loss(a, 0), image)
 
 
-def largest_batch(params: dict, dataset_classes: list[str], limit: int = 64, cpu_batch: int = 8,
-                  memory_share: float = 0.85) -> int:
-    """``batch_size: auto``: the largest power of two ≤ ``limit`` whose heaviest step (a gradient of
-    every detector's loss at once, on canvases with one object each) stays within
-    ``memory_share`` of this GPU's memory. On a CPU memory is not the limit: ``cpu_batch``."""
+
+def write_png_to(storage, rel: str, image: np.ndarray) -> None:
+    storage.write_bytes(rel, png_bytes(image))
+
+
+def _probe_members(stage: MAAStage, size: int) -> list[Member]:
+    """Every detector of ``stage`` on ``size`` canvases with one centred object each."""
+    c = stage.canvas / 2
+    box = torch.tensor([[c - c / 2, c - c / 2, c + c / 2, c + c / 2]], device=stage.device)
+    target = {"boxes": box, "labels": torch.zeros(1, dtype=torch.int64, device=stage.device)}
+    return [Member(label, det, det.prepare_targets([target] * size, (stage.canvas, stage.canvas)), list(range(size)))
+            for group in stage.groups for label, det, _ in group]
+
+
+def _heaviest_step(stage: MAAStage, size: int) -> None:
+    """A gradient of every detector's loss at once on ``size`` canvases (the stage's largest step)."""
+    group = _probe_members(stage, size)
+    x = torch.rand(size, 3, stage.canvas, stage.canvas, generator=torch.Generator().manual_seed(size)).to(stage.device)
+    gradient(lambda a: group_loss(group, a, 0), x)
+
+
+def largest_batch(params: dict, dataset_classes: list[str], limit: int = 64, headroom: float = 0.85,
+                  gpu_share: float | None = None, cpu_limit: int = 8, cpu_gain: float = 0.9) -> dict:
+    """``batch_size: auto`` — what is fastest on the device this runs on (a worker with the job's
+    resources). Returns ``{"batch_size", "device", "how", ...}``.
+
+    * CUDA: the largest power of two ≤ ``limit`` whose heaviest step (a gradient of every
+      detector's loss at once, one object per canvas) keeps PyTorch's *reserved* memory (what the
+      caching allocator holds, not only what tensors use) within ``headroom`` of this actor's share
+      of the GPU (``gpu_share``; default: the fraction Ray gave it) and of what is free: actors
+      sharing the GPU keep room for theirs.
+    * CPU: memory is not the limit and batching buys little (compute-bound, bench/RESULTS.md), so
+      it times the heaviest step per image at 1, 2, 4, … ≤ ``cpu_limit`` images (each after a
+      warm-up at its own shape) with the worker's threads, and doubles only while a doubling cuts
+      the time per image to at most ``cpu_gain`` of the best so far: else the per-image size 1."""
     import tempfile
 
-    device = resolve_device(params.get("device"))
-    if device.type != "cuda":
-        return cpu_batch
     with tempfile.TemporaryDirectory() as tmp:
         stage = MAAStage(tmp, params, dataset_classes)
-    total_memory = torch.cuda.get_device_properties(device).total_memory
-    members = [(det, label) for group in stage.groups for label, det, _ in group]
-    best, size = 0, 1
+    device = stage.device
+    share = float(gpu_share) if gpu_share is not None else stage.gpu_share
+    if device.type != "cuda":
+        per_image, best, size = {}, 1, 1
+        while size <= cpu_limit:
+            _heaviest_step(stage, size)                      # warm-up at this shape
+            start = time.perf_counter()
+            _heaviest_step(stage, size)
+            per_image[size] = (time.perf_counter() - start) / size
+            if size > 1 and per_image[size] > cpu_gain * per_image[best]:
+                break
+            best, size = size, size * 2
+        return {"batch_size": best, "device": "cpu", "threads": torch.get_num_threads(),
+                "how": "timed probe: seconds per image of the heaviest step at each size",
+                "seconds_per_image": {str(k): round(v, 4) for k, v in per_image.items()}}
+    free, total = torch.cuda.mem_get_info(device)
+    torch.cuda.empty_cache()
+    own = torch.cuda.memory_reserved(device)            # the stage's weights, already on the GPU
+    budget = headroom * min(share * total, free + own)
+    best, size, peaks = 0, 1, {}
     while size <= limit:
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            x = torch.rand(size, 3, stage.canvas, stage.canvas, device=device)
-            c = stage.canvas / 2
-            box = torch.tensor([[c - c / 2, c - c / 2, c + c / 2, c + c / 2]], device=device)
-            group = [Member(label, det, det.prepare_targets(
-                [{"boxes": box, "labels": torch.zeros(1, dtype=torch.int64, device=device)}] * size,
-                (stage.canvas, stage.canvas)), list(range(size))) for det, label in members]
-            gradient(lambda a: group_loss(group, a, 0), x)
+            _heaviest_step(stage, size)
             torch.cuda.synchronize(device)
-            if torch.cuda.max_memory_allocated(device) > memory_share * total_memory:
+            peaks[str(size)] = round(torch.cuda.max_memory_reserved(device) / 2 ** 30, 2)
+            if torch.cuda.max_memory_reserved(device) > budget:
                 break
             best, size = size, size * 2
         except torch.cuda.OutOfMemoryError:
+            peaks[str(size)] = "out of memory"
             break
     torch.cuda.empty_cache()
-    return max(best, 1)
+    return {"batch_size": max(best, 1), "device": torch.cuda.get_device_name(device), "gpu_share": share,
+            "how": f"memory probe: peak reserved GiB per size within {headroom:g} of "
+                   f"{min(share * total, free + own) / 2 ** 30:.1f} GiB", "peak_reserved_gib": peaks}

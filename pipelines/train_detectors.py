@@ -29,7 +29,7 @@ from icm.data.samples import SHAPES_VERSION
 from icm.data.storage import Storage
 from icm.data.yolo_format import export_yolo
 from icm.detectors.evaluate import evaluate_detector
-from icm.train.detectors import train_backbone_loop, train_detector_loop, train_yolo
+from icm.train.detectors import crop_stream, record_stream, train_backbone_loop, train_detector_loop, train_yolo
 from icm.train.ray_trainer import final_state, fit
 from icm.zoo import build_detector
 from icm.zoo.weights import WeightsUnavailable, publish_trained, resolve, trained_dir
@@ -64,14 +64,16 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> 
         header = [c.strip() for c in rows[0].split(",")]
         return Path(best).read_bytes(), ".pt", float(rows[-1].split(",")[header.index("time")])
     else:
-        # A few hundred small images: each worker decodes its slice once (RayTrainSession);
-        # large sets would go through Ray Data instead (datasets={"train": records_dataset(...)}).
-        loop_cfg["data_refs"] = {"train": [r.to_dict() for r in train_reader.refs()]}
-        per_worker = len(loop_cfg["data_refs"]["train"]) // max(int(workers.get("num_workers", 1)), 1)
+        refs = [r.to_dict() for r in train_reader.refs()]
+        per_worker = len(refs) // max(int(workers.get("num_workers", 1)), 1)
         loop_cfg["total_steps"] = int(spec["epochs"]) * (per_worker // int(spec.get("batch_size", 8)))
+        # a few hundred small images: decoded in the train workers (record_stream)
         result = fit(train_detector_loop, loop_cfg, name=run, storage_path=out_dir / "ray-train",
+                     streams={"train": record_stream(refs, int(loop_cfg["seed"]))},
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                      cpus_per_worker=workers.get("cpus_per_worker", 1))
+        if result.error:
+            raise SystemExit(f"training {run} failed: {result.error}")
         state = final_state(result)
         buf = io.BytesIO()
         torch.save(state["model"], buf)
@@ -121,11 +123,12 @@ def train_backbone(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> dict:
     print(f"[icm] pretraining backbone {label} ({spec['name']} on object crops)", flush=True)
     reader = build_reader(_dataset_spec(cfg, spec, "train"))
     loop_cfg = {**{k: v for k, v in spec.items() if k not in ("label", "domain")}, "classes": reader.classes,
-                "seed": spec.get("seed", cfg.get("seed", 0)), "threads": workers.get("threads"),
-                "data_refs": {"train": [r.to_dict() for r in reader.refs()]}}
+                "seed": spec.get("seed", cfg.get("seed", 0)), "threads": workers.get("threads")}
+    stream = crop_stream([r.to_dict() for r in reader.refs()], len(reader.classes), int(spec.get("crop", 64)),
+                         int(loop_cfg["seed"]))
     start = time.time()
     result = fit(train_backbone_loop, loop_cfg, name=f"{label}-{key[:12]}", storage_path=out_dir / "ray-train",
-                 num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
+                 streams={"train": stream}, num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                  cpus_per_worker=workers.get("cpus_per_worker", 1))
     final = final_state(result)
     elapsed = max(time.time() - start, float(final.get("train_s", 0.0)))   # as for detectors (main)

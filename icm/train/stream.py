@@ -1,0 +1,94 @@
+"""The training stream: which rows each train worker sees, and in which order, as a function of
+(seed, epoch) alone — so a resumed or restarted run sees exactly what the uninterrupted one saw.
+
+A ``Stream`` is a list of light ``items`` in a fixed order (image references, pair references,
+unit shards), an optional ``expand`` (an item → its raw rows: a shard → its pairs, an image →
+its object crops) and a ``decode`` (a raw row → a training row, or None for bad input). Epoch
+``e`` of a run with ``W`` workers:
+
+1. the items are permuted by ``rng(seed, e)`` and cut into windows of ``window`` consecutive
+   items;
+2. window ``g`` goes to worker ``g % W``;
+3. inside a window the raw rows of its items are permuted by ``rng(seed, e, g)`` (MosaicML
+   streaming's shuffle of samples within a block of shards; with ``window: 1`` and one row per
+   item, step 1 alone is a full row-level shuffle);
+4. each raw row is decoded — through Ray Data on the cluster's CPUs, order preserved
+   (``icm.train.ray_trainer``), or in the process itself (``LocalSession``, ``in_process``).
+
+A worker's position in an epoch is ``(window, raw rows of it consumed)``. Checkpoints carry every
+worker's position; a resumed worker starts there and skips what was consumed without decoding it
+— the deterministic mid-epoch resumption of torchdata's ``StatefulDataLoader`` and MosaicML
+streaming, written here on Ray Data. Random augmentation draws from ``row_rng(seed, epoch, key)``:
+a function of the row, not of the worker, the position or the time it is decoded at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Stream:
+    """``items``: picklable, in a fixed order (sorted by id: the order is part of the run).
+    ``expand(item, epoch)`` → raw rows (default: the item is its one raw row). ``decode(raw,
+    epoch)`` → the training row, or None to drop it (default: the raw row itself).
+    ``shuffle: False`` keeps the items' and rows' own order every epoch (replays, debugging).
+    ``num_cpus``: per Ray Data task. ``in_process``: read in the train worker itself, without
+    Ray Data (small sets, where tasks would cost more than the decoding)."""
+
+    items: Sequence[Any]
+    expand: Callable[[Any, int], Sequence[Any]] | None = None
+    decode: Callable[[Any, int], Any] | None = None
+    seed: int = 0
+    shuffle: bool = True
+    window: int = 1
+    num_cpus: float = 1
+    in_process: bool = False
+
+
+def row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """The random generator of one row in one epoch (crops, flips, jitter)."""
+    digest = int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "little")
+    return np.random.default_rng([int(seed), int(epoch), digest])
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one optimiser step on one worker (quantisation noise, dropout, detector
+    samplers): a resumed run draws what the uninterrupted one drew at that step."""
+    return int(seed) * 1_000_003 + int(step) * 101 + int(rank)
+
+
+def worker_windows(n_items: int, seed: int, epoch: int, window: int, shuffle: bool, rank: int,
+                   world_size: int) -> list[tuple[int, list[int]]]:
+    """This worker's windows of epoch ``epoch``: ``(g, item indices)``, ``g`` the window's index
+    among all workers' windows."""
+    order = np.random.default_rng([int(seed), int(epoch)]).permutation(n_items) if shuffle else np.arange(n_items)
+    window = max(1, int(window))
+    windows = [order[i:i + window].tolist() for i in range(0, n_items, window)]
+    return [(g, w) for g, w in enumerate(windows) if g % world_size == rank]
+
+
+def window_rows(stream: Stream, items: Sequence[Any], g: int, epoch: int, skip: int = 0) -> Iterator[tuple[int, Any]]:
+    """``(k, row)`` for the raw rows ``k ≥ skip`` of window ``g`` (``items``: its items, in
+    order) that decode to a row; rows before ``skip`` are neither decoded nor returned."""
+    raw = [r for item in items for r in (stream.expand(item, epoch) if stream.expand else (item,))]
+    if stream.shuffle and len(raw) > 1:
+        raw = [raw[i] for i in np.random.default_rng([int(stream.seed), int(epoch), int(g)]).permutation(len(raw))]
+    for k in range(skip, len(raw)):
+        row = stream.decode(raw[k], epoch) if stream.decode else raw[k]
+        if row is not None:
+            yield k, row
+
+
+def local_rows(stream: Stream, epoch: int, rank: int, world_size: int, start: tuple[int, int] = (0, 0)
+               ) -> Iterator[tuple[int, int, Any]]:
+    """``(w, k, row)`` of this worker's epoch from position ``start``, read in this process."""
+    windows = worker_windows(len(stream.items), stream.seed, epoch, stream.window, stream.shuffle, rank, world_size)
+    for w in range(start[0], len(windows)):
+        g, indices = windows[w]
+        for k, row in window_rows(stream, [stream.items[i] for i in indices], g, epoch, start[1] if w == start[0] else 0):
+            yield w, k, row

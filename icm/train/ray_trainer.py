@@ -50,9 +50,6 @@ class RayTrainSession(StreamSession):
         streams = {split: replace(s, items=ray.get(s.items)) if isinstance(s.items, ray.ObjectRef) else s
                    for split, s in (config.get("streams") or {}).items()}
         super().__init__(streams)
-        data = ray.data.DataContext.get_current()
-        data.execution_options.preserve_order = True   # rows in window order: the stream is deterministic
-        data.enable_progress_bars = False
 
     def _distributed(self) -> bool:
         return self.world_size > 1 and torch.distributed.is_initialized()
@@ -60,21 +57,8 @@ class RayTrainSession(StreamSession):
     def _rows(self, split, epoch, start):
         stream = self.streams[split]
         if stream.in_process:
-            yield from super()._rows(split, epoch, start)
-            return
-        windows = worker_windows(len(stream.items), stream.seed, epoch, stream.window, stream.shuffle, self.rank,
-                                 self.world_size)
-        plan = [{"items": pickle.dumps([stream.items[i] for i in indices], protocol=5), "g": g, "w": w,
-                 "skip": start[1] if w == start[0] else 0}
-                for w, (g, indices) in enumerate(windows) if w >= start[0]]
-        if not plan:
-            return
-        ds = ray.data.from_items(plan, override_num_blocks=min(len(plan), 256)).map_batches(
-            WindowRows(replace(stream, items=()), epoch), batch_size=None, batch_format="numpy",
-            num_cpus=stream.num_cpus)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            for w, k, row in zip(batch["w"], batch["k"], batch["row"]):
-                yield int(w), int(k), pickle.loads(row)
+            return super()._rows(split, epoch, start)
+        return ray_data_rows(stream, epoch, self.rank, self.world_size, start)
 
     def _all(self, flag):
         if not self._distributed():
@@ -110,6 +94,26 @@ class RayTrainSession(StreamSession):
             return None
         with checkpoint.as_directory() as directory:
             return load_state(directory)
+
+
+def ray_data_rows(stream: Stream, epoch: int, rank: int, world_size: int, start: tuple[int, int] = (0, 0)
+                  ) -> Iterator[tuple[int, int, Any]]:
+    """``(w, k, row)`` of worker ``rank``'s epoch from position ``start`` — what ``local_rows``
+    gives, expanded and decoded by Ray Data tasks (``stream.num_cpus`` each) with the order preserved."""
+    windows = worker_windows(len(stream.items), stream.seed, epoch, stream.window, stream.shuffle, rank, world_size)
+    plan = [{"items": pickle.dumps([stream.items[i] for i in indices], protocol=5), "g": g, "w": w,
+             "skip": start[1] if w == start[0] else 0}
+            for w, (g, indices) in enumerate(windows) if w >= start[0]]
+    if not plan:
+        return
+    data = ray.data.DataContext.get_current()
+    data.execution_options.preserve_order = True   # rows in window order: the stream is deterministic
+    data.enable_progress_bars = False
+    ds = ray.data.from_items(plan, override_num_blocks=min(len(plan), 256)).map_batches(
+        WindowRows(replace(stream, items=()), epoch), batch_size=None, batch_format="numpy", num_cpus=stream.num_cpus)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for w, k, row in zip(batch["w"], batch["k"], batch["row"]):
+            yield int(w), int(k), pickle.loads(row)
 
 
 class WindowRows:

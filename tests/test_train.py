@@ -131,18 +131,25 @@ def _codec_cfg(refs_root, steps, **extra):
 def _dies_once_after_a_checkpoint(config, session):
     """The codec loop, whose worker 1 dies (its process exits) right after the first checkpoint
     is registered — once: the restarted workers find the marker and live on."""
+    import json
     import os
     import time
     from pathlib import Path
 
-    marker, snapshot = Path(config["marker"]), Path(config["snapshot"])
+    marker, snapshot = Path(config["marker"]), Path(config["run_dir"]) / "checkpoint_manager_snapshot.json"
     report = session.report
+
+    def registered():   # (conftest.registered_checkpoint: Ray workers cannot import tests/)
+        try:
+            return json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+        except (FileNotFoundError, ValueError):
+            return None
 
     def report_then_die(metrics, state=None):
         report(metrics, state)
         if session.rank == 1 and metrics["step"] % config["checkpoint_every"] == 0 and not marker.exists():
             deadline = time.time() + 120
-            while time.time() < deadline and "checkpoint_" not in (snapshot.read_text() if snapshot.exists() else ""):
+            while time.time() < deadline and registered() is None:
                 time.sleep(0.2)   # the controller has registered rank 0's checkpoint: now a failure restarts from it
             marker.write_text(str(metrics["step"]))
             os._exit(1)
@@ -175,7 +182,7 @@ def test_ray_train_harness_resumes_from_checkpoint(ray_cluster, small_shapes, tm
 
     reference = run(train_codec_loop, "straight")
     restarted = run(_dies_once_after_a_checkpoint, "restarted", marker=str(tmp_path / "died"),
-                    snapshot=str(tmp_path / "restarted" / "checkpoint_manager_snapshot.json"))
+                    run_dir=str(tmp_path / "restarted"))
     assert (tmp_path / "died").read_text() == "4"
     assert reference["step"] == restarted["step"] == 9 and reference["resumed_at"] == []
     assert restarted["resumed_at"] == [4]           # restored from the step-4 checkpoint, not from scratch

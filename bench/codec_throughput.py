@@ -27,7 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 from icm.data.readers import build_reader  # noqa: E402
 from icm.data.ray_io import init_ray  # noqa: E402
 from icm.metrics import code_image  # noqa: E402
-from icm.train.codec import crop_pair, train_codec_loop  # noqa: E402
+from icm.train.codec import train_codec_loop  # noqa: E402
+from icm.train.inputs import crop_pair  # noqa: E402
 from icm.train.ray_trainer import fit  # noqa: E402
 from icm.train.session import LocalSession  # noqa: E402
 from icm.zoo import build_codec  # noqa: E402

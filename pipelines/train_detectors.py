@@ -39,10 +39,12 @@ def _dataset_spec(cfg: dict, spec: dict, split: str) -> dict:
     return {**cfg["dataset"], "domain": spec["domain"], "split": split}
 
 
-def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> tuple[bytes, str, float]:
-    """The trained weights (file bytes), their suffix and the run's training seconds over all its
-    sessions (a finished run found again costs nothing now, but its time is what it took). ``run``
-    names the training run (label + recipe key): an interrupted run of the same recipe resumes,
+def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> tuple[bytes, str, float, list | None]:
+    """The trained weights (file bytes), their suffix, the run's training seconds over all its
+    sessions (a finished run found again costs nothing now, but its time is what it took) and the
+    steps it was resumed at (None for ultralytics runs: its trainer resumes at its last epoch and
+    keeps no such record). ``run`` names the training run (label + recipe key): an interrupted run
+    of the same recipe resumes — the harness's to the uninterrupted run's weights, bit for bit —
     another recipe starts afresh."""
     canvas = int(spec.get("canvas", cfg["canvas"]))
     train_reader = build_reader(_dataset_spec(cfg, spec, "train"))
@@ -62,7 +64,7 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> 
         # (resumes included)
         rows = (Path(best).parents[1] / "results.csv").read_text().strip().splitlines()
         header = [c.strip() for c in rows[0].split(",")]
-        return Path(best).read_bytes(), ".pt", float(rows[-1].split(",")[header.index("time")])
+        return Path(best).read_bytes(), ".pt", float(rows[-1].split(",")[header.index("time")]), None
     else:
         refs = [r.to_dict() for r in train_reader.refs()]
         per_worker = len(refs) // max(int(workers.get("num_workers", 1)), 1)
@@ -77,7 +79,7 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> 
         state = final_state(result)
         buf = io.BytesIO()
         torch.save(state["model"], buf)
-        return buf.getvalue(), ".pth", float(state.get("train_s", 0.0))
+        return buf.getvalue(), ".pth", float(state.get("train_s", 0.0)), list(state.get("resumed_at", []))
 
 
 def cache_key(cfg: dict, spec: dict) -> str:
@@ -179,7 +181,7 @@ def main() -> None:
         if not info:
             print(f"[icm] training {label} ({spec['name']}, {spec.get('trainer', 'ray')})", flush=True)
             start = time.time()
-            data, suffix, run_s = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)}
+            data, suffix, run_s, resumed_at = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)}
                                             if spec.get("init") else spec, out_dir, workers, run=f"{label}-{key[:12]}")
             # this session's wall clock (start-up included); for a run found finished, its own time
             elapsed = max(time.time() - start, run_s)
@@ -189,7 +191,8 @@ def main() -> None:
                 metrics = evaluate_on(cfg, spec, str(candidate), spec["domain"])
             info = {"label": label, "spec": spec, "dataset": _dataset_spec(cfg, spec, "train"), "cache_key": key,
                     "weights": str(trained_dir() / f"{label}{suffix}"), "sha256": hashlib.sha256(data).hexdigest(),
-                    "train_time_s": round(elapsed, 1), "val": metrics, "config": json.loads(canonical_json(cfg))}
+                    "train_time_s": round(elapsed, 1), "resumed_at": resumed_at, "val": metrics,
+                    "config": json.loads(canonical_json(cfg))}
             publish_trained(label, data, suffix, info)
         table.append({"label": label, "model": spec["name"], "domain": spec["domain"], "train_s": info["train_time_s"],
                       "map50": info["val"]["map50"], "target": spec.get("min_map50"), "weights": info["weights"]})

@@ -66,12 +66,18 @@ def preempted(ray_cluster, tmp_path):
     address = ray_cluster.get_runtime_context().gcs_address
 
     def train_processes():
-        names = ("RayTrainWorker", "TrainController")
-        return [p for p in psutil.Process().children(recursive=True)
-                if any(n in " ".join(p.cmdline()) for n in names) and p.is_running()]
+        found = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and any(n in " ".join(p.cmdline())
+                                                              for n in ("RayTrainWorker", "TrainController")):
+                    found.append(p.pid)
+            except psutil.Error:   # gone meanwhile
+                pass
+        return found
 
     def run(script: str, config: dict, run_dir, timeout: float = 900) -> dict:
-        before = {p.pid for p in train_processes()}
+        before = set(train_processes())
         path = tmp_path / f"preempted-{Path(script).stem}.yaml"
         path.write_text(yaml.safe_dump(config))
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -88,8 +94,8 @@ def preempted(ray_cluster, tmp_path):
         log = proc.communicate(timeout=60)[0]
         assert checkpoint is not None and not finished, f"{script} ended before its first checkpoint:\n{log[-4000:]}"
         deadline = time.time() + 120      # Ray ends a dead driver's actors: none may write to the run any more
-        while time.time() < deadline and [p for p in train_processes() if p.pid not in before]:
+        while time.time() < deadline and set(train_processes()) - before:
             time.sleep(0.5)
-        return checkpoint
+        return registered_checkpoint(run_dir)      # the latest the run registered
 
     return run

@@ -18,7 +18,8 @@ from icm.codecs import UGICM, fourier_features
 from icm.losses import bpp_of
 from icm.metrics import code_image, psnr
 from icm.metrics.bitstream import decode_again
-from icm.train.codec import crop_pair, train_codec_loop
+from icm.train.codec import train_codec_loop
+from icm.train.inputs import crop_pair
 from icm.train.session import LocalSession
 from icm.zoo import build_codec
 

@@ -191,6 +191,44 @@ def test_ray_train_harness_resumes_from_checkpoint(ray_cluster, small_shapes, tm
         assert torch.equal(value, restarted["model"][key]), key
 
 
+@pytest.mark.slow
+def test_detector_driver_resumes_the_same_run(ray_cluster, small_shapes, tmp_path, monkeypatch, preempted):
+    """pipelines/train_detectors.py with a harness-trained detector on 2 DDP workers, preempted
+    after an epoch's checkpoint and run again: it resumes that run, and the cached weights equal
+    an uninterrupted run's bit for bit."""
+    import hashlib
+    import json
+
+    import yaml
+
+    import train_detectors
+
+    spec = {"label": "cn", "name": "centernet_resnet18", "domain": "photo", "trainer": "ray", "epochs": 8,
+            "batch_size": 4, "lr": 2e-3}
+    cfg = {"dataset": {"type": "shapes", "n_train": 24, "n_val": 12, "seed": 7}, "canvas": 64, "seed": 0,   # = small_shapes
+           "cross_domain": False, "workers": {"num_workers": 2, "cpus_per_worker": 0.5, "threads": 1}, "detectors": [spec]}
+
+    def run(name):
+        monkeypatch.setenv("ICM_WEIGHTS_DIR", str(tmp_path / name / "weights"))
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump({**cfg, "out_dir": str(tmp_path / name)}))
+        monkeypatch.setattr(sys, "argv", ["train_detectors.py", "--config", str(config)])
+        train_detectors.main()
+        info = json.loads((tmp_path / name / "weights" / "trained" / "cn.json").read_text())
+        return info, hashlib.sha256((tmp_path / name / "weights" / "trained" / "cn.pth").read_bytes()).hexdigest()
+
+    straight, straight_sha = run("straight")
+    assert straight["resumed_at"] == [] and straight["sha256"] == straight_sha
+    monkeypatch.setenv("ICM_WEIGHTS_DIR", str(tmp_path / "resumed" / "weights"))     # the preempted process's env
+    key = train_detectors.cache_key(cfg, spec)
+    killed_at = preempted("pipelines/train_detectors.py", {**cfg, "out_dir": str(tmp_path / "resumed")},
+                          tmp_path / "resumed" / "ray-train" / f"cn-{key[:12]}")
+    assert not (tmp_path / "resumed" / "weights" / "trained" / "cn.pth").exists()
+    resumed, resumed_sha = run("resumed")
+    assert resumed["resumed_at"] == [killed_at["step"]] and 0 < killed_at["step"] < 8 * 3    # 3 steps an epoch
+    assert resumed_sha == straight_sha
+
+
 def test_cached_detectors_are_keyed_by_their_recipe(tmp_path, monkeypatch):
     """A cached detector is reused only when its entry, training data version and starting weights
     are those it was trained from; a new target alone does not retrain it."""

@@ -18,7 +18,8 @@ from icm.config import ConfigError, canonical_json
 from icm.data.ray_io import select_refs
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
-from icm.train.codec import build_training_codec, crop_record, train_codec_loop
+from icm.train.codec import build_training_codec, train_codec_loop
+from icm.train.inputs import crop_record
 from icm.train.stream import Stream
 from icm.zoo.weights import publish_trained
 

@@ -17,6 +17,7 @@ from torch import nn
 from icm.data.records import load_record
 from icm.detectors.base import total
 from icm.maa.canvas import boxes_to_canvas, letterbox, to_tensor
+from icm.train.inputs import ok_record
 from icm.train.session import Session
 from icm.train.stream import Stream, row_rng, step_seed
 from icm.zoo import build_detector
@@ -41,12 +42,6 @@ def canvas_sample(record: dict, canvas: int, flip: bool) -> tuple[torch.Tensor, 
         image = image.flip(-1)
         boxes = torch.stack([canvas - boxes[:, 2], boxes[:, 1], canvas - boxes[:, 0], boxes[:, 3]], 1)
     return image, {"boxes": boxes, "labels": torch.as_tensor(np.asarray(record["class_ids"]), dtype=torch.int64)}
-
-
-def ok_record(ref: dict, epoch: int) -> dict | None:
-    """The detector stream's decode: a reference → its record, None when it does not decode."""
-    record = load_record(ref)
-    return record if record["status"] == "ok" else None
 
 
 def record_stream(refs: list[dict], seed: int, in_process: bool = True, num_cpus: float = 1) -> Stream:

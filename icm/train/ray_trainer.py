@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import ray
 import ray.data
 import ray.train
@@ -28,7 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from icm.train.session import StreamSession, load_state, progress_line, save_state
-from icm.train.stream import Stream, window_rows, worker_windows
+from icm.train.stream import Stream, WindowRows, worker_windows
 
 
 class RayTrainSession(StreamSession):
@@ -114,33 +113,6 @@ def ray_data_rows(stream: Stream, epoch: int, rank: int, world_size: int, start:
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         for w, k, row in zip(batch["w"], batch["k"], batch["row"]):
             yield int(w), int(k), pickle.loads(row)
-
-
-class WindowRows:
-    """The Ray Data task of a stream: windows ``{items, g, w, skip}`` → their decoded rows
-    ``{w, k, row}`` (pickled: any dict of arrays, ragged boxes or bytes crosses unchanged),
-    emitted as they are decoded."""
-
-    def __init__(self, stream: Stream, epoch: int, rows_per_batch: int = 16):
-        self.stream, self.epoch, self.rows_per_batch = stream, epoch, rows_per_batch
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        out: list[tuple[int, int, bytes]] = []
-        for payload, g, w, skip in zip(batch["items"], batch["g"], batch["w"], batch["skip"]):
-            for k, row in window_rows(self.stream, pickle.loads(payload), int(g), self.epoch, int(skip)):
-                out.append((int(w), k, pickle.dumps(row, protocol=5)))
-                if len(out) == self.rows_per_batch:
-                    yield self._columns(out)
-                    out = []
-        if out:
-            yield self._columns(out)
-
-    @staticmethod
-    def _columns(rows):
-        column = np.empty(len(rows), object)
-        column[:] = [r[2] for r in rows]
-        return {"w": np.array([r[0] for r in rows], np.int64), "k": np.array([r[1] for r in rows], np.int64),
-                "row": column}
 
 
 def _run_loop(loop: Callable[[dict, Any], None]):

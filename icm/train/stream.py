@@ -25,6 +25,7 @@ a function of the row, not of the worker, the position or the time it is decoded
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -92,3 +93,31 @@ def local_rows(stream: Stream, epoch: int, rank: int, world_size: int, start: tu
         g, indices = windows[w]
         for k, row in window_rows(stream, [stream.items[i] for i in indices], g, epoch, start[1] if w == start[0] else 0):
             yield w, k, row
+
+
+class WindowRows:
+    """The Ray Data task of a stream (``icm.train.ray_trainer.ray_data_rows``): windows ``{items,
+    g, w, skip}`` → their decoded rows ``{w, k, row}`` (pickled: any dict of arrays, ragged boxes
+    or bytes crosses unchanged), emitted as they are decoded. It lives here, Ray-free, so the
+    tasks import only this module and the stream's decode."""
+
+    def __init__(self, stream: Stream, epoch: int, rows_per_batch: int = 16):
+        self.stream, self.epoch, self.rows_per_batch = stream, epoch, rows_per_batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        out: list[tuple[int, int, bytes]] = []
+        for payload, g, w, skip in zip(batch["items"], batch["g"], batch["w"], batch["skip"]):
+            for k, row in window_rows(self.stream, pickle.loads(payload), int(g), self.epoch, int(skip)):
+                out.append((int(w), k, pickle.dumps(row, protocol=5)))
+                if len(out) == self.rows_per_batch:
+                    yield self._columns(out)
+                    out = []
+        if out:
+            yield self._columns(out)
+
+    @staticmethod
+    def _columns(rows):
+        column = np.empty(len(rows), object)
+        column[:] = [r[2] for r in rows]
+        return {"w": np.array([r[0] for r in rows], np.int64), "k": np.array([r[1] for r in rows], np.int64),
+                "row": column}

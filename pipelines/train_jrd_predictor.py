@@ -154,12 +154,13 @@ def run(cfg: dict, address: str | None = None) -> dict:
         int(source.get("seed", 0)))
     start_ray(cfg, address)
     train = pair_stream(source, "train", canvas, split_of, cfg.get("data"), int(cfg.get("seed", 0)))
-    n_train = int(cfg.get("steps") or 0) or None
-    if n_train is None:   # epochs × batches per epoch (the authors: 60 epochs of batch 64)
-        pairs = count_pairs(source, "train", split_of)
-        n_train = int(cfg.get("epochs", 60)) * max(1, pairs // int(cfg.get("batch_size", 64)))
-    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg} | {"steps": n_train}
     workers = cfg.get("workers") or {}
+    n_train = int(cfg.get("steps") or 0) or None
+    if n_train is None:   # epochs × steps per epoch (the authors: 60 epochs of batch 64); each worker
+        pairs = count_pairs(source, "train", split_of)   # takes its share of every epoch
+        per_step = int(cfg.get("batch_size", 64)) * int(workers.get("num_workers", 1))
+        n_train = int(cfg.get("epochs", 60)) * max(1, pairs // per_step)
+    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg} | {"steps": n_train}
     start = time.time()
     result = fit(train_jrd_loop, loop_cfg, name=cfg["name"], storage_path=f"{out_dir}/ray-train", streams={"train": train},
                  num_workers=int(workers.get("num_workers", 1)), use_gpu=bool(workers.get("use_gpu", False)),

@@ -105,11 +105,10 @@ def ray_data_rows(stream: Stream, epoch: int, rank: int, world_size: int, start:
             for w, (g, indices) in enumerate(windows) if w >= start[0]]
     if not plan:
         return
-    data = ray.data.DataContext.get_current()
-    data.execution_options.preserve_order = True   # rows in window order: the stream is deterministic
-    data.enable_progress_bars = False
     ds = ray.data.from_items(plan, override_num_blocks=min(len(plan), 256)).map_batches(
         WindowRows(replace(stream, items=()), epoch), batch_size=None, batch_format="numpy", num_cpus=stream.num_cpus)
+    ds.context.execution_options.preserve_order = True   # rows in window order: the stream is deterministic
+    ds.context.enable_progress_bars = False
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         for w, k, row in zip(batch["w"], batch["k"], batch["row"]):
             yield int(w), int(k), pickle.loads(row)

@@ -125,6 +125,11 @@ def test_training_pairs_are_shuffled(tmp_path, source):
     assert max(abs(m - overall) for m in shuffled) < 4 * sd
     assert np.mean([abs(m - overall) for m in shuffled]) < 1.5 * sd * np.sqrt(2 / np.pi)   # E|dev| of random batches
     assert min(images) >= 6                                         # every batch mixes at least half the images
+    if source == "parquet":     # 6 unit shards over 4 workers: equal shares of the pairs all the same
+        from icm.train.stream import local_rows
+
+        shares = [[(r["name"], r["level"]) for *_, r in local_rows(stream, 0, rank, 4)] for rank in range(4)]
+        assert [len(s) for s in shares] == [192] * 4 and len(set(sum(shares, []))) == 12 * 64
 
 
 def test_training_lowers_the_loss(tmp_path):

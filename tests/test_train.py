@@ -3,6 +3,7 @@ epoch; the detector loop learns and resumes to the same weights as an uninterrup
 Train a worker failure restarts from the checkpoint to the uninterrupted run's weights."""
 
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -92,6 +93,18 @@ def test_stream_order_is_a_function_of_seed_and_epoch():
     decoded.clear()
     assert list(local_rows(expanding, 2, 0, 1, (w, k + 1))) == full[16:]
     assert len(decoded) == 36 - (12 * w + k + 1)                               # the consumed rows were skipped
+
+    # 3 items of very different sizes over 2 workers: with the sizes known, equal spans of rows
+    sizes = [5, 20, 7]
+    big = Stream(items=_numbered(3), expand=lambda item, epoch: [{"id": (item["id"], j)} for j in range(sizes[item["id"]])],
+                 sizes=sizes, window=2, seed=4)
+    shares = [ids(big, 0, r, 2) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 16
+    assert sorted(shares[0] + shares[1]) == sorted((i, j) for i in range(3) for j in range(sizes[i]))
+    dealt = [ids(replace(big, sizes=None), 0, r, 2) for r in (0, 1)]            # without sizes: whole items dealt
+    assert sorted(len(d) for d in dealt) != [16, 16]
+    with pytest.raises(ValueError, match="expands to 20 rows where its listed size is 19"):
+        ids(replace(big, sizes=[5, 19, 7]), 0, 0, 1)
 
 
 def test_session_resumes_inside_an_epoch_at_every_workers_position(tmp_path):

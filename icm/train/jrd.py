@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from icm.data.storage import Storage
 from icm.jrd.predictor import build_predictor, decode_pair, pairs_from_export, pairs_from_run_unit, unit_shards
 from icm.train.session import Session
 from icm.train.stream import Stream, step_seed
@@ -109,19 +110,31 @@ def pair_stream(source: dict, split: str, canvas: int, split_of: dict[str, str] 
     * ``export_dir`` (the authors' layout): one item per pair, so the epoch's permutation is a full
       shuffle of the split's pairs.
     * ``run_dir`` (the JRD job's parquet shards, the pairs' PNG bytes inline): one item per unit
-      shard; each epoch the shards are permuted and the pairs of every ``data.shuffle_window``
-      consecutive shards (default 8) are shuffled together, MosaicML-style — a shard is read once
-      per epoch, and a batch mixes the images of that many units, their objects and levels."""
+      shard; each epoch the shards are permuted, the epoch's pairs cut into equal spans, one per
+      worker (by the shards' pair counts), and the pairs of every ``data.shuffle_window``
+      consecutive shards of a span (default 8) shuffled together, MosaicML-style — a shard is read
+      about once per epoch, and a batch mixes the images of that many units, their objects and
+      levels."""
     data = data or {}
     decode = partial(pair_row, canvas=canvas)
     cpus = float(data.get("num_cpus", 1))
     if source.get("export_dir"):
         return Stream(items=pairs_from_export(source["export_dir"], split), decode=decode, seed=seed, num_cpus=cpus)
-    return Stream(items=unit_shards(source["run_dir"]), decode=decode, seed=seed, num_cpus=cpus,
+    shards = unit_shards(source["run_dir"])
+    return Stream(items=shards, decode=decode, seed=seed, num_cpus=cpus,
                   expand=partial(shard_pairs, run_dir=source["run_dir"], ladder=source["ladder"], split=split,
-                                 split_of=split_of), window=int(data.get("shuffle_window", 8)))
+                                 split_of=split_of), window=int(data.get("shuffle_window", 8)),
+                  sizes=[shard_size(source["run_dir"], s, source["ladder"], split, split_of) for s in shards])
 
 
 def shard_pairs(shard: str, epoch: int, run_dir: str, ladder: str, split: str, split_of: dict[str, str]) -> list[dict]:
     """The stream's expand for a parquet run: one unit shard → its pairs of ``split``."""
     return list(pairs_from_run_unit(run_dir, shard, ladder, split, split_of))
+
+
+def shard_size(run_dir: str, shard: str, ladder: str, split: str, split_of: dict[str, str]) -> int:
+    """How many pairs ``shard_pairs`` gives, from the shard's object rows alone (no crop read):
+    the stream shares the epoch's pairs out equally by it."""
+    objects = Storage(run_dir).read_table(f"objects/{shard}", ["source_id", "ladder", "recognised_pristine", "levels"])
+    return sum(int(o["levels"]) for o in objects.to_pylist()
+               if o["ladder"] == ladder and o["recognised_pristine"] and split_of.get(o["source_id"]) == split)

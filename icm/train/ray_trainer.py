@@ -27,7 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from icm.train.session import StreamSession, load_state, progress_line, save_state
-from icm.train.stream import Stream, WindowRows, worker_windows
+from icm.train.stream import Stream, WindowRows, window_parts, worker_windows
 
 
 class RayTrainSession(StreamSession):
@@ -99,14 +99,14 @@ def ray_data_rows(stream: Stream, epoch: int, rank: int, world_size: int, start:
                   ) -> Iterator[tuple[int, int, Any]]:
     """``(w, k, row)`` of worker ``rank``'s epoch from position ``start`` — what ``local_rows``
     gives, expanded and decoded by Ray Data tasks (``stream.num_cpus`` each) with the order preserved."""
-    windows = worker_windows(len(stream.items), stream.seed, epoch, stream.window, stream.shuffle, rank, world_size)
-    plan = [{"items": pickle.dumps([stream.items[i] for i in indices], protocol=5), "g": g, "w": w,
+    windows = worker_windows(stream, epoch, rank, world_size)
+    plan = [{"parts": pickle.dumps(window_parts(stream, window), protocol=5), "rank": rank, "w": w,
              "skip": start[1] if w == start[0] else 0}
-            for w, (g, indices) in enumerate(windows) if w >= start[0]]
+            for w, window in enumerate(windows) if w >= start[0]]
     if not plan:
         return
     ds = ray.data.from_items(plan, override_num_blocks=min(len(plan), 256)).map_batches(
-        WindowRows(replace(stream, items=()), epoch), batch_size=None, batch_format="numpy", num_cpus=stream.num_cpus)
+        WindowRows(replace(stream, items=(), sizes=None), epoch), batch_size=None, batch_format="numpy", num_cpus=stream.num_cpus)
     ds.context.execution_options.preserve_order = True   # rows in window order: the stream is deterministic
     ds.context.enable_progress_bars = False
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):

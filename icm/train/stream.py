@@ -6,11 +6,12 @@ unit shards), an optional ``expand`` (an item → its raw rows: a shard → its 
 its object crops) and a ``decode`` (a raw row → a training row, or None for bad input). Epoch
 ``e`` of a run with ``W`` workers:
 
-1. the items are permuted by ``rng(seed, e)`` and cut into windows of ``window`` consecutive
-   items;
-2. window ``g`` goes to worker ``g % W``;
-3. inside a window the raw rows of its items are permuted by ``rng(seed, e, g)`` (MosaicML
-   streaming's shuffle of samples within a block of shards; with ``window: 1`` and one row per
+1. the items are permuted by ``rng(seed, e)`` and shared out: dealt in turn (worker ``r`` takes
+   ``r::W``), or — where the items' row counts (``sizes``) are known — cut into ``W`` spans of
+   equal row count, as MosaicML streaming partitions samples over ranks;
+2. each worker cuts its share into windows of ``window`` consecutive items;
+3. inside a window the raw rows of its items are permuted by ``rng(seed, e, worker, window)``
+   (MosaicML's shuffle of samples within a block of shards; with ``window: 1`` and one row per
    item, step 1 alone is a full row-level shuffle);
 4. each raw row is decoded — through Ray Data on the cluster's CPUs, order preserved
    (``icm.train.ray_trainer``), or in the process itself (``LocalSession``, ``in_process``).
@@ -39,7 +40,8 @@ class Stream:
     epoch)`` → the training row, or None to drop it (default: the raw row itself).
     ``shuffle: False`` keeps the items' and rows' own order every epoch (replays, debugging).
     ``num_cpus``: per Ray Data task. ``in_process``: read in the train worker itself, without
-    Ray Data (small sets, where tasks would cost more than the decoding)."""
+    Ray Data (small sets, where tasks would cost more than the decoding). ``sizes``: each item's
+    raw row count, where items expand to many rows of known number (``worker_windows``)."""
 
     items: Sequence[Any]
     expand: Callable[[Any, int], Sequence[Any]] | None = None
@@ -49,6 +51,7 @@ class Stream:
     window: int = 1
     num_cpus: float = 1
     in_process: bool = False
+    sizes: Sequence[int] | None = None
 
 
 def row_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -63,41 +66,68 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(seed) * 1_000_003 + int(step) * 101 + int(rank)
 
 
-def worker_windows(n_items: int, seed: int, epoch: int, window: int, shuffle: bool, rank: int,
-                   world_size: int) -> list[tuple[int, list[int]]]:
-    """This worker's windows of epoch ``epoch``: ``(g, item indices)``, ``g`` the window's index
-    among all workers' windows."""
-    order = np.random.default_rng([int(seed), int(epoch)]).permutation(n_items) if shuffle else np.arange(n_items)
-    window = max(1, int(window))
-    windows = [order[i:i + window].tolist() for i in range(0, n_items, window)]
-    return [(g, w) for g, w in enumerate(windows) if g % world_size == rank]
+def worker_windows(stream: Stream, epoch: int, rank: int, world_size: int) -> list[list[tuple[int, int, int | None]]]:
+    """This worker's windows of epoch ``epoch``, each a list of parts ``(item index, first raw
+    row, end raw row or None for all)``. Without ``sizes`` the permuted items are dealt in turn
+    (worker ``r`` takes ``r::world_size``); with them the epoch's rows are cut into ``world_size``
+    equal spans and each worker takes the items of its span — so a few large items (unit shards)
+    still give every worker the same number of rows, and each item is read by at most the two
+    workers whose spans it straddles."""
+    n = len(stream.items)
+    order = np.random.default_rng([int(stream.seed), int(epoch)]).permutation(n) if stream.shuffle else np.arange(n)
+    if stream.sizes is None:
+        parts = [(int(i), 0, None) for i in order[rank::world_size]]
+    else:
+        sizes = np.asarray(stream.sizes, np.int64)[order]
+        ends = np.cumsum(sizes)
+        total = int(ends[-1]) if n else 0
+        lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+        parts = [(int(i), int(max(lo - (e - z), 0)), int(min(hi, e) - (e - z)))
+                 for i, z, e in zip(order, sizes, ends) if z and e - z < hi and e > lo]
+    window = max(1, int(stream.window))
+    return [parts[j:j + window] for j in range(0, len(parts), window)]
 
 
-def window_rows(stream: Stream, items: Sequence[Any], g: int, epoch: int, skip: int = 0) -> Iterator[tuple[int, Any]]:
-    """``(k, row)`` for the raw rows ``k ≥ skip`` of window ``g`` (``items``: its items, in
-    order) that decode to a row; rows before ``skip`` are neither decoded nor returned."""
-    raw = [r for item in items for r in (stream.expand(item, epoch) if stream.expand else (item,))]
+def window_rows(stream: Stream, parts: Sequence[tuple[Any, int, int | None, int | None]], key: tuple[int, int],
+                epoch: int, skip: int = 0) -> Iterator[tuple[int, Any]]:
+    """``(k, row)`` for the raw rows ``k ≥ skip`` of one window that decode to a row; rows before
+    ``skip`` are neither decoded nor returned. ``parts``: ``(item, first, end, size)``, ``size``
+    the item's expected raw row count (checked) or None; ``key``: (worker, window), which seeds
+    the window's shuffle."""
+    raw = []
+    for item, first, end, size in parts:
+        rows = stream.expand(item, epoch) if stream.expand else (item,)
+        if size is not None and len(rows) != size:
+            raise ValueError(f"stream item {item!r} expands to {len(rows)} rows where its listed size is {size}: the "
+                             "data changed since the stream was built; start the training job again")
+        raw.extend(rows[first:end])
     if stream.shuffle and len(raw) > 1:
-        raw = [raw[i] for i in np.random.default_rng([int(stream.seed), int(epoch), int(g)]).permutation(len(raw))]
+        raw = [raw[i] for i in np.random.default_rng([int(stream.seed), int(epoch), *key]).permutation(len(raw))]
     for k in range(skip, len(raw)):
         row = stream.decode(raw[k], epoch) if stream.decode else raw[k]
         if row is not None:
             yield k, row
 
 
+def window_parts(stream: Stream, window: list[tuple[int, int, int | None]]) -> list[tuple[Any, int, int | None, int | None]]:
+    """A window's parts with their items (what ``window_rows`` takes)."""
+    return [(stream.items[i], first, end, None if stream.sizes is None else int(stream.sizes[i]))
+            for i, first, end in window]
+
+
 def local_rows(stream: Stream, epoch: int, rank: int, world_size: int, start: tuple[int, int] = (0, 0)
                ) -> Iterator[tuple[int, int, Any]]:
     """``(w, k, row)`` of this worker's epoch from position ``start``, read in this process."""
-    windows = worker_windows(len(stream.items), stream.seed, epoch, stream.window, stream.shuffle, rank, world_size)
+    windows = worker_windows(stream, epoch, rank, world_size)
     for w in range(start[0], len(windows)):
-        g, indices = windows[w]
-        for k, row in window_rows(stream, [stream.items[i] for i in indices], g, epoch, start[1] if w == start[0] else 0):
+        for k, row in window_rows(stream, window_parts(stream, windows[w]), (rank, w), epoch,
+                                  start[1] if w == start[0] else 0):
             yield w, k, row
 
 
 class WindowRows:
-    """The Ray Data task of a stream (``icm.train.ray_trainer.ray_data_rows``): windows ``{items,
-    g, w, skip}`` → their decoded rows ``{w, k, row}`` (pickled: any dict of arrays, ragged boxes
+    """The Ray Data task of a stream (``icm.train.ray_trainer.ray_data_rows``): windows ``{parts,
+    rank, w, skip}`` → their decoded rows ``{w, k, row}`` (pickled: any dict of arrays, ragged boxes
     or bytes crosses unchanged), emitted as they are decoded. It lives here, Ray-free, so the
     tasks import only this module and the stream's decode."""
 
@@ -106,8 +136,8 @@ class WindowRows:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         out: list[tuple[int, int, bytes]] = []
-        for payload, g, w, skip in zip(batch["items"], batch["g"], batch["w"], batch["skip"]):
-            for k, row in window_rows(self.stream, pickle.loads(payload), int(g), self.epoch, int(skip)):
+        for payload, rank, w, skip in zip(batch["parts"], batch["rank"], batch["w"], batch["skip"]):
+            for k, row in window_rows(self.stream, pickle.loads(payload), (int(rank), int(w)), self.epoch, int(skip)):
                 out.append((int(w), k, pickle.dumps(row, protocol=5)))
                 if len(out) == self.rows_per_batch:
                     yield self._columns(out)

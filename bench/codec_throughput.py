@@ -27,9 +27,11 @@ import torch.nn.functional as F  # noqa: E402
 from icm.data.readers import build_reader  # noqa: E402
 from icm.data.ray_io import init_ray  # noqa: E402
 from icm.metrics import code_image  # noqa: E402
-from icm.train.codec import crop_pair, train_codec_loop  # noqa: E402
+from icm.train.codec import train_codec_loop  # noqa: E402
+from icm.train.inputs import crop_pair  # noqa: E402
 from icm.train.ray_trainer import fit  # noqa: E402
 from icm.train.session import LocalSession  # noqa: E402
+from icm.train.stream import Stream  # noqa: E402
 from icm.zoo import build_codec  # noqa: E402
 
 CODEC = {"name": "ugicm:bmshj2018-hyperprior", "quality": 3, "channels": [32, 48], "cond_dim": 64, "weights": "random:0"}
@@ -44,12 +46,10 @@ def training(args, rows) -> dict[str, float]:
         torch.set_num_threads(1)
         train_codec_loop(cfg, local)
         out = {"plain_loop": local.reports[-1]["samples_per_s"]}
-        import ray
-
         init_ray(num_cpus=2)
         for workers in (1, 2):
             result = fit(train_codec_loop, cfg, name=f"bench-{workers}", storage_path=Path(tmp) / "ray",
-                         datasets={"train": ray.data.from_items(rows)}, num_workers=workers, cpus_per_worker=0.9)
+                         streams={"train": Stream(items=rows, num_cpus=0.1)}, num_workers=workers, cpus_per_worker=0.9)
             out[f"ray_train_{workers}_worker{'s' if workers > 1 else ''}"] = result.metrics["samples_per_s"]
     return out
 

@@ -4,9 +4,11 @@
     python pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml [--profile demo] [key=value ...]
     ray job submit --working-dir . -- python pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml
 
-Ray Data streams the images (and their MAA targets), decoded and randomly cropped on CPU workers
-in a new order every epoch, to the train workers (``get_dataset_shard``); nothing is materialised; checkpoints go to ``out_dir/ray-train/<name>``; rerun
-the same command to resume from the latest one. TensorBoard: ``tensorboard --logdir out_dir/tensorboard``.
+Ray Data streams the images (and their MAA targets), decoded and randomly cropped on CPU workers,
+to the train workers in an order that is a function of (seed, epoch) (``icm.train.stream``);
+nothing is materialised; checkpoints go to ``out_dir/ray-train/<name>``; rerun the same command to
+resume from the latest one — the same run, continued where the checkpoint stopped (inside an
+epoch too), to the weights an uninterrupted run reaches. TensorBoard: ``tensorboard --logdir out_dir/tensorboard``.
 The exported model (``out_dir/model.pth`` + ``model.json``) loads back with ``icm.zoo.build_codec``.
 """
 

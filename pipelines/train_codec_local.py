@@ -6,8 +6,10 @@ label). For a single-GPU box without Ray, or to train a small codec on a lent GP
 
     python pipelines/train_codec_local.py --config pipelines/configs/codec_ugicm.yaml --profile demo --device cuda
 
-One difference from the Ray job: images are decoded and cropped in this process (one worker, no
-Ray Data), each epoch in a new order. A rerun resumes from ``<out_dir>/local/<name>/state.pt``.
+The one difference from the Ray job: images are decoded and cropped in this process (no Ray
+Data). The stream is the same (``icm.train.codec_job.codec_stream``: a function of seed and
+epoch), so with one Ray Train worker both runners see the same crops in the same order. A rerun
+resumes from ``<out_dir>/local/<name>/state.pt``, inside an epoch too.
 """
 
 from __future__ import annotations
@@ -18,36 +20,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import resolve_config, write_resolved
 
 from icm.data.storage import Storage
-from icm.train.codec import decode_and_crop, train_codec_loop
-from icm.train.codec_job import check_config, export_model, loop_config, training_images
+from icm.train.codec import train_codec_loop
+from icm.train.codec_job import check_config, codec_stream, export_model, loop_config, training_images
 from icm.train.session import LocalSession
-
-
-class CroppingSession(LocalSession):
-    """Each epoch: the references in a seeded new order, decoded and freshly cropped (as the Ray
-    job's ``decode_and_crop`` stage does, in one process)."""
-
-    def __init__(self, refs: list[dict], targets: dict[str, str], crop: int, seed: int, checkpoint_dir, device):
-        super().__init__({}, checkpoint_dir, device)
-        self.refs, self.targets, self.crop, self.seed = refs, targets, crop, seed
-
-    def records(self, split: str, epoch: int):
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.refs))
-        for start in range(0, len(order), 8):
-            batch = decode_and_crop({"ref_json": np.asarray([json.dumps(self.refs[i]) for i in order[start:start + 8]])},
-                                    size=self.crop, targets=self.targets, min_side=self.crop // 2)
-            for j in range(len(batch["x"])):
-                yield {key: batch[key][j] for key in batch}
-
-    def report(self, metrics, state=None):
-        super().report(metrics, state)
-        shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "bpp_loss", "psnr", "samples_per_s") if k in metrics)
-        print(f"[icm] step {metrics['step']}: {shown}{' (checkpoint)' if state else ''}", flush=True)
 
 
 def train_local(cfg: dict, device: str) -> dict:
@@ -64,7 +43,7 @@ def train_local(cfg: dict, device: str) -> dict:
     else:
         print("[icm] tensorboard is not installed: no TensorBoard logs (metrics still go to summary.json)", flush=True)
     checkpoints = storage.local_path(f"local/{cfg['name']}")
-    session = CroppingSession(refs, targets, int(cfg["crop"]), int(cfg.get("seed", 0)), checkpoints, device)
+    session = LocalSession({"train": codec_stream(refs, cfg, targets)}, checkpoints, device, progress=True)
     start = time.time()
     train_codec_loop(loop_cfg, session)
     state = torch.load(Path(checkpoints) / "state.pt", map_location="cpu", weights_only=True)

@@ -29,7 +29,7 @@ from icm.data.samples import SHAPES_VERSION
 from icm.data.storage import Storage
 from icm.data.yolo_format import export_yolo
 from icm.detectors.evaluate import evaluate_detector
-from icm.train.detectors import train_backbone_loop, train_detector_loop, train_yolo
+from icm.train.detectors import crop_stream, record_stream, train_backbone_loop, train_detector_loop, train_yolo
 from icm.train.ray_trainer import final_state, fit
 from icm.zoo import build_detector
 from icm.zoo.weights import WeightsUnavailable, publish_trained, resolve, trained_dir
@@ -39,10 +39,12 @@ def _dataset_spec(cfg: dict, spec: dict, split: str) -> dict:
     return {**cfg["dataset"], "domain": spec["domain"], "split": split}
 
 
-def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> tuple[bytes, str, float]:
-    """The trained weights (file bytes), their suffix and the run's training seconds over all its
-    sessions (a finished run found again costs nothing now, but its time is what it took). ``run``
-    names the training run (label + recipe key): an interrupted run of the same recipe resumes,
+def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> tuple[bytes, str, float, list | None]:
+    """The trained weights (file bytes), their suffix, the run's training seconds over all its
+    sessions (a finished run found again costs nothing now, but its time is what it took) and the
+    steps it was resumed at (None for ultralytics runs: its trainer resumes at its last epoch and
+    keeps no such record). ``run`` names the training run (label + recipe key): an interrupted run
+    of the same recipe resumes — the harness's to the uninterrupted run's weights, bit for bit —
     another recipe starts afresh."""
     canvas = int(spec.get("canvas", cfg["canvas"]))
     train_reader = build_reader(_dataset_spec(cfg, spec, "train"))
@@ -62,20 +64,22 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> 
         # (resumes included)
         rows = (Path(best).parents[1] / "results.csv").read_text().strip().splitlines()
         header = [c.strip() for c in rows[0].split(",")]
-        return Path(best).read_bytes(), ".pt", float(rows[-1].split(",")[header.index("time")])
+        return Path(best).read_bytes(), ".pt", float(rows[-1].split(",")[header.index("time")]), None
     else:
-        # A few hundred small images: each worker decodes its slice once (RayTrainSession);
-        # large sets would go through Ray Data instead (datasets={"train": records_dataset(...)}).
-        loop_cfg["data_refs"] = {"train": [r.to_dict() for r in train_reader.refs()]}
-        per_worker = len(loop_cfg["data_refs"]["train"]) // max(int(workers.get("num_workers", 1)), 1)
+        refs = [r.to_dict() for r in train_reader.refs()]
+        per_worker = len(refs) // max(int(workers.get("num_workers", 1)), 1)
         loop_cfg["total_steps"] = int(spec["epochs"]) * (per_worker // int(spec.get("batch_size", 8)))
+        # a few hundred small images: decoded in the train workers (record_stream)
         result = fit(train_detector_loop, loop_cfg, name=run, storage_path=out_dir / "ray-train",
+                     streams={"train": record_stream(refs, int(loop_cfg["seed"]))},
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                      cpus_per_worker=workers.get("cpus_per_worker", 1))
+        if result.error:
+            raise SystemExit(f"training {run} failed: {result.error}")
         state = final_state(result)
         buf = io.BytesIO()
         torch.save(state["model"], buf)
-        return buf.getvalue(), ".pth", float(state.get("train_s", 0.0))
+        return buf.getvalue(), ".pth", float(state.get("train_s", 0.0)), list(state.get("resumed_at", []))
 
 
 def cache_key(cfg: dict, spec: dict) -> str:
@@ -121,11 +125,12 @@ def train_backbone(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> dict:
     print(f"[icm] pretraining backbone {label} ({spec['name']} on object crops)", flush=True)
     reader = build_reader(_dataset_spec(cfg, spec, "train"))
     loop_cfg = {**{k: v for k, v in spec.items() if k not in ("label", "domain")}, "classes": reader.classes,
-                "seed": spec.get("seed", cfg.get("seed", 0)), "threads": workers.get("threads"),
-                "data_refs": {"train": [r.to_dict() for r in reader.refs()]}}
+                "seed": spec.get("seed", cfg.get("seed", 0)), "threads": workers.get("threads")}
+    stream = crop_stream([r.to_dict() for r in reader.refs()], len(reader.classes), int(spec.get("crop", 64)),
+                         int(loop_cfg["seed"]))
     start = time.time()
     result = fit(train_backbone_loop, loop_cfg, name=f"{label}-{key[:12]}", storage_path=out_dir / "ray-train",
-                 num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
+                 streams={"train": stream}, num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
                  cpus_per_worker=workers.get("cpus_per_worker", 1))
     final = final_state(result)
     elapsed = max(time.time() - start, float(final.get("train_s", 0.0)))   # as for detectors (main)
@@ -176,7 +181,7 @@ def main() -> None:
         if not info:
             print(f"[icm] training {label} ({spec['name']}, {spec.get('trainer', 'ray')})", flush=True)
             start = time.time()
-            data, suffix, run_s = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)}
+            data, suffix, run_s, resumed_at = train_one(cfg, {**spec, "init": str(resolve(spec["init"]).path)}
                                             if spec.get("init") else spec, out_dir, workers, run=f"{label}-{key[:12]}")
             # this session's wall clock (start-up included); for a run found finished, its own time
             elapsed = max(time.time() - start, run_s)
@@ -186,7 +191,8 @@ def main() -> None:
                 metrics = evaluate_on(cfg, spec, str(candidate), spec["domain"])
             info = {"label": label, "spec": spec, "dataset": _dataset_spec(cfg, spec, "train"), "cache_key": key,
                     "weights": str(trained_dir() / f"{label}{suffix}"), "sha256": hashlib.sha256(data).hexdigest(),
-                    "train_time_s": round(elapsed, 1), "val": metrics, "config": json.loads(canonical_json(cfg))}
+                    "train_time_s": round(elapsed, 1), "resumed_at": resumed_at, "val": metrics,
+                    "config": json.loads(canonical_json(cfg))}
             publish_trained(label, data, suffix, info)
         table.append({"label": label, "model": spec["name"], "domain": spec["domain"], "train_s": info["train_time_s"],
                       "map50": info["val"]["map50"], "target": spec.get("min_map50"), "weights": info["weights"]})

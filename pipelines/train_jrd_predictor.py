@@ -3,10 +3,11 @@ it for JRD-guided compression.
 
     python pipelines/train_jrd_predictor.py --config pipelines/configs/jrd_predictor.yaml [--profile demo]
 
-Input: the OW-JRD job's output — its parquet shards (``source.run_dir`` + ``source.ladder``,
-streamed unit by unit) or its authors'-layout export (``source.export_dir``). Ray Data decodes the
-(original, distorted) crop pairs on CPU workers and streams them to the train workers; checkpoints
-under ``out_dir/ray-train/<name>`` (rerun = resume). Then, on the test split: per-object JRD from
+Input: the OW-JRD job's output — its parquet shards (``source.run_dir`` + ``source.ladder``) or
+its authors'-layout export (``source.export_dir``). The pairs reach the train workers shuffled at
+the row level, in an order that is a function of (seed, epoch) (``icm.train.jrd.pair_stream``;
+``data.shuffle_window`` unit shards mixed at a time), decoded by Ray Data on CPU workers;
+checkpoints under ``out_dir/ray-train/<name>`` (rerun = resume, inside an epoch too). Then, on the test split: per-object JRD from
 the ordered per-level predictions with the error-tolerance rule, MAE overall / by area / by class,
 per-level label accuracy, ``jrd_scatter.png``; and, when the run's images are at hand, JRD-guided
 compression: per image the coarsest level keeping ``guided.share`` of its objects recognised by
@@ -19,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from functools import partial
 
 import numpy as np
 import torch
@@ -28,29 +28,13 @@ from common import parse_args, resolve_config, start_ray, write_resolved, write_
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.writers import figure_png
-from icm.jrd.predictor import (build_predictor, choose_level, count_pairs, decode_pair, decode_pairs, jrd_metrics,
-                               object_jrds, pairs_from_export, run_splits, split_pairs, unit_pairs, unit_shards)
-from icm.train.jrd import predict_pairs, train_jrd_loop
+from icm.jrd.predictor import (build_predictor, choose_level, count_pairs, decode_pair, jrd_metrics, object_jrds,
+                               run_splits, split_pairs)
+from icm.train.jrd import pair_stream, predict_pairs, train_jrd_loop
 from icm.train.ray_trainer import final_state, fit
 
 LOOP_KEYS = ("canvas", "backbone_weights", "batch_size", "lr", "momentum", "weight_decay", "checkpoint_every",
              "log_every", "seed", "threads")
-
-
-def pair_dataset(source: dict, split: str, canvas: int, data_cpus: float, split_of: dict | None):
-    """A Ray Data stream of decoded pairs of one split."""
-    import ray
-
-    if source.get("export_dir"):
-        refs = pairs_from_export(source["export_dir"], split)
-        ds = ray.data.from_items(refs, override_num_blocks=max(1, min(len(refs) // 64, 200)))
-    else:
-        shards = [{"shard": s} for s in unit_shards(source["run_dir"])]
-        ds = ray.data.from_items(shards, override_num_blocks=max(1, len(shards))).flat_map(
-            partial(unit_pairs, run_dir=source["run_dir"], ladder=source["ladder"], split=split, split_of=split_of),
-            num_cpus=data_cpus)
-    return ds.randomize_block_order().map_batches(partial(decode_pairs, canvas=canvas), batch_size=32,
-                                                  batch_format="numpy", num_cpus=data_cpus)
 
 
 def predict_split(model, source: dict, split: str, canvas: int, split_of: dict | None, chunk: int = 64) -> list[dict]:
@@ -169,16 +153,16 @@ def run(cfg: dict, address: str | None = None) -> dict:
         source["run_dir"], source["ladder"], source.get("fractions") or {"train": 0.8, "val": 0.1, "test": 0.1},
         int(source.get("seed", 0)))
     start_ray(cfg, address)
-    data_cpus = float((cfg.get("data") or {}).get("num_cpus", 1))
-    train = pair_dataset(source, "train", canvas, data_cpus, split_of)
-    n_train = int(cfg.get("steps") or 0) or None
-    if n_train is None:   # epochs × batches per epoch (the authors: 60 epochs of batch 64)
-        pairs = count_pairs(source, "train", split_of)
-        n_train = int(cfg.get("epochs", 60)) * max(1, pairs // int(cfg.get("batch_size", 64)))
-    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg} | {"steps": n_train}
+    train = pair_stream(source, "train", canvas, split_of, cfg.get("data"), int(cfg.get("seed", 0)))
     workers = cfg.get("workers") or {}
+    n_train = int(cfg.get("steps") or 0) or None
+    if n_train is None:   # epochs × steps per epoch (the authors: 60 epochs of batch 64); each worker
+        pairs = count_pairs(source, "train", split_of)   # takes its share of every epoch
+        per_step = int(cfg.get("batch_size", 64)) * int(workers.get("num_workers", 1))
+        n_train = int(cfg.get("epochs", 60)) * max(1, pairs // per_step)
+    loop_cfg = {k: cfg[k] for k in LOOP_KEYS if k in cfg} | {"steps": n_train}
     start = time.time()
-    result = fit(train_jrd_loop, loop_cfg, name=cfg["name"], storage_path=f"{out_dir}/ray-train", datasets={"train": train},
+    result = fit(train_jrd_loop, loop_cfg, name=cfg["name"], storage_path=f"{out_dir}/ray-train", streams={"train": train},
                  num_workers=int(workers.get("num_workers", 1)), use_gpu=bool(workers.get("use_gpu", False)),
                  cpus_per_worker=float(workers.get("cpus_per_worker", 1)))
     if result.error:
@@ -195,7 +179,8 @@ def run(cfg: dict, address: str | None = None) -> dict:
     levels = max((o["levels"] for o in objects), default=1)
     storage.write_bytes("jrd_scatter.png", scatter(objects, levels))
     storage.write_text("objects.json", json.dumps(objects, indent=1))
-    summary = {"job": "train_jrd_predictor", "steps": state["step"], "train_wall_s": round(time.time() - start, 1),
+    summary = {"job": "train_jrd_predictor", "steps": state["step"], "resumed_at": state.get("resumed_at", []),
+               "train_wall_s": round(time.time() - start, 1),
                "final_metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in (result.metrics or {}).items()},
                "evaluation": metrics, "figure": storage.display("jrd_scatter.png"),
                "model": storage.display("predictor.pth")}

@@ -14,7 +14,8 @@ from icm.codecs.adapt_icmh import SFMA
 from icm.codecs.dynamic import compress_latent, refine_latent
 from icm.detectors import total
 from icm.losses.task import DetectorTrainingLoss, FeaturePerceptualLoss
-from icm.train.codec import crop_pair, train_codec_loop
+from icm.train.codec import train_codec_loop
+from icm.train.inputs import crop_pair
 from icm.train.session import LocalSession
 from icm.zoo import build_codec, build_detector
 

@@ -18,7 +18,8 @@ from icm.codecs import UGICM, fourier_features
 from icm.losses import bpp_of
 from icm.metrics import code_image, psnr
 from icm.metrics.bitstream import decode_again
-from icm.train.codec import crop_pair, train_codec_loop
+from icm.train.codec import train_codec_loop
+from icm.train.inputs import crop_pair
 from icm.train.session import LocalSession
 from icm.zoo import build_codec
 
@@ -194,17 +195,17 @@ def _ddp_loop(config, session):
 
 @pytest.mark.slow
 def test_ddp_replicas_stay_bitwise_equal(ray_cluster, rows, tmp_path):
-    import ray
     from ray import cloudpickle
 
     from icm.train.ray_trainer import fit
+    from icm.train.stream import Stream
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
     (tmp_path / "digests").mkdir()
     cfg = _cfg("ugicm:bmshj2018-hyperprior", {"type": "ugicm", "lmbda_clip": 0}, 4, threads=1,
                digest_dir=str(tmp_path / "digests"))
     result = fit(_ddp_loop, cfg, name="ddp", storage_path=tmp_path / "runs",
-                 datasets={"train": ray.data.from_items(rows * 2)}, num_workers=2, cpus_per_worker=0.5)
+                 streams={"train": Stream(items=rows * 2, num_cpus=0.5)}, num_workers=2, cpus_per_worker=0.5)
     assert result.error is None
     digests = [(tmp_path / "digests" / f"rank-{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
@@ -213,23 +214,28 @@ def test_ddp_replicas_stay_bitwise_equal(ray_cluster, rows, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_drivers(ray_cluster, small_shapes, tmp_path, monkeypatch):
+def test_train_and_evaluate_drivers(ray_cluster, small_shapes, tmp_path, monkeypatch, preempted):
     import evaluate
     import train_codec
 
     monkeypatch.setenv("ICM_WEIGHTS_DIR", str(tmp_path / "weights"))
     codec = {"name": "ugicm:bmshj2018-hyperprior", **TINY, "cond_dim": 32}
     shapes = {"type": "shapes", "domain": "photo", "n_train": 24, "n_val": 12, "seed": 7}   # = small_shapes
+    # 2 DDP workers: 3 batches of 4 per worker and epoch, checkpoints every 4 steps (inside epochs)
     cfg = {"name": "t", "label": "ugicm-test", "dataset": {**shapes, "split": "train"},
            "out_dir": str(tmp_path / "train"), "crop": 64, "codec": codec,
            "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.005, "lmbda_clip": 0},
-           "steps": 4, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 2, "log_every": 2, "seed": 0, "threads": 1,
-           "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "data": {"num_cpus": 0.5}}
+           "steps": 24, "batch_size": 4, "lr": 1e-3, "checkpoint_every": 4, "log_every": 2, "seed": 0, "threads": 1,
+           "workers": {"num_workers": 2, "cpus_per_worker": 0.5}, "data": {"num_cpus": 0.5}}
+    straight = train_codec.run({**cfg, "out_dir": str(tmp_path / "straight")})
+    assert straight["steps"] == 24 and straight["train_images_listed"] == 24 and straight["resumed_at"] == []
+    # preempted after a checkpoint, then the same command again: the same run, resumed
+    killed_at = preempted("pipelines/train_codec.py", {**cfg, "ray": {}}, tmp_path / "train" / "ray-train" / "t")
+    assert not (tmp_path / "train" / "model.pth").exists()
     summary = train_codec.run(cfg)
-    assert summary["steps"] == 4 and summary["train_images_listed"] == 24
+    assert summary["steps"] == 24 and summary["resumed_at"] == [killed_at["step"]] and killed_at["step"] < 24
+    assert summary["model"]["sha256"] == straight["model"]["sha256"]      # bit-identical weights
     assert list((tmp_path / "train" / "tensorboard" / "t").glob("events.out.tfevents.*"))
-    again = train_codec.run({**cfg, "steps": 6})       # same name + storage: resumes at step 4
-    assert again["steps"] == 6 and again["final_metrics"]["step"] == 6
     loaded = build_codec(codec["name"], **{k: v for k, v in codec.items() if k not in ("name", "weights")},
                          weights="trained:ugicm-test")
     assert isinstance(loaded, UGICM)
@@ -335,13 +341,29 @@ def test_maa_targets_of_other_images_are_refused(small_shapes, tmp_path):
         train_codec.run(cfg)
 
 
-def test_training_stream_comes_in_a_new_order_each_epoch(ray_cluster):
-    from icm.data.ray_io import refs_dataset
+def test_training_stream_comes_in_a_new_order_each_epoch(ray_cluster, small_shapes):
+    """The codec stream through Ray Data: each epoch a new order and new crops, both functions of
+    (seed, epoch) — rebuilt, it gives the same rows, and Ray Data gives what one process gives."""
+    from icm.data.ray_io import select_refs
+    from icm.data.readers import build_reader
+    from icm.train.codec_job import codec_stream
+    from icm.train.ray_trainer import ray_data_rows
+    from icm.train.stream import local_rows
 
-    ds = refs_dataset([{"source_id": f"d/{i:03d}"} for i in range(60)])
-    orders = [[json.loads(r["ref_json"])["source_id"] for r in ds.iter_rows()] for _ in range(2)]
-    assert sorted(orders[0]) == sorted(orders[1]) == [f"d/{i:03d}" for i in range(60)]
-    assert orders[0] != orders[1]
+    refs = select_refs(build_reader({"type": "shapes", "domain": "photo", "split": "train", "n_train": 24,
+                                     "n_val": 12, "seed": 7}), None)
+    cfg = {"crop": 64, "seed": 3, "data": {"num_cpus": 0.5}}
+
+    def epoch(e, runner=ray_data_rows, start=(0, 0)):
+        return [(w, k, hashlib.sha256(row["x"].tobytes()).hexdigest()) for w, k, row in
+                runner(codec_stream(refs, cfg, {}), e, 1, 2, start)]
+
+    first, second = epoch(0), epoch(1)
+    assert len(first) == len(second) == 12            # worker 1 of 2: half of the 24 images each epoch
+    assert first == epoch(0, local_rows)              # Ray Data preserves the stream's order
+    assert first[5:] == epoch(0, start=(first[4][0], first[4][1] + 1))   # resumed after 5 rows
+    assert {c for *_, c in first}.isdisjoint({c for *_, c in second})      # new crops each epoch
+    assert len({c for *_, c in first}) == 12
 
 
 def test_tensorboard_logs_and_trained_weights_reach_shared_storage(rows, tmp_path, monkeypatch):

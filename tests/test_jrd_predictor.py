@@ -3,6 +3,7 @@ sizes, the level chooser, and export → Ray Train (loss down, resume) → evalu
 tiny synthetic JRD set whose labels depend on how distorted each crop is."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -63,7 +64,7 @@ def test_objects_and_metrics_from_per_level_predictions():
     assert metrics["label_accuracy"] == pytest.approx(30 / 32)
 
 
-def _informative_run(run_dir, images=12, levels=8, seed=0):
+def _informative_run(run_dir, images=12, levels=8, seed=0, units=3):
     """A JRD run whose distorted crops get noisier with the level; label 1 once past the object's JRD."""
     from icm.data.storage import Storage
     from icm.data.writers import png_bytes
@@ -71,9 +72,9 @@ def _informative_run(run_dir, images=12, levels=8, seed=0):
 
     rng = np.random.default_rng(seed)
     store = Storage(run_dir)
-    for unit in range(3):
+    for unit in range(units):
         objects, level_rows = [], []
-        for i in range(unit * images // 3, (unit + 1) * images // 3):
+        for i in range(unit * images // units, (unit + 1) * images // units):
             original = rng.integers(60, 200, (24, 24, 3)).astype(np.uint8)
             true_jrd = int(rng.integers(1, levels - 1))
             key = {"source_id": f"syn/{i}", "image_id": str(i), "object_index": 0, "category_id": 1, "CategoryId": 0,
@@ -90,6 +91,45 @@ def _informative_run(run_dir, images=12, levels=8, seed=0):
                                    "crop_png": png_bytes(crop)})
         store.write_table(f"objects/unit-{unit}.parquet", pa.Table.from_pylist(objects, schema=OBJECT_SCHEMA))
         store.write_table(f"levels/unit-{unit}.parquet", pa.Table.from_pylist(level_rows, schema=LEVEL_SCHEMA))
+
+
+@pytest.mark.parametrize("source", ["export", "parquet"])
+def test_training_pairs_are_shuffled(tmp_path, source):
+    """Stored pairs come object by object, level by level (64 levels: a batch of 32 is half of one
+    object's levels, its labels all 0 or all 1); the predictor's stream mixes images, objects and
+    levels, so each batch's label mean is near the split's."""
+    from icm.jrd.export import export_authors_layout
+    from icm.jrd.predictor import run_splits
+    from icm.train.jrd import pair_stream
+    from icm.train.session import LocalSession
+
+    _informative_run(tmp_path / "run", images=12, levels=64, units=6)
+    if source == "export":
+        export_authors_layout(tmp_path / "run", "jpeg", tmp_path / "export", fractions={"train": 1.0})
+        src, split_of = {"export_dir": str(tmp_path / "export")}, None
+    else:
+        src = {"run_dir": str(tmp_path / "run"), "ladder": "jpeg"}
+        split_of = run_splits(src["run_dir"], "jpeg", {"train": 1.0}, 0)
+    stream = pair_stream(src, "train", 32, split_of, {"shuffle_window": 3}, seed=0)
+
+    def label_means(stream):
+        batches = list(LocalSession({"train": stream}, tmp_path / "ckpt").batches("train", 0, 32))
+        assert sum(len(b) for b in batches) == 12 * 64
+        return [np.mean([r["label"] for r in b]) for b in batches], [len({r["name"] for r in b}) for b in batches]
+
+    shuffled, images = label_means(stream)
+    stored, _ = label_means(replace(stream, shuffle=False))
+    overall = np.mean(stored)
+    sd = np.sqrt(overall * (1 - overall) / 32)      # of the label mean of a batch drawn at random from the split
+    assert np.mean([abs(m - overall) for m in stored]) > 0.3       # the stored order: batches of one label, mostly
+    assert max(abs(m - overall) for m in shuffled) < 4 * sd
+    assert np.mean([abs(m - overall) for m in shuffled]) < 1.5 * sd * np.sqrt(2 / np.pi)   # E|dev| of random batches
+    assert min(images) >= 6                                         # every batch mixes at least half the images
+    if source == "parquet":     # 6 unit shards over 4 workers: equal shares of the pairs all the same
+        from icm.train.stream import local_rows
+
+        shares = [[(r["name"], r["level"]) for *_, r in local_rows(stream, 0, rank, 4)] for rank in range(4)]
+        assert [len(s) for s in shares] == [192] * 4 and len(set(sum(shares, []))) == 12 * 64
 
 
 def test_training_lowers_the_loss(tmp_path):
@@ -111,7 +151,13 @@ def test_training_lowers_the_loss(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["export", "parquet"])
-def test_export_train_resume_evaluate(ray_cluster, tmp_path, source):
+def test_export_train_resume_evaluate(ray_cluster, tmp_path, source, preempted):
+    """Both sources train on 2 DDP workers and evaluate; the parquet run is also preempted after a
+    checkpoint (9 train images × 8 levels: 4 batches of 8 per worker and epoch, checkpoints every 3
+    steps, mostly inside epochs) and
+    resumed by the same command, to the uninterrupted run's weights."""
+    import hashlib
+
     import train_jrd_predictor
 
     from icm.jrd.export import export_authors_layout
@@ -123,12 +169,21 @@ def test_export_train_resume_evaluate(ray_cluster, tmp_path, source):
     else:
         src = {"run_dir": str(tmp_path / "run"), "ladder": "jpeg", "fractions": {"train": 0.7, "test": 0.3}}
     cfg = {"name": "p", "out_dir": str(tmp_path / "out"), "source": src, "canvas": 32, "backbone_weights": "random:0",
-           "steps": 12, "batch_size": 16, "lr": 0.05, "checkpoint_every": 6, "log_every": 3, "seed": 0, "threads": 1,
-           "guided": {"enabled": False}, "workers": {"num_workers": 1, "cpus_per_worker": 0.5},
+           "steps": 24, "batch_size": 8, "lr": 0.05, "checkpoint_every": 3, "log_every": 3, "seed": 0, "threads": 1,
+           "guided": {"enabled": False}, "workers": {"num_workers": 2, "cpus_per_worker": 0.5},
            "data": {"num_cpus": 0.5}}
-    first = train_jrd_predictor.run({**cfg, "steps": 6})
-    again = train_jrd_predictor.run(cfg)                       # same name + storage: resumes at step 6
-    assert first["steps"] == 6 and again["steps"] == 12 and again["final_metrics"]["step"] == 12
+    if source == "parquet":
+        straight = train_jrd_predictor.run({**cfg, "out_dir": str(tmp_path / "straight")})
+        assert straight["steps"] == 24 and straight["resumed_at"] == []
+        killed_at = preempted("pipelines/train_jrd_predictor.py", cfg, tmp_path / "out" / "ray-train" / "p")
+    again = train_jrd_predictor.run(cfg)
+    assert again["steps"] == 24 and again["final_metrics"]["step"] == 24
+    if source == "parquet":     # the same run, resumed: only the steps after the checkpoint ran again
+        assert again["resumed_at"] == [killed_at["step"]] and killed_at["step"] < 24
+
+        def digest(out):
+            return hashlib.sha256((out / "predictor.pth").read_bytes()).hexdigest()
+        assert digest(tmp_path / "out") == digest(tmp_path / "straight")
     evaluation = again["evaluation"]
     assert evaluation["objects"] > 0 and evaluation["mae"] is not None and 0 <= evaluation["label_accuracy"] <= 1
     assert (tmp_path / "out" / "jrd_scatter.png").is_file()

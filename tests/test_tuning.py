@@ -1,6 +1,7 @@
 """Ray Tune RD sweeps: a two-trial sweep through Ray Tune (Ray Train inside each trial, real
-bitstream evaluation), killed after its first trial and resumed by rerunning the command; its
-curves, RD figure, BD table and TensorBoard HParams rows."""
+bitstream evaluation), killed after its first trial, while the second trains past a checkpoint,
+and resumed by rerunning the command (the second trial from its checkpoint); its curves, RD
+figure, BD table and TensorBoard HParams rows."""
 
 import json
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import registered_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"type": "shapes", "domain": "photo", "n_train": 24, "n_val": 12, "seed": 7}   # = small_shapes
@@ -50,16 +52,21 @@ def test_sweep_restores_after_a_kill_and_reports_curves(small_shapes, tmp_path):
     config.write_text(yaml.safe_dump(_sweep_cfg(out)))
 
     first = _sweep(config)
-    deadline = time.time() + 400
-    done = []
+    deadline = time.time() + 600
+    done, checkpoint = [], None
     while time.time() < deadline and first.poll() is None:
         done = sorted(out.glob("trials/*/result.json"))
-        if done:
-            break
-        time.sleep(1)
-    assert done, "the first trial never finished" + (first.stdout.read()[-3000:] if first.poll() is not None else "")
-    os.killpg(first.pid, signal.SIGKILL)          # mid-sweep: one trial finished, the other not
+        if done:   # the other trial is training now: kill the sweep once it has a checkpoint
+            other = next(t for t in ("tiny__a", "tiny__b") if t != done[0].parent.name)
+            checkpoint = registered_checkpoint(out / "trials" / other / "ray-train" / other)
+            if checkpoint is not None:
+                break
+        time.sleep(0.5)
+    assert checkpoint is not None and not (out / "trials" / other / "result.json").exists(), (
+        "no trial was caught training after a checkpoint" + (first.stdout.read()[-3000:] if first.poll() is not None else ""))
+    os.killpg(first.pid, signal.SIGKILL)          # mid-sweep: one trial finished, the other inside its training
     first.wait(30)
+    checkpoint = registered_checkpoint(out / "trials" / other / "ray-train" / other)   # the latest, at the kill
     finished = done[0]
     before = (finished.read_text(), finished.stat().st_mtime_ns)
 
@@ -70,6 +77,8 @@ def test_sweep_restores_after_a_kill_and_reports_curves(small_shapes, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials_finished"] == summary["trials_total"] == 2 and not summary["failed_trials"]
     assert (finished.read_text(), finished.stat().st_mtime_ns) == before      # not rerun
+    resumed = json.loads((out / "trials" / other / "model.json").read_text())
+    assert resumed["resumed_at"] == [checkpoint["step"]] and resumed["steps"] == 30   # from its checkpoint
 
     results = [json.loads(p.read_text()) for p in sorted(out.glob("trials/*/result.json"))]
     assert {r["rate_point"] for r in results} == {"a", "b"} and all(r["steps"] == 30 for r in results)

@@ -152,18 +152,6 @@ def select_refs(reader: Reader, limit: int | None = None) -> list[dict[str, Any]
     return refs if limit is None else refs[:int(limit)]
 
 
-def refs_dataset(refs: list[dict[str, Any]], max_blocks: int = 200):
-    """A ``ray.data.Dataset`` of image references (``{"ref_json"}`` rows) whose blocks come in a
-    new random order every time it is iterated (every training epoch): decoding runs downstream,
-    in the workers, so nothing but references is ever held."""
-    import json
-
-    import ray
-
-    rows = [{"ref_json": json.dumps(r)} for r in refs]
-    return ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), max_blocks))).randomize_block_order()
-
-
 def unit_id(source_ids: list[str]) -> str:
     return "unit-" + hashlib.sha1("\n".join(source_ids).encode()).hexdigest()[:16]
 

@@ -189,22 +189,6 @@ def decode_pair(row: dict, canvas: int) -> dict[str, np.ndarray]:
     return {"original": pad_center(load("original"), canvas), "distorted": pad_center(load("distorted"), canvas)}
 
 
-def decode_pairs(batch: dict[str, np.ndarray], canvas: int) -> dict[str, np.ndarray]:
-    """A Ray Data batch of pair references → padded crop arrays, labels and the keys evaluation needs."""
-    rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["label"]))]
-    crops = [decode_pair(r, canvas) for r in rows]
-    out = {"original": np.stack([c["original"] for c in crops]), "distorted": np.stack([c["distorted"] for c in crops]),
-           "label": np.asarray([int(r["label"]) for r in rows], np.int64)}
-    for key in ("name", "level", "jrd", "area", "class_name", "source_id"):
-        out[key] = np.asarray([r[key] for r in rows])
-    return out
-
-
-def unit_pairs(row: dict, run_dir: str, ladder: str, split: str, split_of: dict[str, str]) -> list[dict]:
-    """Ray Data ``flat_map``: one unit shard name → its pairs (PNG bytes inline)."""
-    return list(pairs_from_run_unit(run_dir, str(row["shard"]), ladder, split, split_of))
-
-
 # --- evaluation -------------------------------------------------------------------------------
 
 def object_jrds(rows: list[dict]) -> list[dict]:

@@ -3,14 +3,13 @@
 
 Samples are ``{"x", "target", "boxes"}`` rows — a random crop of the image, the same crop of its
 machine target (the image itself, or its MAA image), and the object boxes in crop coordinates
-(flattened xyxy) — made on the CPU side by ``crop_pair``.
+(flattened xyxy) — made on the CPU side by the stream's decode (``icm.train.inputs.crop_record``).
 """
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,83 +20,14 @@ from torch import nn
 from icm.codecs.adapt_icmh import AdaptICMH
 from icm.codecs.dynamic import DynamicCodec
 from icm.codecs.ugicm import UGICM
-from icm.data.records import decode_rgb, load_record
-from icm.data.writers import decode_png
 from compressai.losses import RateDistortionLoss
 
 from icm.losses import ClipDistance, UGICMLoss, bpp_of
 from icm.losses.task import PRESETS, DetectorTrainingLoss, FeaturePerceptualLoss, ResNetFeatures
 from icm.maa.stage import build_from_spec
 from icm.train.session import Session
+from icm.train.stream import step_seed
 from icm.zoo import build_classifier, build_clip, build_codec
-
-
-def crop_pair(image: np.ndarray, target: np.ndarray, boxes: np.ndarray, size: int,
-              rng: np.random.Generator, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """One random ``size`` crop and horizontal flip, the same for the image, its machine target
-    and its boxes (TRAPS.md: a crop applied to an image must be applied to its MAA target), with
-    the class ids of the boxes that stay in the crop. Images smaller than the crop are padded by
-    edge replication."""
-    if image.shape != target.shape:
-        raise ValueError(f"image {image.shape} and machine target {target.shape} differ in size")
-    h, w = image.shape[:2]
-    pad = ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0))
-    if any(p[1] for p in pad[:2]):
-        image, target = np.pad(image, pad, mode="edge"), np.pad(target, pad, mode="edge")
-        h, w = image.shape[:2]
-    top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-    x = image[top:top + size, left:left + size]
-    t = target[top:top + size, left:left + size]
-    b = np.asarray(boxes, np.float32).reshape(-1, 4) - np.array([left, top, left, top], np.float32)
-    b = b.clip(0, size)
-    inside = (b[:, 2] - b[:, 0] >= 2) & (b[:, 3] - b[:, 1] >= 2)
-    b = b[inside]
-    kept = (np.zeros(len(inside), np.int64) if labels is None else np.asarray(labels, np.int64).reshape(-1))[inside]
-    if rng.random() < 0.5:
-        x, t = x[:, ::-1], t[:, ::-1]
-        b = np.stack([size - b[:, 2], b[:, 1], size - b[:, 0], b[:, 3]], 1) if len(b) else b
-    return {"x": np.ascontiguousarray(x), "target": np.ascontiguousarray(t),
-            "boxes": b.reshape(-1).astype(np.float32), "labels": kept}
-
-
-# The Ray Data step of the training input (it lives here, not in the driver, because Ray workers
-# must import it).
-def read_target(path: str) -> np.ndarray:
-    """A machine target image (an MAA output) from a local path or an object-store URI."""
-    if "://" in path:
-        import pyarrow.fs as pafs
-
-        fs, key = pafs.FileSystem.from_uri(path)
-        with fs.open_input_stream(key) as f:
-            return decode_png(f.read())
-    return decode_rgb(path)[0]
-
-
-def decode_and_crop(batch: dict[str, np.ndarray], size: int, targets: dict[str, str],
-                    min_side: int = 1) -> dict[str, np.ndarray]:
-    """A Ray Data batch of image references → one fresh random crop + flip of each decodable image,
-    the same crop of its machine target (its MAA image, else itself) and of its boxes. Decoding
-    happens here, every epoch, so the training set is streamed, never held in memory."""
-    rng = np.random.default_rng()
-    crops = []
-    for ref_json in batch["ref_json"]:
-        record = load_record(json.loads(str(ref_json)), min_side=min_side)
-        if record["status"] != "ok":
-            continue
-        path = targets.get(record["source_id"])
-        target = read_target(path) if path else record["image"]
-        if target.shape != record["image"].shape:
-            raise ValueError(f"MAA target {path} is {target.shape}, its source {record['source_id']} "
-                             f"{record['image'].shape}: the MAA job ran on other images")
-        crops.append(crop_pair(record["image"], target, record["boxes"], size, rng, record["class_ids"]))
-    if not crops:
-        return {"x": np.zeros((0, size, size, 3), np.uint8), "target": np.zeros((0, size, size, 3), np.uint8),
-                "boxes": np.zeros((0,), object), "labels": np.zeros((0,), object)}
-    out = {"x": np.stack([c["x"] for c in crops]), "target": np.stack([c["target"] for c in crops])}
-    for key in ("boxes", "labels"):   # ragged: one array per crop
-        out[key] = np.empty(len(crops), object)
-        out[key][:] = [c[key] for c in crops]
-    return out
 
 
 def upload_tensorboard(local_dir: str, uri: str) -> None:
@@ -105,15 +35,6 @@ def upload_tensorboard(local_dir: str, uri: str) -> None:
     from icm.data.storage import Storage, parent_location
 
     Storage(parent_location(uri)).upload_dir(local_dir, uri.rstrip("/").rsplit("/", 1)[-1])
-
-
-def batches(rows: Iterator[dict], batch_size: int) -> Iterator[list[dict]]:
-    batch = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
 
 
 def to_tensors(batch: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -314,9 +235,8 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
     example and the UG-ICM authors; 0 turns it off), lr_schedule (``LearningRateSchedule``), loss
     (``type``: one of ``OBJECTIVES``, with that method's settings), dataset_classes and canvas
     (for detector losses), checkpoint_every, log_every, seed, threads, tensorboard_dir. Returns
-    the trained (unwrapped) model. A resumed run continues at the saved step, epoch and batch with
-    the saved optimiser and schedule, so with a deterministic record order it equals an
-    uninterrupted run."""
+    the trained (unwrapped) model. A resumed run continues at the saved step, epoch and stream
+    position with the saved optimiser and schedule: it equals an uninterrupted run bit for bit."""
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     if config.get("threads"):
@@ -337,7 +257,7 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
     aux_opt = torch.optim.Adam(aux_params, lr=float(config.get("aux_lr", 1e-3))) if aux_params else None
     schedule = LearningRateSchedule(opt, config.get("lr_schedule"))
     clip_max_norm = float(config.get("clip_max_norm", 1.0))
-    step, epoch, skip = 0, 0, 0
+    step, epoch = 0, 0
     state = session.restore()
     if state is not None:
         model.load_state_dict(state["model"])
@@ -345,7 +265,7 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
         if aux_opt is not None:
             aux_opt.load_state_dict(state["aux_optimizer"])
         schedule.load_state_dict(state.get("lr_schedule", {}))
-        step, epoch, skip = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        step, epoch = int(state["step"]), int(state["epoch"])
     net = session.prepare(model)
     writer = None
     if session.rank == 0 and config.get("tensorboard_dir"):
@@ -356,15 +276,12 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
     every, log_every = int(config.get("checkpoint_every", 100)), int(config.get("log_every", 10))
     started, window = time.time(), []
     while step < steps:
-        seen = False
-        for index, batch in enumerate(batches(session.records("train", epoch), batch_size)):
-            seen = True
-            if index < skip:  # resuming inside an epoch: these batches were trained on already
-                continue
+        # from the checkpoint's position when resuming inside this epoch
+        for batch in session.batches("train", epoch, batch_size):
             x, target, boxes, labels = to_tensors(batch, session.device)
             # The quantisation noise and β come from the global RNG, seeded per step and rank so a
             # resumed run draws what the uninterrupted one would have.
-            torch.manual_seed(seed * 1_000_003 + step * 101 + session.rank)
+            torch.manual_seed(step_seed(seed, step, session.rank))
             terms = objective.terms(net, x, target, boxes, labels, step)
             # One backward of the RD loss plus the aux loss (which reaches only .quantiles): with
             # separate backwards DDP replicas drifted apart (TRAPS.md); this keeps them bitwise equal.
@@ -401,14 +318,12 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
                 session.report(metrics, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                          "aux_optimizer": aux_opt.state_dict() if aux_opt else {},
                                          "lr_schedule": schedule.state_dict(),
-                                         "step": step, "epoch": epoch, "batch": index + 1} if save else None)
+                                         "step": step, "epoch": epoch} if save else None)
                 window, started = [], time.time()
             if last:
                 break
-        if not seen:
-            raise RuntimeError("the training split yielded no batch: fewer images than batch_size?")
         if step < steps:
-            epoch, skip = epoch + 1, 0
+            epoch += 1
     if writer is not None:
         writer.close()
     return model

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 
 from icm.config import ConfigError, canonical_json
-from icm.data.ray_io import refs_dataset, select_refs
+from icm.data.ray_io import select_refs
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
-from icm.train.codec import build_training_codec, decode_and_crop, train_codec_loop
+from icm.train.codec import build_training_codec, train_codec_loop
+from icm.train.inputs import crop_record
+from icm.train.stream import Stream
 from icm.zoo.weights import publish_trained
 
 # What a trained codec is a function of (not where or how fast it ran): two exports with the same
@@ -48,6 +50,15 @@ def loop_config(cfg: dict, classes: list[str]) -> dict:
                                                           "canvas": int(cfg.get("canvas", cfg["crop"]))}
 
 
+def codec_stream(refs: list[dict], cfg: dict, targets: dict[str, str]) -> Stream:
+    """The training stream of a codec job, whichever runner reads it: the images in a new order
+    each epoch, each decoded and cropped (``crop_record``) by a function of (seed, epoch, image)."""
+    crop = int(cfg["crop"])
+    seed = int(cfg.get("seed", 0))
+    return Stream(items=refs, decode=partial(crop_record, size=crop, targets=targets, seed=seed, min_side=crop // 2),
+                  seed=seed, num_cpus=float((cfg.get("data") or {}).get("num_cpus", 1)))
+
+
 def recipe_digest(cfg: dict) -> str:
     return hashlib.sha256(canonical_json({k: cfg.get(k) for k in RECIPE_KEYS}).encode()).hexdigest()
 
@@ -66,7 +77,7 @@ def export_model(state: dict, cfg: dict, storage: Storage, runner: str = "ray-tr
     storage.write_bytes("model.pth", data)
     spec = {k: v for k, v in cfg["codec"].items() if k not in ("weights", "base_weights")}
     info = {"codec": spec, "weights": storage.display("model.pth"), "sha256": hashlib.sha256(data).hexdigest(),
-            "steps": state["step"], "loss": cfg["loss"], "init": cfg["codec"].get("weights", "random"),
+            "steps": state["step"], "resumed_at": state.get("resumed_at", []), "loss": cfg["loss"], "init": cfg["codec"].get("weights", "random"),
             "recipe": recipe_digest(cfg), "runner": runner}
     if cfg.get("label"):  # trained:<label>: this node's weights dir and, with ICM_WEIGHTS_DIR=s3://…, the shared store
         info["zoo_spec"] = {**spec, "weights": f"trained:{cfg['label']}"}
@@ -118,16 +129,12 @@ def train_codec_job(cfg: dict, refs: list[dict], targets: dict[str, str], matche
     storage = Storage(cfg["out_dir"])
     out_dir = storage.display()   # an absolute path, or a URI (Ray Train writes checkpoints there too)
     loss = cfg.get("loss", {})
-    data = cfg.get("data") or {}
-    data_cpus = float(data.get("num_cpus", 1))
-    # Streamed, never materialised: the blocks come in a new random order each epoch, every image
-    # is decoded and freshly cropped on the CPU workers, and each train worker shuffles what it
-    # receives in a local buffer; memory stays bounded whatever the dataset's size.
-    train = refs_dataset(refs).map_batches(
-        partial(decode_and_crop, size=int(cfg["crop"]), targets=targets, min_side=int(cfg["crop"]) // 2),
-        batch_size=8, batch_format="numpy", num_cpus=data_cpus)
+    # Streamed, never materialised: each epoch the images come in a new order that is a function
+    # of (seed, epoch), each decoded and freshly cropped on the CPU workers (icm.train.stream);
+    # a resumed run continues where the checkpoint stopped, inside an epoch too.
+    train = codec_stream(refs, cfg, targets)
     workers = cfg.get("workers", {}) or {}
-    loop_cfg = loop_config(cfg, classes) | {"shuffle_buffer": {"train": int(data.get("shuffle_buffer", 64))}}
+    loop_cfg = loop_config(cfg, classes)
     # TensorBoard writes local files: beside the outputs; or, when the outputs are in object storage,
     # in a local dir of rank 0's node that is copied to out_dir/tensorboard/<name> at every checkpoint
     # (the node may be an autoscaled worker that disappears)
@@ -139,7 +146,7 @@ def train_codec_job(cfg: dict, refs: list[dict], targets: dict[str, str], matche
 
     start = time.time()
     result = fit(train_codec_loop, loop_cfg, name=cfg["name"], storage_path=f"{out_dir}/ray-train",
-                 datasets={"train": train}, num_workers=int(workers.get("num_workers", 1)),
+                 streams={"train": train}, num_workers=int(workers.get("num_workers", 1)),
                  use_gpu=bool(workers.get("use_gpu", False)), cpus_per_worker=float(workers.get("cpus_per_worker", 1)),
                  report_to_tune=report_to_tune)
     if result.error:
@@ -152,7 +159,7 @@ def train_codec_job(cfg: dict, refs: list[dict], targets: dict[str, str], matche
             "machine_targets": f"MAA images for {matched} of {len(refs)} training images" if maa_dir
             else "the originals",
             "clip": "on" if float(loss.get("lmbda_clip", 0)) > 0 else "off (lmbda_clip = 0)",
-            "steps": state["step"], "final_metrics": {k: round(v, 4) if isinstance(v, float) else v
+            "steps": state["step"], "resumed_at": state.get("resumed_at", []), "final_metrics": {k: round(v, 4) if isinstance(v, float) else v
                                                        for k, v in (result.metrics or {}).items()},
             "train_wall_s": round(time.time() - start, 1), "checkpoints": str(result.path),
             "tensorboard": loop_cfg.get("tensorboard_upload") or loop_cfg["tensorboard_dir"], "model": info}

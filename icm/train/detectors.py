@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from icm.data.records import load_record
 from icm.detectors.base import total
 from icm.maa.canvas import boxes_to_canvas, letterbox, to_tensor
+from icm.train.inputs import ok_record
 from icm.train.session import Session
+from icm.train.stream import Stream, row_rng, step_seed
 from icm.zoo import build_detector
 
 
@@ -40,15 +44,11 @@ def canvas_sample(record: dict, canvas: int, flip: bool) -> tuple[torch.Tensor, 
     return image, {"boxes": boxes, "labels": torch.as_tensor(np.asarray(record["class_ids"]), dtype=torch.int64)}
 
 
-def shuffled(records: Iterator[dict], rng: np.random.Generator, buffer: int = 256) -> Iterator[dict]:
-    """A local shuffle buffer over a (possibly streamed) record iterator."""
-    pool: list[dict] = []
-    for rec in records:
-        pool.append(rec)
-        if len(pool) >= buffer:
-            yield pool.pop(int(rng.integers(len(pool))))
-    while pool:
-        yield pool.pop(int(rng.integers(len(pool))))
+def record_stream(refs: list[dict], seed: int, in_process: bool = True, num_cpus: float = 1) -> Stream:
+    """A detector's training stream: the images in a new order each epoch (a function of seed and
+    epoch), decoded in the train worker (``in_process``: a few hundred small images, where Ray
+    Data tasks would cost more than the decoding) or by Ray Data tasks (large sets)."""
+    return Stream(items=refs, decode=ok_record, seed=seed, in_process=in_process, num_cpus=num_cpus)
 
 
 @torch.no_grad()
@@ -113,31 +113,24 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
     every = int(config.get("checkpoint_every", 1))
     for epoch in range(start_epoch, epochs):
         epoch_started = time.time()
-        rng = np.random.default_rng([seed, epoch, session.rank])
-        losses, images, targets = [], [], []
-
-        def step_on(images, targets):
-            x = torch.stack(images).to(session.device)
-            tg = [{k: v.to(session.device) for k, v in t.items()} for t in targets]
+        losses = []
+        for batch in session.batches("train", epoch, batch_size):   # a new order each epoch (the stream's)
+            samples = [canvas_sample(rec, canvas, flip=bool(row_rng(seed, epoch, rec["source_id"]).random() < 0.5))
+                       for rec in batch]
+            x = torch.stack([image for image, _ in samples]).to(session.device)
+            tg = [{k: v.to(session.device) for k, v in t.items()} for _, t in samples]
+            torch.manual_seed(step_seed(seed, step, session.rank))   # detector samplers draw from it
             loss, _ = module(x, tg)
             opt.zero_grad(set_to_none=True)
-            (loss / len(images)).backward()
+            (loss / len(samples)).backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
             sched.step()
-            return loss.item() / len(images)
-
-        for rec in shuffled((r for r in session.records("train", epoch) if r["status"] == "ok"), rng):
-            image, target = canvas_sample(rec, canvas, flip=bool(rng.random() < 0.5))
-            images.append(image)
-            targets.append(target)
-            if len(images) == batch_size:
-                losses.append(step_on(images, targets))
-                step += 1
-                images, targets = [], []
+            losses.append(loss.item() / len(samples))
+            step += 1
         if epoch == epochs - 1 and int(config.get("precise_bn_batches", 16)) > 0:
             calib, images, targets = [], [], []
-            for rec in (r for r in session.records("train", epoch) if r["status"] == "ok"):
+            for rec in session.records("train", epoch):
                 image, target = canvas_sample(rec, canvas, flip=False)
                 images.append(image)
                 targets.append({k: v.to(session.device) for k, v in target.items()})
@@ -188,12 +181,30 @@ def object_crops(record: dict, rng: np.random.Generator, side: int, background: 
     return out
 
 
+def record_crops(ref: dict, epoch: int, num_classes: int, side: int, seed: int) -> list[dict]:
+    """The crop stream's expand: a reference → its object crops and one background crop (none
+    when it does not decode), jittered by ``row_rng(seed, epoch, source_id)``."""
+    record = load_record(ref)
+    if record["status"] != "ok":
+        return []
+    rng = row_rng(seed, epoch, record["source_id"])
+    return [{"crop": crop, "label": label}
+            for crop, label in object_crops({**record, "num_classes": num_classes}, rng, side, background=1)]
+
+
+def crop_stream(refs: list[dict], num_classes: int, side: int, seed: int, window: int = 16) -> Stream:
+    """The backbone pretraining stream: the crops of ``window`` images at a time shuffled
+    together, a new order each epoch; read in the train worker (small sets)."""
+    return Stream(items=refs, expand=partial(record_crops, num_classes=num_classes, side=side, seed=seed), seed=seed,
+                  window=window, in_process=True)
+
+
 def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
     """Pretrain a torchvision ResNet trunk as a classifier of object crops (each class, plus
     background) of the detection set — ImageNet pretraining in miniature, for detectors trained
     here from scratch: their backbones start from features of the objects they will detect.
     config: name (a torchvision ResNet), classes, steps, batch_size, lr, crop (side, px), seed,
-    threads. A checkpoint after each pass over the set."""
+    threads; the rows are ``crop_stream``'s. A checkpoint after each pass over the set."""
     import torchvision
 
     seed = int(config.get("seed", 0))
@@ -219,15 +230,10 @@ def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
     std = torch.tensor([0.229, 0.224, 0.225], device=session.device).view(1, 3, 1, 1)
     while step < steps:
         epoch_started = time.time()
-        rng = np.random.default_rng([seed, epoch, session.rank])
-        pool, correct, seen, losses = [], 0, 0, []
-        for rec in shuffled((r for r in session.records("train", epoch) if r["status"] == "ok"), rng):
-            pool += object_crops({**rec, "num_classes": len(classes)}, rng, side, background=1)
-            if len(pool) < batch_size:
-                continue
-            batch, pool = pool[:batch_size], pool[batch_size:]
-            x = (torch.stack([c for c, _ in batch]).to(session.device) - mean) / std
-            y = torch.tensor([label for _, label in batch], device=session.device)
+        correct, seen, losses = 0, 0, []
+        for batch in session.batches("train", epoch, batch_size):   # object crops, shuffled (crop_stream)
+            x = (torch.stack([r["crop"] for r in batch]).to(session.device) - mean) / std
+            y = torch.tensor([r["label"] for r in batch], device=session.device)
             logits = module(x)
             loss = torch.nn.functional.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)

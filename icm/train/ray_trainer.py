@@ -3,31 +3,39 @@ Train V2 — scaling from config, checkpoints through ``ray.train.report``, auto
 run with the same name and storage path is started again, restarts after worker failures.
 
 Loops take ``(config, session)``; ``RayTrainSession`` gives them rank, device, DDP preparation,
-their Ray Data shard, checkpoint save/restore. This module and ``icm.data.ray_io`` are the only
+their batches of the run's ``Stream`` (a function of seed and epoch, read through Ray Data, resumed
+at the checkpoint's position) and checkpoint save/restore. This module and ``icm.data.ray_io`` are the only
 Ray adapters inside ``icm``: Ray Train workers must be able to import the harness, which a
 driver-side script folder does not guarantee.
 """
 
 from __future__ import annotations
 
+import pickle
 import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
+import torch
+import torch.distributed
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from icm.data.records import load_record
-from icm.train.session import load_state, save_state
+from icm.train.session import StreamSession, load_state, progress_line, save_state
+from icm.train.stream import Stream, WindowRows, window_parts, worker_windows
 
 
-class RayTrainSession:
-    """Records come from the run's Ray Data shard, or — for small datasets passed as references
-    in ``config["data_refs"][split]`` — are decoded once per worker (its ``rank::world_size``
-    slice) and kept in memory, which spares re-streaming a tiny set every epoch."""
+class RayTrainSession(StreamSession):
+    """Each worker reads its share of every stream (``config["streams"]``) through a Ray Data
+    pipeline it builds per epoch: its windows in order, expanded and decoded by Ray Data tasks on
+    the cluster's CPUs with the order preserved (``icm.train.stream``). ``in_process`` streams
+    are read in the worker itself. Workers agree through ``torch.distributed`` on when an epoch
+    ends and on the positions a checkpoint saves."""
 
     def __init__(self, config: dict):
         ctx = ray.train.get_context()
@@ -38,33 +46,40 @@ class RayTrainSession:
             from icm.maa.stage import resolve_device
 
             resolve_device("auto")   # raises, naming the driver/build mismatch
-        self._refs = config.get("data_refs") or {}
-        self._cache: dict[str, list[dict]] = {}
-        self._shuffle = config.get("shuffle_buffer") or {}   # split → local shuffle buffer (rows)
-        self._seed = int(config.get("seed", 0))
+        streams = {split: replace(s, items=ray.get(s.items)) if isinstance(s.items, ray.ObjectRef) else s
+                   for split, s in (config.get("streams") or {}).items()}
+        super().__init__(streams)
 
-    def records(self, split: str, epoch: int):
-        if split in self._refs:
-            if split not in self._cache:
-                self._cache[split] = [load_record(r) for r in self._refs[split][self.rank::self.world_size]]
-            yield from self._cache[split]
-            return
-        shard = ray.train.get_dataset_shard(split)
-        buffer = int(self._shuffle.get(split, 0))
-        if not buffer:
-            yield from shard.iter_rows()
-            return
-        for batch in shard.iter_batches(batch_size=32, batch_format="numpy", local_shuffle_buffer_size=buffer,
-                                        local_shuffle_seed=(self._seed * 7919 + epoch) * 1009 + self.rank):
-            columns = list(batch)
-            for i in range(len(batch[columns[0]])):
-                yield {k: batch[k][i] for k in columns}
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and torch.distributed.is_initialized()
+
+    def _rows(self, split, epoch, start):
+        stream = self.streams[split]
+        if stream.in_process:
+            return super()._rows(split, epoch, start)
+        return ray_data_rows(stream, epoch, self.rank, self.world_size, start)
+
+    def _all(self, flag):
+        if not self._distributed():
+            return flag
+        have = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.all_reduce(have, op=torch.distributed.ReduceOp.MIN)
+        return bool(have.item())
+
+    def _gather(self, obj):
+        if not self._distributed():
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
     def prepare(self, module):
         # Moves to the worker's device; wraps in DDP when there is more than one worker.
         return ray.train.torch.prepare_model(module)
 
-    def report(self, metrics: dict, state: dict | None = None) -> None:
+    def _save(self, metrics, state):
+        if self.rank == 0:
+            print(progress_line(metrics, state is not None), flush=True)
         if state is None:
             ray.train.report(metrics)
             return
@@ -72,12 +87,31 @@ class RayTrainSession:
             save_state(state, tmp)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    def restore(self) -> dict | None:
+    def _load(self):
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as directory:
             return load_state(directory)
+
+
+def ray_data_rows(stream: Stream, epoch: int, rank: int, world_size: int, start: tuple[int, int] = (0, 0)
+                  ) -> Iterator[tuple[int, int, Any]]:
+    """``(w, k, row)`` of worker ``rank``'s epoch from position ``start`` — what ``local_rows``
+    gives, expanded and decoded by Ray Data tasks (``stream.num_cpus`` each) with the order preserved."""
+    windows = worker_windows(stream, epoch, rank, world_size)
+    plan = [{"parts": pickle.dumps(window_parts(stream, window), protocol=5), "rank": rank, "w": w,
+             "skip": start[1] if w == start[0] else 0}
+            for w, window in enumerate(windows) if w >= start[0]]
+    if not plan:
+        return
+    ds = ray.data.from_items(plan, override_num_blocks=min(len(plan), 256)).map_batches(
+        WindowRows(replace(stream, items=(), sizes=None), epoch), batch_size=None, batch_format="numpy", num_cpus=stream.num_cpus)
+    ds.context.execution_options.preserve_order = True   # rows in window order: the stream is deterministic
+    ds.context.enable_progress_bars = False
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for w, k, row in zip(batch["w"], batch["k"], batch["row"]):
+            yield int(w), int(k), pickle.loads(row)
 
 
 def _run_loop(loop: Callable[[dict, Any], None]):
@@ -87,19 +121,25 @@ def _run_loop(loop: Callable[[dict, Any], None]):
 
 
 def fit(loop: Callable[[dict, Any], None], loop_config: dict, *, name: str, storage_path: str | Path,
-        datasets: dict | None = None, num_workers: int = 1, use_gpu: bool = False,
+        streams: dict[str, Stream] | None = None, num_workers: int = 1, use_gpu: bool = False,
         cpus_per_worker: float = 1, max_failures: int = 2, keep_checkpoints: int = 2, report_to_tune: bool = False):
-    """Run ``loop`` on Ray Train; rerunning with the same ``name``/``storage_path`` resumes.
-    ``storage_path`` is a local/shared directory or a URI (``s3://…``) every worker can reach.
-    ``report_to_tune``: the run is a Ray Tune trial's (Train V2 inside a function trainable, as
-    Ray 2.60 documents it); every report is forwarded to the trial (ASHA reads them)."""
+    """Run ``loop`` on Ray Train; rerunning with the same ``name``/``storage_path`` resumes, and
+    a worker failure restarts the workers from the latest checkpoint (``max_failures`` times) —
+    both at the saved stream positions. ``streams``: split → ``Stream`` (its items travel once
+    through the object store). ``storage_path`` is a local/shared directory or a URI (``s3://…``)
+    every worker can reach. ``report_to_tune``: the run is a Ray Tune trial's (Train V2 inside a
+    function trainable, as Ray 2.60 documents it); every report is forwarded to the trial (ASHA
+    reads them)."""
     callbacks = []
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
+    config = dict(loop_config)
+    if streams:
+        config["streams"] = {split: replace(s, items=ray.put(list(s.items))) for split, s in streams.items()}
     trainer = TorchTrainer(
-        _run_loop(loop), train_loop_config=loop_config, datasets=datasets or {},
+        _run_loop(loop), train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage_path) if "://" in str(storage_path)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from icm.jrd.labelling import error_tolerant_jrd
-from icm.jrd.predictor import build_predictor, choose_level, jrd_metrics, object_jrds, pad_center
+from icm.jrd.predictor import (build_predictor, choose_level, guided_compression, jrd_metrics, object_jrds,
+                               pad_center)
 
 
 @pytest.mark.parametrize("sequence,expected", [
@@ -40,6 +41,70 @@ def test_predictor_forward_shapes(canvas):
     padded = pad_center(crop, canvas)              # zero-padded, centred; shrunk only when larger
     assert padded.shape == (canvas, canvas, 3)
     assert padded[canvas // 2, canvas // 2].tolist() == [200, 200, 200] and padded[0, 0].tolist() == [0, 0, 0]
+
+
+def test_fusion_head_as_the_authors():
+    head = build_predictor("random:0", 32).head
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (792, 640, (1, 1)), (640, 640, (3, 3)), (640, 640, (3, 3)), (640, 1280, (1, 1))]
+    blocks = [m for m in head if isinstance(m, torch.nn.Sequential)]
+    assert [type(b[2]) for b in blocks] == [torch.nn.ReLU] * 3 + [torch.nn.SiLU]
+    assert all(b[1].eps == 1e-3 for b in blocks)
+    # kaiming-normal fan-out: std √(2 / (out · k²)); PyTorch's default would give √(1 / (3 · in · k²))
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert float(conv.weight.detach().std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.03)
+    linear = head[-1]
+    assert float(linear.weight.detach().std()) == pytest.approx(0.01, rel=0.05) and not linear.bias.any()
+
+
+def _rows(name, levels, predictions, true_jrd=9):
+    return [{"name": name, "source_id": name, "object_index": 0, "class_name": "car", "area": 500.0, "jrd": true_jrd,
+             "level": lv, "label": int(lv > true_jrd), "prediction": p} for lv, p in zip(levels, predictions)]
+
+
+def test_predicted_jrd_is_a_level_value_when_a_level_row_is_missing():
+    levels = [lv for lv in range(16) if lv != 5]                 # level 5's row is missing
+    monotone = [int(lv > 9) for lv in levels]                    # recognised at levels 0..9
+    bumpy = [int(lv > 9 or lv == 2) for lv in levels]            # plus a spurious miss at level 2
+    objects = object_jrds(_rows("a", levels, monotone) + _rows("b", levels, bumpy))
+    # monotone: the last level predicted 0 is level 9 (its row is the 9th: position 8);
+    # bumpy: windows from the top end in a miss until rows 1..8 (levels 1..9), which end in 0
+    # and hold one miss → its last row, level 9
+    assert [o["jrd_predicted"] for o in objects] == [9, 9]
+    assert objects[0]["levels"] == 15
+    assert object_jrds(_rows("c", levels, [1] * 15))[0]["jrd_predicted"] == 0   # never predicted recognised
+
+
+def test_guided_compression_counts_the_objects_the_level_was_chosen_for():
+    # image A: a0 (true JRD 2, predicted 3), a1 (1, 1) and a2, missed in the pristine image (not a
+    # test object, never recognised: counting it would change every share); image B: b0 (3, 2)
+    objects = [{"source_id": "A", "object_index": 0, "jrd": 2, "jrd_predicted": 3},
+               {"source_id": "A", "object_index": 1, "jrd": 1, "jrd_predicted": 1},
+               {"source_id": "B", "object_index": 0, "jrd": 3, "jrd_predicted": 2}]
+    truth = {("A", 0): 2, ("A", 1): 1, ("A", 2): -1, ("B", 0): 3}     # recognised at levels ≤ this
+    level_rows = [{"source_id": sid, "object_index": k, "level": lv, "recognised": lv <= last}
+                  for (sid, k), last in truth.items() for lv in range(4)]
+    bytes_at = {"A": [400, 300, 200, 100], "B": [40, 30, 20, 10]}
+    calls = []
+
+    def measure(sid, level, rows):
+        calls.append((sid, level, [r["object_index"] for r in rows]))
+        return bytes_at[sid][level], [level <= truth[sid, r["object_index"]] for r in rows]
+
+    report = guided_compression(objects, level_rows, measure, share=1.0, levels=4)
+    assert ("A", 1, [0, 1]) in calls and all(2 not in ks for _, _, ks in calls)
+    # predicted: A at min(3, 1) = 1 (300 B), B at 2 (20 B): 3 of 3 recognised. Uniform levels with
+    # all three recognised in the job's labels: 0 and 1 → level 1 (300 + 30 B)
+    assert report["predicted"] == {"adaptive_bytes": 320, "adaptive_recognised_share": 1.0, "uniform_level": 1,
+                                   "uniform_bytes": 330, "uniform_recognised_share": 1.0,
+                                   "bits_saved_percent": 3.03, "mean_level": 1.5}
+    # true: A at 1 (300 B), B at 3 (10 B)
+    assert report["true"] == {"adaptive_bytes": 310, "adaptive_recognised_share": 1.0, "uniform_level": 1,
+                              "uniform_bytes": 330, "uniform_recognised_share": 1.0,
+                              "bits_saved_percent": 6.06, "mean_level": 2.0}
+    assert report["objects"] == 3 and report["images"] == 2
 
 
 def test_level_chooser_on_a_synthetic_table():

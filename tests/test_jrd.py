@@ -153,11 +153,12 @@ def test_hevc_bytes_are_the_picture_and_the_slice_qp_is_the_level(photo, chroma)
 
 
 def _fake_vvc(bin_dir, rec_bytes):
-    """vvencapp/vvdecapp stand-ins: the encoder logs its arguments, the decoder writes ``rec_bytes``."""
+    """vvencapp/vvdecapp stand-ins: each logs its arguments, the decoder writes ``rec_bytes``."""
     bin_dir.mkdir()
     (bin_dir / "vvencapp").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\n'
                                       'while [ "$1" != "-o" ]; do shift; done; printf bits > "$2"\n')
-    (bin_dir / "vvdecapp").write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\n'
+    (bin_dir / "vvdecapp").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/dec_args"\n'
+                                      'while [ "$1" != "-o" ]; do shift; done\n'
                                       f'head -c {rec_bytes} /dev/zero > "$2"\n')
     for b in ("vvencapp", "vvdecapp"):
         (bin_dir / b).chmod(0o755)
@@ -171,11 +172,76 @@ def test_vvc_fixed_qp_without_adaptation_and_reconstruction_size_checked(tmp_pat
     args = (tmp_path / "ok" / "args").read_text().split()
     assert args[args.index("-q") + 1] == "37" and args[args.index("--qpa") + 1] == "0"
     assert args[args.index("--additional") + 1] == "IntraQPOffset=0"
+    assert args[args.index("--internal-bitdepth") + 1] == "8"
+    assert "-d" not in (tmp_path / "ok" / "dec_args").read_text().split()     # vvdecapp has no -d
     assert coded.num_bytes == 4 and coded.decoded.shape == image.shape
     _fake_vvc(tmp_path / "short", 50)
     monkeypatch.setenv("PATH", f"{tmp_path / 'short'}:/usr/bin:/bin")
     with pytest.raises(RuntimeError, match="50 bytes of reconstruction"):
         build_ladder({"type": "vvc", "qps": [37]}).code(image, 0)
+
+
+VVC_BINARIES = pytest.mark.skipif(shutil.which("vvencapp") is None or shutil.which("vvdecapp") is None,
+                                  reason="vvencapp/vvdecapp not on PATH (../shared/tools/vvc has them)")
+
+
+def _vvc_headers(stream: bytes) -> dict[str, int]:
+    """Every syntax element of a VVC stream's parameter sets and headers (first occurrence), as
+    FFmpeg's own H.266 syntax parser reads them (the ``trace_headers`` bitstream filter) — a parser
+    independent of vvenc and vvdec."""
+    import re
+
+    import av
+    import av.logging
+    from av.bitstream import BitStreamFilterContext
+
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.INFO)
+    try:
+        with av.logging.Capture(True) as logs:
+            bsf = BitStreamFilterContext("trace_headers", av.Codec("vvc", "r"))
+            bsf.filter(av.Packet(stream))
+            bsf.filter(None)
+    finally:
+        av.logging.set_level(level)
+    values = {}
+    for line in "".join(message for _, _, message in logs).splitlines():
+        m = re.match(r"^\d+\s+([A-Za-z_0-9\[\]]+)\s+[01]+ = (-?\d+)$", line.strip())
+        if m:
+            values.setdefault(m.group(1), int(m.group(2)))
+    return values
+
+
+@VVC_BINARIES
+def test_vvc_ladder_against_the_real_binaries(photo):
+    ladder = build_ladder({"type": "vvc"})
+    assert [lv["qp"] for lv in ladder.levels] == list(range(64))
+    coded = ladder.code_all(photo)
+    sizes = [c.num_bytes for c in coded]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes         # bytes never rise with QP
+    assert sizes[-1] * 20 < sizes[0]
+    assert all(c.decoded.shape == photo.shape and c.decoded.dtype == np.uint8 for c in coded)
+    distinct = {c.decoded.tobytes() for c in coded}
+    assert len(distinct) == 64                                          # 64 QPs, 64 reconstructions
+    x = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    quality = [psnr(x(c.decoded), x(photo)) for c in coded]
+    assert quality[0] > 30 and quality[0] > quality[32] > quality[63]     # QP 0 in 4:2:0: chroma subsampled
+    for level in (0, 1, 37, 63):
+        stream = ladder.bitstream(photo, level)
+        assert len(stream) == sizes[level]
+        headers = _vvc_headers(stream)
+        slice_qp = 26 + headers["pps_init_qp_minus26"] + headers.get("sh_qp_delta", headers.get("ph_qp_delta", 0))
+        assert slice_qp == level and headers["sps_bitdepth_minus8"] == 0, headers
+
+
+@VVC_BINARIES
+def test_vvc_ladder_at_10_bits_reads_16_bit_reconstructions(photo):
+    eight, ten = (build_ladder({"type": "vvc", "qps": [22], "internal_bitdepth": d}) for d in (8, 10))
+    assert _vvc_headers(ten.bitstream(photo, 0))["sps_bitdepth_minus8"] == 2
+    x = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    a, b = eight.code(photo, 0), ten.code(photo, 0)
+    assert b.decoded.shape == photo.shape
+    assert abs(psnr(x(a.decoded), x(photo)) - psnr(x(b.decoded), x(photo))) < 1.5   # the same QP scale
 
 
 def test_learned_ladders_round_trip(photo):
@@ -381,6 +447,47 @@ def test_jrd_pipeline_export_resume_bad_input(ray_cluster, small_shapes, tmp_pat
     other = export_authors_layout(resumed, "hevc", tmp_path / "again", fractions={"train": 1}, seed=1,
                                   include_unrecognised=True)
     assert other["crops"] == {"train": 8 * n_obj, "val": 0, "test": 0}
+
+
+def _failing_vvc(bin_dir, max_width):
+    """vvencapp/vvdecapp stand-ins: the encoder refuses pictures wider than ``max_width`` (as a
+    binary rejecting its input would), the decoder writes a gray reconstruction of the right size."""
+    bin_dir.mkdir()
+    (bin_dir / "vvencapp").write_text(
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do case "$1" in -o) out="$2";; -s) size="$2";; esac; shift; done\n'
+        f'w=${{size%x*}}; if [ "$w" -gt {max_width} ]; then echo "vvencapp: width $w not supported" >&2; exit 3; fi\n'
+        'printf "%s" "$size" > "$out"\n')
+    (bin_dir / "vvdecapp").write_text(
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do case "$1" in -b) bits="$2";; -o) out="$2";; esac; shift; done\n'
+        'size=$(cat "$bits"); w=${size%x*}; h=${size#*x}\n'
+        'head -c $((w * h * 3 / 2)) /dev/zero | tr "\\000" "\\200" > "$out"\n')
+    for b in ("vvencapp", "vvdecapp"):
+        (bin_dir / b).chmod(0o755)
+    return {"type": "vvc", "levels": 4, "encoder": str(bin_dir / "vvencapp"), "decoder": str(bin_dir / "vvdecapp")}
+
+
+def test_a_ladder_that_cannot_code_stops_the_job_before_it_starts(small_shapes, tmp_path):
+    import jrd_dataset
+
+    cfg = {**_jrd_cfg(_list_dataset(tmp_path, small_shapes), tmp_path / "out"),
+           "ladders": [{"type": "jpeg", "levels": 8}, _failing_vvc(tmp_path / "bin", max_width=0)]}
+    with pytest.raises(SystemExit, match=r"ladder 'vvc' cannot code a 64x64 test image at level 0 .*"
+                                         r"vvencapp exited with 3: vvencapp: width 64 not supported; nothing was run"):
+        jrd_dataset.run(cfg)
+    assert not (tmp_path / "out" / "manifest").exists()
+
+
+@pytest.mark.slow
+def test_a_ladder_failing_on_every_image_ends_the_job_with_one_message(ray_cluster, small_shapes, tmp_path):
+    import jrd_dataset
+
+    cfg = {**_jrd_cfg(_list_dataset(tmp_path, small_shapes), tmp_path / "out"),
+           "ladders": [_failing_vvc(tmp_path / "bin", max_width=100)]}   # the 64-px probe passes, images ≥ 128 px fail
+    with pytest.raises(SystemExit) as stop:
+        jrd_dataset.run(cfg)
+    message = str(stop.value)
+    assert message.startswith("ladder 'vvc' failed on every image (5 of 5); first error — shp/")
+    assert "vvencapp exited with 3: vvencapp: width" in message and "new out_dir" in message
 
 
 def _synthetic_run(run_dir, image_ids, levels=4, recognised_pristine=lambda i, k: True, shards=2):

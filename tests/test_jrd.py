@@ -39,6 +39,37 @@ def test_pillow_ladders_non_increasing_bytes(photo, spec):
     assert all(c.decoded.shape == photo.shape and c.decoded.dtype == np.uint8 for c in coded)
 
 
+def test_jpeg_tables_for_any_quality_are_libjpegs(photo):
+    from icm.jrd.ladders import jpeg_tables
+
+    # integer qualities whose libjpeg scale (5000 / q below 50, 200 − 2q above) is exact: the
+    # tables equal those Pillow's own encoder writes
+    for quality in (1, 2, 4, 5, 10, 20, 25, 40, 50, 60, 75, 90, 100):
+        buf = __import__("io").BytesIO()
+        Image.fromarray(photo).save(buf, format="JPEG", quality=quality)
+        written = Image.open(buf).quantization
+        assert jpeg_tables(quality) == [list(written[0]), list(written[1])], quality
+    # the luma DC entry (16 in Annex K) at q 1.5: 16 × 5000/1.5 % = 533 → baseline-clipped 255;
+    # at q 30.5: (16 × 163.93 + 50) // 100 = 26
+    assert jpeg_tables(1.5)[0][0] == 255 and jpeg_tables(30.5)[0][0] == 26
+
+
+def test_jpeg_ladder_spaced_in_libjpegs_scale(photo):
+    ladder = build_ladder({"type": "jpeg", "levels": 16, "quality_range": [60, 1], "spacing": "scale"})
+    qualities = [lv["quality"] for lv in ladder.levels]
+    # from q 60 (scale 80 %) to where every table entry is clipped to 255: the smallest Annex K
+    # entry, 10, reaches it at scale (25500 − 50) / 10 % = q 5000 / 2545 ≈ 1.9646
+    assert qualities[0] == 60 and qualities[-1] == pytest.approx(1.9646, abs=1e-4)
+    scales = [5000 / q if q < 50 else 200 - 2 * q for q in qualities]       # geometric: a constant ratio
+    assert np.allclose(np.diff(np.log(scales)), np.log(2545 / 80) / 15, rtol=1e-3)
+    coded = ladder.code_all(photo)
+    sizes = [c.num_bytes for c in coded]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    assert len({c.decoded.tobytes() for c in coded}) == 16
+    plain = build_ladder({"type": "jpeg", "qualities": [60, 1]})              # integer ends: Pillow's quality
+    assert [c.num_bytes for c in plain.code_all(photo)] == [sizes[0], sizes[-1]]
+
+
 def test_hevc_ladder_round_trips_and_falls_in_bytes(photo):
     ladder = build_ladder({"type": "hevc"})
     assert [lv["qp"] for lv in ladder.levels] == list(range(52))

@@ -10,6 +10,7 @@ setting, QP 0..63), used only when they are on PATH.
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 import subprocess
@@ -80,7 +81,7 @@ class _PillowLadder(Ladder):
     def __init__(self, levels: int | None = 64, qualities: list[int] | None = None, name: str | None = None,
                  **save_kwargs):
         super().__init__(name)
-        qualities = qualities or spread(*self.quality_range, levels)
+        qualities = qualities or spread(*(int(q) for q in self.quality_range), levels)
         self.levels = [{"quality": int(q)} for q in qualities]
         self.save_kwargs = save_kwargs
 
@@ -92,9 +93,63 @@ class _PillowLadder(Ladder):
         return Coded(len(data), decoded)
 
 
+@functools.lru_cache(maxsize=1)
+def _annex_k_tables() -> tuple[np.ndarray, np.ndarray]:
+    """ITU-T T.81 Annex K's luma and chroma tables, as libjpeg writes them at quality 50 (scale 100 %)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG", quality=50)
+    tables = Image.open(io.BytesIO(buf.getvalue())).quantization
+    return np.asarray(tables[0], np.int64), np.asarray(tables[1], np.int64)
+
+
+def jpeg_scale(quality: float) -> float:
+    """libjpeg's ``jpeg_quality_scaling``: the tables' scale in percent for a quality in [1, 100]."""
+    q = min(max(float(quality), 1.0), 100.0)
+    return 5000.0 / q if q < 50 else 200.0 - 2.0 * q
+
+
+def jpeg_tables(quality: float) -> list[list[int]]:
+    """The quantisation tables libjpeg uses at ``quality``, for any real quality: the Annex K
+    tables × ``jpeg_scale`` (rounded as ``jpeg_add_quant_table`` rounds, baseline-clipped to 1..255)."""
+    scale = jpeg_scale(quality)
+    return [np.clip((t * scale + 50) // 100, 1, 255).astype(int).tolist() for t in _annex_k_tables()]
+
+
 @register_ladder("jpeg")
 class JpegLadder(_PillowLadder):
+    """JPEG through Pillow (libjpeg). ``spacing: linear`` (default): integer qualities evenly
+    from ``quality_range[0]`` to ``[1]`` (100 → 1). ``spacing: scale``: qualities spaced
+    geometrically in libjpeg's table scale (``jpeg_scale``), coded with those tables — fractional
+    qualities, so that the low-quality end, where each integer quality is a large step of the
+    tables (q 3 → 2 is 1.5×), gets as many levels as a ladder needs. It ends where the tables
+    saturate (q ≈ 1.96: every entry clipped to 255, the same tables as q 1)."""
+
     format = "JPEG"
+
+    def __init__(self, levels: int | None = 64, qualities: list[float] | None = None,
+                 quality_range: tuple[float, float] = (100, 1), spacing: str = "linear", name: str | None = None,
+                 **save_kwargs):
+        if spacing not in ("linear", "scale"):
+            raise ValueError(f"jpeg ladder: spacing must be 'linear' or 'scale', got {spacing!r}")
+        if spacing == "scale" and qualities is None:
+            hi, lo = (jpeg_scale(q) for q in quality_range)
+            # past this scale every entry is clipped to 255 (q ≈ 1.96): coarser levels would repeat it
+            lo = min(lo, (255 * 100 - 50) / float(min(t.min() for t in _annex_k_tables())))
+            scales = np.geomspace(hi, lo, int(levels or 64))
+            qualities = [round(float(5000.0 / sc if sc > 100 else (200.0 - sc) / 2), 4) for sc in scales]
+        self.quality_range = tuple(quality_range)
+        super().__init__(levels, qualities, name, **save_kwargs)
+        self.levels = [{"quality": int(q) if float(q).is_integer() else float(q)} for q in (qualities or
+                                                                                         [lv["quality"] for lv in self.levels])]
+
+    def code(self, image, level):
+        quality = self.levels[level]["quality"]
+        if isinstance(quality, int):
+            return super().code(image, level)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", qtables=jpeg_tables(quality), **self.save_kwargs)
+        data = buf.getvalue()
+        return Coded(len(data), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 @register_ladder("webp")

@@ -99,11 +99,18 @@ class JRDPredictor(nn.Module):
 
 def build_predictor(backbone_weights: str = "random", canvas: int = 640) -> JRDPredictor:
     """The predictor with the EfficientNetV2-S weights a spec names (``torchvision:DEFAULT``,
-    a local file, ``random[:seed]``), provenance attached."""
+    a local file, ``trained:<label>``, ``random[:seed]``), provenance attached. A checkpoint of
+    a classifier with another number of classes (e.g. one pretrained on shapes crops by
+    ``pipelines/train_detectors.py``'s ``backbones:``) is fine: only its feature stages are used."""
     from icm.zoo import build_classifier
-    from icm.zoo.weights import seeded
+    from icm.zoo.weights import load_state_dict, resolve, seeded
 
-    backbone = build_classifier("efficientnet_v2_s", weights=backbone_weights)
+    spec, num_classes = str(backbone_weights), None
+    if not spec.startswith(("random", "torchvision:")):
+        path = resolve(spec, family="efficientnet_v2_s").path
+        head = load_state_dict(path).get("classifier.1.weight") if path is not None else None
+        num_classes = int(head.shape[0]) if head is not None else None
+    backbone = build_classifier("efficientnet_v2_s", weights=backbone_weights, num_classes=num_classes)
     with seeded(0):
         model = JRDPredictor(backbone, canvas)
     model.icm_provenance = backbone.icm_provenance

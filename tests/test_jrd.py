@@ -444,6 +444,38 @@ def test_label_stage_known_jrd(photo, tmp_path, monkeypatch):
     assert crop.shape == (50, 50, 3)
 
 
+def test_jrd_shapes_variant_leaves_v2_alone(tmp_path):
+    import hashlib
+
+    from icm.data.samples import shapes, shapes_reader
+
+    v2 = shapes(tmp_path, n_train=4, n_val=4, seed=0)
+    # shapes v2's annotations as its generator wrote them before the variant existed: the same
+    # random draws in the same order, so every figure made on v2 stands
+    recorded = {"photo/annotations/instances_train.json": "79a817a8a63485a57e3476d8863297e2892e8c41484c80feef8a5a1611c62259",
+                "photo/annotations/instances_val.json": "54c6452428e40ef724625a3aa90f334ced1635b13b56a656903fb9fe9134f336",
+                "sketch/annotations/instances_train.json": "22b422b9bd73d5531db78c33ef045b7f858124c141f863f11999e3ef61b73bdd",
+                "sketch/annotations/instances_val.json": "d9445bcfb8c7bf810e87a46d3c11bfe2f69b1e43612a43a3c03c287e9a1049f6"}
+    assert {rel: hashlib.sha256((v2 / rel).read_bytes()).hexdigest() for rel in recorded} == recorded
+    variant = shapes(tmp_path, n_train=4, n_val=4, seed=0, variant="jrd")
+    assert variant.name == "shapes-jrd-4-4-0" and not (variant / "sketch").exists()
+    assert json.loads((variant / "STAMP.json").read_text())["variant"]["name"] == "jrd"
+    with pytest.raises(ValueError, match="variant 'jrd'"):
+        shapes_reader("sketch", "val", root=tmp_path, n_train=4, n_val=4, seed=0, variant="jrd")
+    reader = shapes_reader("photo", "val", root=tmp_path, n_train=4, n_val=4, seed=0, variant="jrd")
+    assert reader.name == "shapes-jrd-photo-val"
+    contrasts, sides = [], []
+    for rec in reader.records():
+        img = rec["image"].astype(float)
+        for x1, y1, x2, y2 in np.asarray(rec["boxes"]).reshape(-1, 4).astype(int):
+            cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+            ring = np.concatenate([img[max(0, y1 - 3):y1, x1:x2].reshape(-1, 3), img[y2:y2 + 3, x1:x2].reshape(-1, 3)])
+            contrasts.append(np.linalg.norm(img[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0) - ring.mean(0)))
+            sides.append(min(x2 - x1, y2 - y1))
+    # v2 keeps every object > 40 from its surroundings and ≥ 24 px across; the variant does not
+    assert min(contrasts) < 40 and min(sides) < 24, (contrasts, sides)
+
+
 def _list_dataset(root, shapes_root, n=5):
     """A list-txt dataset of shapes images plus a missing and a corrupt file."""
     src = root / "src"

@@ -10,8 +10,11 @@ Each stage's outputs are pooled to ``canvas/16`` (40×40 at the authors' 640) an
 1 = not), as the authors' ``EffTrainableCNN``/``EffProjectionHead``: BatchNorm eps 1e-3, convs
 kaiming-normal (fan-out), the Linear N(0, 0.01), biases zero. (The authors concatenate
 ``o₀ d₀ … o₃ d₃ (o−d)₀ … (o−d)₃``; ours groups per stage — a fixed permutation of the first 1×1
-conv's input channels, the same function class.) The backbone is frozen; ImageNet weights come
-through the zoo (``torchvision:DEFAULT``) where a user has them, random otherwise.
+conv's input channels, the same function class.) The backbone is frozen and, unlike the
+authors' (left in train mode: BatchNorm on batch statistics, stochastic depth on), runs in eval
+mode, so a pair's prediction does not depend on the rest of its batch. ImageNet weights come
+through the zoo (``torchvision:DEFAULT``) where a user has them; here, weights pretrained on the
+shapes' object crops (``trained:jrd-efficientnet_v2_s``) or random ones.
 
 Evaluation as the authors do it: an object's ordered per-level predictions → JRD with the error
 tolerance rule (``icm.jrd.labelling.error_tolerant_jrd``); MAE in level units, also by COCO area

@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml
 	$(PY) pipelines/maa_augment.py --config pipelines/configs/maa_model.yaml --profile demo
 	$(PY) pipelines/maa_augment.py --config pipelines/configs/maa_domain.yaml --profile demo
+	$(PY) pipelines/train_detectors.py --config pipelines/configs/jrd_detectors.yaml
 	$(PY) pipelines/jrd_dataset.py --config pipelines/configs/jrd_demo.yaml
 	$(PY) pipelines/train_jrd_predictor.py --config pipelines/configs/jrd_predictor.yaml --profile demo
 	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml --profile demo

@@ -22,7 +22,8 @@ from icm.data.storage import Storage
 from icm.data.ray_io import select_refs
 from icm.jrd.export import export_authors_layout
 from icm.jrd.report import jrd_figure, jrd_stats, read_objects
-from icm.jrd.stage import JRD_COLUMNS, LabelStage, LadderStage, build_ladders, label_categories
+from icm.jrd.stage import (JRD_COLUMNS, LabelStage, LadderStage, build_ladders, label_categories,
+                            ladder_failing_everywhere, probe_ladders)
 
 LABEL_KEYS = ("ladders", "detector", "reference", "iou_threshold", "score_threshold", "canvas", "detect_batch",
               "device", "deterministic", "seed")
@@ -32,6 +33,10 @@ def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = cfg["out_dir"]
     storage = Storage(out_dir)
     ladders = build_ladders(cfg["ladders"])  # fail on a bad ladder (or a missing VVC binary) before Ray starts
+    try:
+        probe_ladders(ladders)
+    except RuntimeError as exc:
+        raise SystemExit(f"{exc}; nothing was run") from exc
     reader = build_reader(cfg["dataset"])
     params = {k: cfg[k] for k in LABEL_KEYS if k in cfg}
     classes, category_ids = label_categories(params, reader)
@@ -48,6 +53,10 @@ def run(cfg: dict, address: str | None = None) -> dict:
                            {"out_dir": out_dir, "params": params, "dataset_classes": classes,
                             "category_ids": category_ids},
                            out_dir, JRD_COLUMNS, cfg.get("workers", {}), pre_stage=pre_stage)
+    failing = ladder_failing_everywhere(result["rows"], [lad.name for lad in ladders])
+    if failing:
+        raise SystemExit(f"{failing}. Those images now have error rows in {storage.display('manifest')}: fix the "
+                         "ladder, then rerun into a new out_dir (or delete this one)")
     objects = read_objects(out_dir)
     stats = jrd_stats(objects)
     object_levels = sum(s["objects"] * s["levels"] for s in stats.values())
@@ -63,10 +72,12 @@ def run(cfg: dict, address: str | None = None) -> dict:
     storage.write_bytes("jrd.png", jrd_figure(objects))
     export = cfg.get("export") or {}
     if export.get("enabled", True):
-        summary["export"] = [export_authors_layout(out_dir, lad.name, storage.display(f"export/{lad.name}"),
-                                                   fractions=export.get("fractions"), seed=int(export.get("seed", 0)),
-                                                   include_unrecognised=bool(export.get("include_unrecognised", False)))
-                             for lad in ladders if lad.name in (export.get("ladders") or [lad.name])]
+        summary["export"] = [
+            export_authors_layout(out_dir, lad.name, storage.display(f"export/{lad.name}"),
+                                  fractions=export.get("fractions"), seed=int(export.get("seed", 0)),
+                                  include_unrecognised=bool(export.get("include_unrecognised", False)))
+            if lad.name in stats else {"ladder": lad.name, "skipped": "no objects were labelled with this ladder"}
+            for lad in ladders if lad.name in (export.get("ladders") or [lad.name])]
     summary["wall_s"] = round(time.time() - start, 1)
     write_summary(out_dir, summary, "OW-JRD summary")
     return summary

@@ -28,8 +28,8 @@ from common import parse_args, resolve_config, start_ray, write_resolved, write_
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.writers import figure_png
-from icm.jrd.predictor import (build_predictor, choose_level, count_pairs, decode_pair, jrd_metrics, object_jrds,
-                               run_splits, split_pairs)
+from icm.jrd.predictor import (baseline_comparison, build_predictor, count_pairs, decode_pair, guided_compression,
+                               jrd_metrics, object_jrds, run_splits, split_objects, split_pairs)
 from icm.train.jrd import pair_stream, predict_pairs, train_jrd_loop
 from icm.train.ray_trainer import final_state, fit
 
@@ -76,10 +76,9 @@ def scatter(objects: list[dict], levels: int) -> bytes:
     return figure_png(fig)
 
 
-def guided_compression(run_dir: str, ladder_name: str, objects: list[dict], share: float) -> dict:
-    """Per test image, the coarsest level keeping ``share`` of its objects recognised by their
-    predicted (and true) JRD; the JRD job's detector re-run on those decodes; bytes against the
-    uniform level that keeps at least the same share recognised."""
+def guided_from_run(run_dir: str, ladder_name: str, objects: list[dict], share: float) -> dict:
+    """``icm.jrd.predictor.guided_compression`` on a JRD run's test images: each chosen level coded
+    with the run's ladder and judged by the run's own detector and matching rule."""
     from icm.jrd.export import read_table
     from icm.jrd.labelling import match_objects
     from icm.jrd.stage import LabelStage, build_ladders
@@ -90,56 +89,25 @@ def guided_compression(run_dir: str, ladder_name: str, objects: list[dict], shar
     reader = build_reader(params["dataset"])
     labeller = LabelStage(run.display("guided-scratch"), {k: v for k, v in params.items() if k != "weights_sha256"},
                           reader.classes, reader.category_ids)
-    per_image = {}
-    for o in objects:
-        per_image.setdefault(o["source_id"], []).append(o)
-    records = {r["source_id"]: r for r in reader.records(source_ids=set(per_image))}
-    levels_table = read_table(run_dir, "levels", ladder_name, ["source_id", "object_index", "ladder", "level",
-                                                                "recognised", "bytes", "box", "CategoryId"])
-    at_level: dict[tuple[str, int], list[dict]] = {}
-    for r in levels_table.to_pylist():
-        if r["source_id"] in per_image:
-            at_level.setdefault((r["source_id"], r["level"]), []).append(r)
-    n_levels = len(ladder.levels)
+    image_ids = {o["source_id"] for o in objects}
+    records = {r["source_id"]: r for r in reader.records(source_ids=image_ids)}
+    level_rows = [r for r in read_table(run_dir, "levels", ladder_name,
+                                        ["source_id", "object_index", "ladder", "level", "recognised", "box",
+                                         "CategoryId"]).to_pylist() if r["source_id"] in image_ids]
 
-    def measure(choice: dict[str, int]) -> tuple[int, int, int]:
-        """Bytes, recognised and total objects when each image is coded at its chosen level."""
-        total_bytes = recognised = count = 0
-        for sid, level in choice.items():
-            coded = ladder.code(records[sid]["image"], level)
-            total_bytes += coded.num_bytes
-            det = labeller.detect([coded.decoded])[0]
-            objs = at_level.get((sid, level), [])
-            refs = [r["box"] for r in objs]
-            names = [labeller.dataset_classes[r["CategoryId"]] for r in objs]
-            labels = [labeller.det.classes.index((labeller.class_map or {}).get(n, n)) for n in names]
-            m = match_objects(refs, labels, det["boxes"], det["scores"], det["labels"], labeller.iou_threshold,
-                              labeller.score_threshold)
-            recognised += int(m.recognised.sum())
-            count += len(objs)
-        return total_bytes, recognised, count
+    def measure(source_id: str, level: int, rows: list[dict]):
+        coded = ladder.code(records[source_id]["image"], level)
+        det = labeller.detect([coded.decoded])[0]
+        names = [labeller.dataset_classes[r["CategoryId"]] for r in rows]
+        labels = [labeller.det.classes.index((labeller.class_map or {}).get(n, n)) for n in names]
+        m = match_objects([r["box"] for r in rows], labels, det["boxes"], det["scores"], det["labels"],
+                          labeller.iou_threshold, labeller.score_threshold)
+        return coded.num_bytes, m.recognised
 
-    report = {"share": share, "images": len(per_image), "levels": n_levels,
-              "region_level": "not done: PyAV's libx265 binding exposes no per-block QP offsets (x265's "
+    report = guided_compression(objects, level_rows, measure, share, len(ladder.levels))
+    report["region_level"] = ("not done: PyAV's libx265 binding exposes no per-block QP offsets (x265's "
                               "quantOffsets / --qpfile zones are per picture there) and the learned ladders have no "
-                              "spatial λ map; image-level choice only"}
-    for source in ("predicted", "true"):
-        key = "jrd_predicted" if source == "predicted" else "jrd"
-        choice = {sid: choose_level([o[key] for o in objs], share, n_levels) for sid, objs in per_image.items()}
-        adaptive_bytes, recognised, count = measure(choice)
-        achieved = recognised / count if count else 0.0
-        # the uniform level keeping at least the same share recognised (by the job's labels), then measured
-        by_level = {}
-        for (_, level), objs in at_level.items():
-            by_level.setdefault(level, []).extend(r["recognised"] for r in objs)
-        uniform = max([lv for lv, rec in by_level.items() if np.mean(rec) >= achieved] or [0])
-        uniform_bytes, u_recognised, u_count = measure({sid: uniform for sid in per_image})
-        report[source] = {"adaptive_bytes": adaptive_bytes, "adaptive_recognised_share": round(achieved, 4),
-                          "uniform_level": uniform, "uniform_bytes": uniform_bytes,
-                          "uniform_recognised_share": round(u_recognised / u_count, 4) if u_count else None,
-                          "bits_saved_percent": round(100 * (1 - adaptive_bytes / uniform_bytes), 2)
-                          if uniform_bytes else None,
-                          "mean_level": round(float(np.mean(list(choice.values()))), 2)}
+                              "spatial λ map; image-level choice only")
     return report
 
 
@@ -176,6 +144,8 @@ def run(cfg: dict, address: str | None = None) -> dict:
     rows = predict_split(model, source, cfg.get("evaluate_split", "test"), canvas, split_of)
     objects = object_jrds(rows)
     metrics = jrd_metrics(objects, rows)
+    metrics["against_baselines"] = baseline_comparison(objects, rows, *split_objects(source, "train", split_of),
+                                                       seed=int(cfg.get("seed", 0)))
     levels = max((o["levels"] for o in objects), default=1)
     storage.write_bytes("jrd_scatter.png", scatter(objects, levels))
     storage.write_text("objects.json", json.dumps(objects, indent=1))
@@ -186,8 +156,8 @@ def run(cfg: dict, address: str | None = None) -> dict:
                "model": storage.display("predictor.pth")}
     guided = cfg.get("guided") or {}
     if guided.get("enabled", True) and source.get("run_dir") and objects:
-        summary["guided_compression"] = guided_compression(source["run_dir"], source["ladder"], objects,
-                                                           float(guided.get("share", 0.9)))
+        summary["guided_compression"] = guided_from_run(source["run_dir"], source["ladder"], objects,
+                                                        float(guided.get("share", 0.9)))
         storage.write_text("guided_compression.json", json.dumps(summary["guided_compression"], indent=2))
     write_summary(out_dir, summary, "OW-JRD predictor")
     return summary

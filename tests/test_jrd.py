@@ -39,6 +39,37 @@ def test_pillow_ladders_non_increasing_bytes(photo, spec):
     assert all(c.decoded.shape == photo.shape and c.decoded.dtype == np.uint8 for c in coded)
 
 
+def test_jpeg_tables_for_any_quality_are_libjpegs(photo):
+    from icm.jrd.ladders import jpeg_tables
+
+    # integer qualities whose libjpeg scale (5000 / q below 50, 200 − 2q above) is exact: the
+    # tables equal those Pillow's own encoder writes
+    for quality in (1, 2, 4, 5, 10, 20, 25, 40, 50, 60, 75, 90, 100):
+        buf = __import__("io").BytesIO()
+        Image.fromarray(photo).save(buf, format="JPEG", quality=quality)
+        written = Image.open(buf).quantization
+        assert jpeg_tables(quality) == [list(written[0]), list(written[1])], quality
+    # the luma DC entry (16 in Annex K) at q 1.5: 16 × 5000/1.5 % = 533 → baseline-clipped 255;
+    # at q 30.5: (16 × 163.93 + 50) // 100 = 26
+    assert jpeg_tables(1.5)[0][0] == 255 and jpeg_tables(30.5)[0][0] == 26
+
+
+def test_jpeg_ladder_spaced_in_libjpegs_scale(photo):
+    ladder = build_ladder({"type": "jpeg", "levels": 16, "quality_range": [60, 1], "spacing": "scale"})
+    qualities = [lv["quality"] for lv in ladder.levels]
+    # from q 60 (scale 80 %) to where every table entry is clipped to 255: the smallest Annex K
+    # entry, 10, reaches it at scale (25500 − 50) / 10 % = q 5000 / 2545 ≈ 1.9646
+    assert qualities[0] == 60 and qualities[-1] == pytest.approx(1.9646, abs=1e-4)
+    scales = [5000 / q if q < 50 else 200 - 2 * q for q in qualities]       # geometric: a constant ratio
+    assert np.allclose(np.diff(np.log(scales)), np.log(2545 / 80) / 15, rtol=1e-3)
+    coded = ladder.code_all(photo)
+    sizes = [c.num_bytes for c in coded]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes
+    assert len({c.decoded.tobytes() for c in coded}) == 16
+    plain = build_ladder({"type": "jpeg", "qualities": [60, 1]})              # integer ends: Pillow's quality
+    assert [c.num_bytes for c in plain.code_all(photo)] == [sizes[0], sizes[-1]]
+
+
 def test_hevc_ladder_round_trips_and_falls_in_bytes(photo):
     ladder = build_ladder({"type": "hevc"})
     assert [lv["qp"] for lv in ladder.levels] == list(range(52))
@@ -153,11 +184,12 @@ def test_hevc_bytes_are_the_picture_and_the_slice_qp_is_the_level(photo, chroma)
 
 
 def _fake_vvc(bin_dir, rec_bytes):
-    """vvencapp/vvdecapp stand-ins: the encoder logs its arguments, the decoder writes ``rec_bytes``."""
+    """vvencapp/vvdecapp stand-ins: each logs its arguments, the decoder writes ``rec_bytes``."""
     bin_dir.mkdir()
     (bin_dir / "vvencapp").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args"\n'
                                       'while [ "$1" != "-o" ]; do shift; done; printf bits > "$2"\n')
-    (bin_dir / "vvdecapp").write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\n'
+    (bin_dir / "vvdecapp").write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/dec_args"\n'
+                                      'while [ "$1" != "-o" ]; do shift; done\n'
                                       f'head -c {rec_bytes} /dev/zero > "$2"\n')
     for b in ("vvencapp", "vvdecapp"):
         (bin_dir / b).chmod(0o755)
@@ -171,6 +203,8 @@ def test_vvc_fixed_qp_without_adaptation_and_reconstruction_size_checked(tmp_pat
     args = (tmp_path / "ok" / "args").read_text().split()
     assert args[args.index("-q") + 1] == "37" and args[args.index("--qpa") + 1] == "0"
     assert args[args.index("--additional") + 1] == "IntraQPOffset=0"
+    assert args[args.index("--internal-bitdepth") + 1] == "8"
+    assert "-d" not in (tmp_path / "ok" / "dec_args").read_text().split()     # vvdecapp has no -d
     assert coded.num_bytes == 4 and coded.decoded.shape == image.shape
     _fake_vvc(tmp_path / "short", 50)
     monkeypatch.setenv("PATH", f"{tmp_path / 'short'}:/usr/bin:/bin")
@@ -178,16 +212,121 @@ def test_vvc_fixed_qp_without_adaptation_and_reconstruction_size_checked(tmp_pat
         build_ladder({"type": "vvc", "qps": [37]}).code(image, 0)
 
 
+VVC_BINARIES = pytest.mark.skipif(shutil.which("vvencapp") is None or shutil.which("vvdecapp") is None,
+                                  reason="vvencapp/vvdecapp not on PATH (../shared/tools/vvc has them)")
+
+
+def _vvc_headers(stream: bytes) -> dict[str, int]:
+    """Every syntax element of a VVC stream's parameter sets and headers (first occurrence), as
+    FFmpeg's own H.266 syntax parser reads them (the ``trace_headers`` bitstream filter) — a parser
+    independent of vvenc and vvdec."""
+    import re
+
+    import av
+    import av.logging
+    from av.bitstream import BitStreamFilterContext
+
+    level = av.logging.get_level()
+    av.logging.set_level(av.logging.INFO)
+    try:
+        with av.logging.Capture(True) as logs:
+            bsf = BitStreamFilterContext("trace_headers", av.Codec("vvc", "r"))
+            bsf.filter(av.Packet(stream))
+            bsf.filter(None)
+    finally:
+        av.logging.set_level(level)
+    values = {}
+    for line in "".join(message for _, _, message in logs).splitlines():
+        m = re.match(r"^\d+\s+([A-Za-z_0-9\[\]]+)\s+[01]+ = (-?\d+)$", line.strip())
+        if m:
+            values.setdefault(m.group(1), int(m.group(2)))
+    return values
+
+
+@VVC_BINARIES
+def test_vvc_ladder_against_the_real_binaries(photo):
+    ladder = build_ladder({"type": "vvc"})
+    assert [lv["qp"] for lv in ladder.levels] == list(range(64))
+    coded = ladder.code_all(photo)
+    sizes = [c.num_bytes for c in coded]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), sizes         # bytes never rise with QP
+    assert sizes[-1] * 20 < sizes[0]
+    assert all(c.decoded.shape == photo.shape and c.decoded.dtype == np.uint8 for c in coded)
+    distinct = {c.decoded.tobytes() for c in coded}
+    assert len(distinct) == 64                                          # 64 QPs, 64 reconstructions
+    x = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    quality = [psnr(x(c.decoded), x(photo)) for c in coded]
+    assert quality[0] > 30 and quality[0] > quality[32] > quality[63]     # QP 0 in 4:2:0: chroma subsampled
+    for level in (0, 1, 37, 63):
+        stream = ladder.bitstream(photo, level)
+        assert len(stream) == sizes[level]
+        headers = _vvc_headers(stream)
+        slice_qp = 26 + headers["pps_init_qp_minus26"] + headers.get("sh_qp_delta", headers.get("ph_qp_delta", 0))
+        assert slice_qp == level and headers["sps_bitdepth_minus8"] == 0, headers
+
+
+@VVC_BINARIES
+def test_vvc_ladder_at_10_bits_reads_16_bit_reconstructions(photo):
+    eight, ten = (build_ladder({"type": "vvc", "qps": [22], "internal_bitdepth": d}) for d in (8, 10))
+    assert _vvc_headers(ten.bitstream(photo, 0))["sps_bitdepth_minus8"] == 2
+    x = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255  # noqa: E731
+    a, b = eight.code(photo, 0), ten.code(photo, 0)
+    assert b.decoded.shape == photo.shape
+    assert abs(psnr(x(a.decoded), x(photo)) - psnr(x(b.decoded), x(photo))) < 1.5   # the same QP scale
+
+
+def _compressai_reference(model, image, **kwargs):
+    """CompressAI's own procedure, written out: pad to a multiple of 64 (symmetric, zeros),
+    compress, decompress, crop, clamp, round to 8 bits."""
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    h, w = image.shape[:2]
+    side = 64 * -(-max(h, w) // 64)
+    left, top = (side - w) // 2, (side - h) // 2
+    padded = F.pad(x, (left, side - w - left, top, side - h - top))
+    with torch.no_grad():
+        out = model.compress(padded, **kwargs)
+        x_hat = model.decompress(out["strings"], out["shape"], **kwargs)["x_hat"][..., top:top + h, left:left + w]
+    size = sum(len(s) for group in out["strings"] for s in group)
+    return size, np.clip(np.rint(x_hat[0].permute(1, 2, 0).double().numpy() * 255), 0, 255).astype(np.uint8)
+
+
 def test_learned_ladders_round_trip(photo):
-    fixed = build_ladder({"type": "compressai", "arch": "bmshj2018-factorized", "qualities": [2, 1],
+    """Each level's decode is the bitstream's, as CompressAI itself decodes it with that level's
+    model (or gain), and the levels differ. (Random weights: no trained CompressAI weights can be
+    had here, so a reconstruction close to the input cannot be asked of these ladders; the
+    reference decode is the strongest check random weights allow.)"""
+    from icm.zoo import build_codec
+
+    photo = np.ascontiguousarray(photo[:61, :57])   # odd sides, padded to 64 × 64
+    fixed = build_ladder({"type": "compressai", "arch": "bmshj2018-factorized", "qualities": [6, 1],
                           "weights": "random"})
+    assert [lv["quality"] for lv in fixed.levels] == [6, 1]     # two architectures (random weights: one seed)
+    coded = fixed.code_all(photo)
+    for level, quality in enumerate((6, 1)):
+        model = build_codec("bmshj2018-factorized", quality=quality, weights="random").eval()
+        model.update(force=True)
+        size, decoded = _compressai_reference(model, photo)
+        assert coded[level].num_bytes == size and np.array_equal(coded[level].decoded, decoded)
+    assert not np.array_equal(coded[0].decoded, coded[1].decoded)
     vbr = build_ladder({"type": "compressai-vbr", "arch": "bmshj2018-hyperprior-vbr", "levels": 4, "weights": "random"})
-    assert [lv["quality"] for lv in fixed.levels] == [2, 1]
     scales = [lv["scale"] for lv in vbr.levels]
     assert len(scales) == 4 and all(a > b for a, b in zip(scales, scales[1:]))
-    for ladder in (fixed, vbr):
-        for c in ladder.code_all(photo):
-            assert c.decoded.shape == photo.shape and c.num_bytes > 0
+    reference = build_codec("bmshj2018-hyperprior-vbr", weights="random").eval()
+    with torch.no_grad():   # a random analysis gives |y| < 0.3, zero at every gain ≤ 1: every level alike
+        for model in (vbr.model, reference):
+            model.g_a[-1].weight *= 100
+    coded = vbr.code_all(photo)
+    for level, scale in enumerate(scales):
+        scale = torch.tensor(scale)
+        with torch.no_grad():
+            reference.update(force=True, scale=scale)
+        size, decoded = _compressai_reference(reference, photo, inputscale=scale)
+        assert coded[level].num_bytes == size and np.array_equal(coded[level].decoded, decoded)
+    assert len({c.decoded.tobytes() for c in coded}) == 4
+    sizes = [c.num_bytes for c in coded]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])) and sizes[0] > sizes[-1], sizes
 
 
 def test_vvc_ladder_names_the_missing_binaries(monkeypatch):
@@ -392,6 +531,38 @@ def test_jrd_statistics_by_ladder_class_and_area():
     assert figure.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(figure)).size[1] > 500
 
 
+def test_jrd_shapes_variant_leaves_v2_alone(tmp_path):
+    import hashlib
+
+    from icm.data.samples import shapes, shapes_reader
+
+    v2 = shapes(tmp_path, n_train=4, n_val=4, seed=0)
+    # shapes v2's annotations as its generator wrote them before the variant existed: the same
+    # random draws in the same order, so every figure made on v2 stands
+    recorded = {"photo/annotations/instances_train.json": "79a817a8a63485a57e3476d8863297e2892e8c41484c80feef8a5a1611c62259",
+                "photo/annotations/instances_val.json": "54c6452428e40ef724625a3aa90f334ced1635b13b56a656903fb9fe9134f336",
+                "sketch/annotations/instances_train.json": "22b422b9bd73d5531db78c33ef045b7f858124c141f863f11999e3ef61b73bdd",
+                "sketch/annotations/instances_val.json": "d9445bcfb8c7bf810e87a46d3c11bfe2f69b1e43612a43a3c03c287e9a1049f6"}
+    assert {rel: hashlib.sha256((v2 / rel).read_bytes()).hexdigest() for rel in recorded} == recorded
+    variant = shapes(tmp_path, n_train=4, n_val=4, seed=0, variant="jrd")
+    assert variant.name == "shapes-jrd-4-4-0" and not (variant / "sketch").exists()
+    assert json.loads((variant / "STAMP.json").read_text())["variant"]["name"] == "jrd"
+    with pytest.raises(ValueError, match="variant 'jrd'"):
+        shapes_reader("sketch", "val", root=tmp_path, n_train=4, n_val=4, seed=0, variant="jrd")
+    reader = shapes_reader("photo", "val", root=tmp_path, n_train=4, n_val=4, seed=0, variant="jrd")
+    assert reader.name == "shapes-jrd-photo-val"
+    contrasts, sides = [], []
+    for rec in reader.records():
+        img = rec["image"].astype(float)
+        for x1, y1, x2, y2 in np.asarray(rec["boxes"]).reshape(-1, 4).astype(int):
+            cx, cy = (x1 + x2) // 2, (y1 + y2) // 2
+            ring = np.concatenate([img[max(0, y1 - 3):y1, x1:x2].reshape(-1, 3), img[y2:y2 + 3, x1:x2].reshape(-1, 3)])
+            contrasts.append(np.linalg.norm(img[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0) - ring.mean(0)))
+            sides.append(min(x2 - x1, y2 - y1))
+    # v2 keeps every object > 40 from its surroundings and ≥ 24 px across; the variant does not
+    assert min(contrasts) < 40 and min(sides) < 24, (contrasts, sides)
+
+
 def _list_dataset(root, shapes_root, n=5):
     """A list-txt dataset of shapes images plus a missing and a corrupt file."""
     src = root / "src"
@@ -468,6 +639,47 @@ def test_jrd_pipeline_export_resume_bad_input(ray_cluster, small_shapes, tmp_pat
     other = export_authors_layout(resumed, "hevc", tmp_path / "again", fractions={"train": 1}, seed=1,
                                   include_unrecognised=True)
     assert other["crops"] == {"train": 8 * n_obj, "val": 0, "test": 0}
+
+
+def _failing_vvc(bin_dir, max_width):
+    """vvencapp/vvdecapp stand-ins: the encoder refuses pictures wider than ``max_width`` (as a
+    binary rejecting its input would), the decoder writes a gray reconstruction of the right size."""
+    bin_dir.mkdir()
+    (bin_dir / "vvencapp").write_text(
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do case "$1" in -o) out="$2";; -s) size="$2";; esac; shift; done\n'
+        f'w=${{size%x*}}; if [ "$w" -gt {max_width} ]; then echo "vvencapp: width $w not supported" >&2; exit 3; fi\n'
+        'printf "%s" "$size" > "$out"\n')
+    (bin_dir / "vvdecapp").write_text(
+        '#!/bin/sh\nwhile [ $# -gt 0 ]; do case "$1" in -b) bits="$2";; -o) out="$2";; esac; shift; done\n'
+        'size=$(cat "$bits"); w=${size%x*}; h=${size#*x}\n'
+        'head -c $((w * h * 3 / 2)) /dev/zero | tr "\\000" "\\200" > "$out"\n')
+    for b in ("vvencapp", "vvdecapp"):
+        (bin_dir / b).chmod(0o755)
+    return {"type": "vvc", "levels": 4, "encoder": str(bin_dir / "vvencapp"), "decoder": str(bin_dir / "vvdecapp")}
+
+
+def test_a_ladder_that_cannot_code_stops_the_job_before_it_starts(small_shapes, tmp_path):
+    import jrd_dataset
+
+    cfg = {**_jrd_cfg(_list_dataset(tmp_path, small_shapes), tmp_path / "out"),
+           "ladders": [{"type": "jpeg", "levels": 8}, _failing_vvc(tmp_path / "bin", max_width=0)]}
+    with pytest.raises(SystemExit, match=r"ladder 'vvc' cannot code a 64x64 test image at level 0 .*"
+                                         r"vvencapp exited with 3: vvencapp: width 64 not supported; nothing was run"):
+        jrd_dataset.run(cfg)
+    assert not (tmp_path / "out" / "manifest").exists()
+
+
+@pytest.mark.slow
+def test_a_ladder_failing_on_every_image_ends_the_job_with_one_message(ray_cluster, small_shapes, tmp_path):
+    import jrd_dataset
+
+    cfg = {**_jrd_cfg(_list_dataset(tmp_path, small_shapes), tmp_path / "out"),
+           "ladders": [_failing_vvc(tmp_path / "bin", max_width=100)]}   # the 64-px probe passes, images ≥ 128 px fail
+    with pytest.raises(SystemExit) as stop:
+        jrd_dataset.run(cfg)
+    message = str(stop.value)
+    assert message.startswith("ladder 'vvc' failed on every image (5 of 5); first error — shp/")
+    assert "vvencapp exited with 3: vvencapp: width" in message and "new out_dir" in message
 
 
 def _synthetic_run(run_dir, image_ids, levels=4, recognised_pristine=lambda i, k: True, shards=2):

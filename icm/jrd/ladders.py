@@ -10,6 +10,7 @@ setting, QP 0..63), used only when they are on PATH.
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 import subprocess
@@ -80,7 +81,7 @@ class _PillowLadder(Ladder):
     def __init__(self, levels: int | None = 64, qualities: list[int] | None = None, name: str | None = None,
                  **save_kwargs):
         super().__init__(name)
-        qualities = qualities or spread(*self.quality_range, levels)
+        qualities = qualities or spread(*(int(q) for q in self.quality_range), levels)
         self.levels = [{"quality": int(q)} for q in qualities]
         self.save_kwargs = save_kwargs
 
@@ -92,9 +93,63 @@ class _PillowLadder(Ladder):
         return Coded(len(data), decoded)
 
 
+@functools.lru_cache(maxsize=1)
+def _annex_k_tables() -> tuple[np.ndarray, np.ndarray]:
+    """ITU-T T.81 Annex K's luma and chroma tables, as libjpeg writes them at quality 50 (scale 100 %)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG", quality=50)
+    tables = Image.open(io.BytesIO(buf.getvalue())).quantization
+    return np.asarray(tables[0], np.int64), np.asarray(tables[1], np.int64)
+
+
+def jpeg_scale(quality: float) -> float:
+    """libjpeg's ``jpeg_quality_scaling``: the tables' scale in percent for a quality in [1, 100]."""
+    q = min(max(float(quality), 1.0), 100.0)
+    return 5000.0 / q if q < 50 else 200.0 - 2.0 * q
+
+
+def jpeg_tables(quality: float) -> list[list[int]]:
+    """The quantisation tables libjpeg uses at ``quality``, for any real quality: the Annex K
+    tables × ``jpeg_scale`` (rounded as ``jpeg_add_quant_table`` rounds, baseline-clipped to 1..255)."""
+    scale = jpeg_scale(quality)
+    return [np.clip((t * scale + 50) // 100, 1, 255).astype(int).tolist() for t in _annex_k_tables()]
+
+
 @register_ladder("jpeg")
 class JpegLadder(_PillowLadder):
+    """JPEG through Pillow (libjpeg). ``spacing: linear`` (default): integer qualities evenly
+    from ``quality_range[0]`` to ``[1]`` (100 → 1). ``spacing: scale``: qualities spaced
+    geometrically in libjpeg's table scale (``jpeg_scale``), coded with those tables — fractional
+    qualities, so that the low-quality end, where each integer quality is a large step of the
+    tables (q 3 → 2 is 1.5×), gets as many levels as a ladder needs. It ends where the tables
+    saturate (q ≈ 1.96: every entry clipped to 255, the same tables as q 1)."""
+
     format = "JPEG"
+
+    def __init__(self, levels: int | None = 64, qualities: list[float] | None = None,
+                 quality_range: tuple[float, float] = (100, 1), spacing: str = "linear", name: str | None = None,
+                 **save_kwargs):
+        if spacing not in ("linear", "scale"):
+            raise ValueError(f"jpeg ladder: spacing must be 'linear' or 'scale', got {spacing!r}")
+        if spacing == "scale" and qualities is None:
+            hi, lo = (jpeg_scale(q) for q in quality_range)
+            # past this scale every entry is clipped to 255 (q ≈ 1.96): coarser levels would repeat it
+            lo = min(lo, (255 * 100 - 50) / float(min(t.min() for t in _annex_k_tables())))
+            scales = np.geomspace(hi, lo, int(levels or 64))
+            qualities = [round(float(5000.0 / sc if sc > 100 else (200.0 - sc) / 2), 4) for sc in scales]
+        self.quality_range = tuple(quality_range)
+        super().__init__(levels, qualities, name, **save_kwargs)
+        self.levels = [{"quality": int(q) if float(q).is_integer() else float(q)} for q in (qualities or
+                                                                                         [lv["quality"] for lv in self.levels])]
+
+    def code(self, image, level):
+        quality = self.levels[level]["quality"]
+        if isinstance(quality, int):
+            return super().code(image, level)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", qtables=jpeg_tables(quality), **self.save_kwargs)
+        data = buf.getvalue()
+        return Coded(len(data), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 @register_ladder("webp")
@@ -179,13 +234,26 @@ class HevcLadder(Ladder):
 
 @register_ladder("vvc")
 class VvcLadder(Ladder):
-    """VVC intra through Fraunhofer's ``vvencapp``/``vvdecapp`` (QP 0..63, the OW-JRD paper's codec).
+    """VVC intra through Fraunhofer's ``vvencapp``/``vvdecapp`` (QP 0..63, the OW-JRD paper's codec;
+    checked against vvenc 1.15 and vvdec 3.3).
 
     Fixed QP means the level's QP in the slice: perceptual QP adaptation off (``--qpa 0``) and no
-    intra QP offset (``IntraQPOffset=0`` through ``--additional``, vvenc ≥ 1.10)."""
+    intra QP offset (``IntraQPOffset=0`` through ``--additional``; vvenc's default −3 would code QP
+    37 as 34). One frame, 4:2:0, sides padded to even.
+
+    Bit depth: ``--internal-bitdepth 8`` by default. The paper's ladder is "QP 0..63, 64 levels"
+    on 8-bit images: that is exactly the QP range of an 8-bit stream (QpBdOffset 0; a 10-bit
+    stream's range is −12..63, so QP 0 would not be its finest level), and with an 8-bit stream
+    the decoder's output *is* the 8-bit picture the detector sees, with no 10 → 8-bit rounding of
+    our choosing in between. (vvenc scales QP with the bit depth, so the level scale hardly moves
+    either way: QP 37 took 1606 B at 8 bits and 1599 B at 10 on a 126×128 crop.) ``internal_bitdepth:
+    10`` gives VTM's test-condition depth; vvdecapp then writes 16-bit samples, rounded here to 8.
+
+    vvdecapp has no ``-d`` (that is VTM's DecoderApp): it writes the stream's own bit depth."""
 
     def __init__(self, levels: int | None = 64, qps: list[int] | None = None, preset: str = "faster",
-                 encoder: str = "vvencapp", decoder: str = "vvdecapp", name: str | None = None):
+                 internal_bitdepth: int = 8, threads: int = 1, encoder: str = "vvencapp", decoder: str = "vvdecapp",
+                 name: str | None = None):
         super().__init__(name)
         missing = [b for b in (encoder, decoder) if shutil.which(b) is None]
         if missing:
@@ -193,26 +261,52 @@ class VvcLadder(Ladder):
                 f"VVC ladder needs {' and '.join(missing)} on PATH: build https://github.com/fraunhoferhhi/vvenc "
                 "and https://github.com/fraunhoferhhi/vvdec (cmake --build, then add bin/release-static to "
                 "PATH), or pass encoder:/decoder: paths in the ladder config, or use the hevc ladder")
+        if int(internal_bitdepth) not in (8, 10):
+            raise ValueError(f"vvc ladder: internal_bitdepth must be 8 or 10, got {internal_bitdepth!r}")
         self.encoder, self.decoder, self.preset = shutil.which(encoder), shutil.which(decoder), preset
-        self.levels = [{"qp": int(q)} for q in (qps or spread(0, 63, levels))]
+        self.bitdepth, self.threads = int(internal_bitdepth), int(threads)
+        self.levels = [{"qp": int(q), "internal_bitdepth": self.bitdepth} for q in (qps or spread(0, 63, levels))]
 
-    def code(self, image, level):
-        h, w = image.shape[:2]
+    def _run(self, args: list[str]) -> None:
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise RuntimeError(f"{Path(args[0]).name} exited with {done.returncode}: {tail or '(no output)'}")
+
+    def bitstream(self, image: np.ndarray, level: int) -> bytes:
+        """The VVC bitstream of ``image`` at ``level``."""
         padded = _pad_even(image)
         ph, pw = padded.shape[:2]
         with tempfile.TemporaryDirectory(prefix="icm-vvc-") as tmp:
-            src, bits, rec = Path(tmp, "in.yuv"), Path(tmp, "out.266"), Path(tmp, "rec.yuv")
+            src, bits = Path(tmp, "in.yuv"), Path(tmp, "out.266")
             src.write_bytes(_to_yuv420(padded).tobytes())
-            subprocess.run([self.encoder, "-i", str(src), "-s", f"{pw}x{ph}", "-c", "yuv420", "-r", "1", "-f", "1",
-                            "-q", str(self.levels[level]["qp"]), "--qpa", "0", "--additional", "IntraQPOffset=0",
-                            "--preset", self.preset, "-o", str(bits)], check=True, capture_output=True)
-            subprocess.run([self.decoder, "-b", str(bits), "-o", str(rec), "-d", "8"], check=True, capture_output=True)
-            data = rec.read_bytes()
-            if len(data) != ph * pw * 3 // 2:
-                raise RuntimeError(f"{self.decoder} wrote {len(data)} bytes of reconstruction for a {pw}x{ph} 8-bit "
-                                   f"4:2:0 picture ({ph * pw * 3 // 2} expected)")
-            planes = np.frombuffer(data, np.uint8).reshape(ph * 3 // 2, pw)
-            return Coded(bits.stat().st_size, np.ascontiguousarray(_from_yuv420(planes)[:h, :w]))
+            self._run([self.encoder, "-i", str(src), "-s", f"{pw}x{ph}", "-c", "yuv420", "-r", "1", "-f", "1",
+                       "-q", str(self.levels[level]["qp"]), "--qpa", "0", "--internal-bitdepth", str(self.bitdepth),
+                       "-t", str(self.threads), "--preset", self.preset, "--additional", "IntraQPOffset=0",
+                       "-v", "1", "-o", str(bits)])
+            return bits.read_bytes()
+
+    def decode(self, data: bytes, height: int, width: int) -> np.ndarray:
+        """vvdecapp's reconstruction of a one-picture stream as HxWx3 uint8 RGB."""
+        ph, pw = height + height % 2, width + width % 2
+        with tempfile.TemporaryDirectory(prefix="icm-vvc-") as tmp:
+            bits, rec = Path(tmp, "in.266"), Path(tmp, "rec.yuv")
+            bits.write_bytes(data)
+            self._run([self.decoder, "-b", str(bits), "-o", str(rec), "-t", str(self.threads), "-v", "1"])
+            raw = rec.read_bytes()
+        samples = ph * pw * 3 // 2
+        if len(raw) == samples:
+            planes = np.frombuffer(raw, np.uint8)
+        elif len(raw) == 2 * samples:     # a 10-bit stream: little-endian 16-bit samples
+            planes = np.clip((np.frombuffer(raw, "<u2").astype(np.int32) + 2) >> 2, 0, 255).astype(np.uint8)
+        else:
+            raise RuntimeError(f"{Path(self.decoder).name} wrote {len(raw)} bytes of reconstruction for a {pw}x{ph} "
+                               f"4:2:0 picture ({samples} expected at 8 bits, {2 * samples} at 10)")
+        return np.ascontiguousarray(_from_yuv420(planes.reshape(ph * 3 // 2, pw))[:height, :width])
+
+    def code(self, image, level):
+        data = self.bitstream(image, level)
+        return Coded(len(data), self.decode(data, *image.shape[:2]))
 
 
 def _coded_learned(model, image: np.ndarray, **kwargs) -> Coded:

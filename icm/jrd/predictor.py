@@ -5,10 +5,16 @@ Predictor: a Siamese, truncated EfficientNetV2-S — torchvision's own stem and 
 (FusedMBConv 2×24 s1, 4×48 s2, 4×64 s2, MBConv 6×128 s2 with SE 0.25), shared by the original
 and the distorted crop (each zero-padded to a centred ``canvas``-sized square, ImageNet-normalised).
 Each stage's outputs are pooled to ``canvas/16`` (40×40 at the authors' 640) and concatenated as
-``[o, d, o − d]`` over the four stages (792 channels) → 1×1 640 → two 3×3 640 → 1×1 1280 (each
-conv–BN–SiLU) → global average pool → dropout 0.2 → Linear 2 (0 = still recognised, 1 = not). The
-backbone is frozen; ImageNet weights come through the zoo (``torchvision:DEFAULT``) where a user
-has them, random otherwise.
+``[o, d, o − d]`` over the four stages (792 channels) → 1×1 640 → two 3×3 640 (conv–BN–ReLU) →
+1×1 1280 (conv–BN–SiLU) → global average pool → dropout 0.2 → Linear 2 (0 = still recognised,
+1 = not), as the authors' ``EffTrainableCNN``/``EffProjectionHead``: BatchNorm eps 1e-3, convs
+kaiming-normal (fan-out), the Linear N(0, 0.01), biases zero. (The authors concatenate
+``o₀ d₀ … o₃ d₃ (o−d)₀ … (o−d)₃``; ours groups per stage — a fixed permutation of the first 1×1
+conv's input channels, the same function class.) The backbone is frozen and, unlike the
+authors' (left in train mode: BatchNorm on batch statistics, stochastic depth on), runs in eval
+mode, so a pair's prediction does not depend on the rest of its batch. ImageNet weights come
+through the zoo (``torchvision:DEFAULT``) where a user has them; here, weights pretrained on the
+shapes' object crops (``trained:jrd-efficientnet_v2_s``) or random ones.
 
 Evaluation as the authors do it: an object's ordered per-level predictions → JRD with the error
 tolerance rule (``icm.jrd.labelling.error_tolerant_jrd``); MAE in level units, also by COCO area
@@ -40,8 +46,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGE_CHANNELS = (24, 48, 64, 128)
 
 
-def _conv(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU(inplace=True))
+def _conv(cin: int, cout: int, k: int, act: type[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout, eps=1e-3),
+                         act(inplace=True))
+
+
+def fusion_head(in_channels: int, dropout: float) -> nn.Sequential:
+    """The authors' trainable part, initialised as they do."""
+    head = nn.Sequential(_conv(in_channels, 640, 1, nn.ReLU), _conv(640, 640, 3, nn.ReLU), _conv(640, 640, 3, nn.ReLU),
+                         _conv(640, 1280, 1, nn.SiLU), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                         nn.Linear(1280, 2))
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+    return head
 
 
 class JRDPredictor(nn.Module):
@@ -51,9 +75,7 @@ class JRDPredictor(nn.Module):
         self.stages = nn.ModuleList(backbone.features[:5])       # stem + the first four stages
         self.stages.requires_grad_(False)
         self.pool = nn.AdaptiveAvgPool2d(canvas // 16)
-        self.head = nn.Sequential(_conv(3 * sum(STAGE_CHANNELS), 640, 1), _conv(640, 640, 3), _conv(640, 640, 3),
-                                  _conv(640, 1280, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                                  nn.Linear(1280, 2))
+        self.head = fusion_head(3 * sum(STAGE_CHANNELS), dropout)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -80,11 +102,18 @@ class JRDPredictor(nn.Module):
 
 def build_predictor(backbone_weights: str = "random", canvas: int = 640) -> JRDPredictor:
     """The predictor with the EfficientNetV2-S weights a spec names (``torchvision:DEFAULT``,
-    a local file, ``random[:seed]``), provenance attached."""
+    a local file, ``trained:<label>``, ``random[:seed]``), provenance attached. A checkpoint of
+    a classifier with another number of classes (e.g. one pretrained on shapes crops by
+    ``pipelines/train_detectors.py``'s ``backbones:``) is fine: only its feature stages are used."""
     from icm.zoo import build_classifier
-    from icm.zoo.weights import seeded
+    from icm.zoo.weights import load_state_dict, resolve, seeded
 
-    backbone = build_classifier("efficientnet_v2_s", weights=backbone_weights)
+    spec, num_classes = str(backbone_weights), None
+    if not spec.startswith(("random", "torchvision:")):
+        path = resolve(spec, family="efficientnet_v2_s").path
+        head = load_state_dict(path).get("classifier.1.weight") if path is not None else None
+        num_classes = int(head.shape[0]) if head is not None else None
+    backbone = build_classifier("efficientnet_v2_s", weights=backbone_weights, num_classes=num_classes)
     with seeded(0):
         model = JRDPredictor(backbone, canvas)
     model.icm_provenance = backbone.icm_provenance
@@ -119,7 +148,8 @@ def pairs_from_export(export_dir: str, split: str) -> list[dict]:
     for path, label, name in zip(entry["paths"], entry["labels"], entry["names"]):
         level = int(path.rsplit("_", 1)[-1].split(".")[0])
         info = infos[name]
-        pairs.append({"name": name, "level": level, "label": int(label), "jrd": int(jrd_info[name]),
+        pairs.append({"name": name, "object_index": int(info["object_index"]), "level": level, "label": int(label),
+                      "jrd": int(jrd_info[name]),
                       "area": info["area"], "class_name": info["class_name"], "source_id": info["source_id"],
                       "original": store.display(f"original/{name}/{name}.png"), "distorted": store.display(path)})
     return pairs
@@ -148,7 +178,8 @@ def pairs_from_run_unit(run_dir: str, shard: str, ladder: str, split: str, split
     for row in levels.filter(pc.equal(levels["ladder"], ladder)).to_pylist():
         o = keep.get((row["source_id"], row["object_index"]))
         if o is not None:
-            yield {"name": object_name(o["image_id"], o["object_index"]), "level": row["level"], "label": row["label"],
+            yield {"name": object_name(o["image_id"], o["object_index"]), "object_index": o["object_index"],
+                   "level": row["level"], "label": row["label"],
                    "jrd": max(o["jrd"], 0), "area": o["area"], "class_name": o["class_name"],
                    "source_id": o["source_id"], "original_png": o["original_png"], "distorted_png": row["crop_png"]}
 
@@ -191,9 +222,20 @@ def decode_pair(row: dict, canvas: int) -> dict[str, np.ndarray]:
 
 # --- evaluation -------------------------------------------------------------------------------
 
+def predicted_jrd(levels: list[int], predictions: list[int]) -> int:
+    """An object's predicted JRD as a level **value**: the error-tolerance rule (≥ 8 levels; the
+    last level predicted 0 otherwise) runs over its predictions in level order, and the position it
+    picks is mapped back to that row's level, so a missing level row cannot shift the answer.
+    0 (the authors' floor) when no level is predicted recognised."""
+    if 0 not in predictions:
+        return 0
+    position = error_tolerant_jrd(predictions) if len(predictions) >= 8 else jrd(predictions)
+    return int(levels[position])
+
+
 def object_jrds(rows: list[dict]) -> list[dict]:
-    """Per object: its ordered per-level predicted labels → predicted JRD (error tolerance when
-    there are ≥ 8 levels), beside its true JRD, area and class."""
+    """Per object: its per-level predicted labels → predicted JRD (``predicted_jrd``), beside its
+    true JRD, area and class."""
     by_object = defaultdict(list)
     for r in rows:
         by_object[r["name"]].append(r)
@@ -201,9 +243,10 @@ def object_jrds(rows: list[dict]) -> list[dict]:
     for name, items in sorted(by_object.items()):
         items.sort(key=lambda r: r["level"])
         predicted = [int(r["prediction"]) for r in items]
-        out.append({"name": name, "source_id": items[0]["source_id"], "class_name": items[0]["class_name"],
-                    "area": items[0]["area"], "jrd": int(items[0]["jrd"]), "levels": len(items),
-                    "jrd_predicted": int(error_tolerant_jrd(predicted) if len(predicted) >= 8 else max(jrd(predicted), 0)),
+        first = items[0]
+        out.append({"name": name, "source_id": first["source_id"], "object_index": int(first.get("object_index", -1)),
+                    "class_name": first["class_name"], "area": first["area"], "jrd": int(first["jrd"]),
+                    "levels": len(items), "jrd_predicted": predicted_jrd([int(r["level"]) for r in items], predicted),
                     "label_accuracy": float(np.mean([int(r["prediction"]) == int(r["label"]) for r in items]))})
     return out
 
@@ -221,6 +264,87 @@ def jrd_metrics(objects: list[dict], rows: list[dict]) -> dict:
             if rows else None}
 
 
+def split_objects(source: dict, split: str, split_of: dict[str, str] | None) -> tuple[list[dict], list[int]]:
+    """A split's objects (``class_name``, ``jrd``) and its per-level labels, from the annotations
+    alone (no crop decoded): what the baselines are fitted on."""
+    if source.get("export_dir"):
+        store = Storage(source["export_dir"])
+        infos = json.loads(store.read_text("objects_infos.json"))
+        jrd_info = json.loads(store.read_text("JRD_info.json"))
+        labels = json.loads(store.read_text(f"{split}.json"))["labels"]
+        objects = [{"class_name": info["class_name"], "jrd": int(jrd_info[name])}
+                   for name, info in infos.items() if info.get("split") == split]
+        return objects, [int(v) for v in labels]
+    import pyarrow.compute as pc
+
+    store, ladder = Storage(source["run_dir"]), source["ladder"]
+    objects, labels = [], []
+    for shard in unit_shards(source["run_dir"]):
+        table = store.read_table(f"objects/{shard}", ["source_id", "object_index", "ladder", "class_name", "jrd",
+                                                       "recognised_pristine"])
+        kept = [o for o in table.filter(pc.equal(table["ladder"], ladder)).to_pylist()
+                if o["recognised_pristine"] and split_of.get(o["source_id"]) == split]
+        if not kept:
+            continue
+        objects += [{"class_name": o["class_name"], "jrd": max(int(o["jrd"]), 0)} for o in kept]
+        keys = {(o["source_id"], o["object_index"]) for o in kept}
+        levels = store.read_table(f"levels/{shard}", ["source_id", "object_index", "ladder", "label"])
+        labels += [r["label"] for r in levels.filter(pc.equal(levels["ladder"], ladder)).to_pylist()
+                   if (r["source_id"], r["object_index"]) in keys]
+    return objects, labels
+
+
+def baseline_comparison(objects: list[dict], rows: list[dict], train_objects: list[dict], train_labels: list[int],
+                        draws: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """The predictor against the trivial answers, on the same test objects and pairs:
+
+    * JRD: each test object predicted as its class's mean JRD over the training objects (the
+      training objects' overall mean for a class the training split lacks);
+    * per-level label: the training split's majority label.
+
+    MAE and ΔMAE (predictor − baseline; < 0: the predictor is better) with percentile intervals
+    from a seeded bootstrap over test **images** (an image's objects are resampled together)."""
+    from icm.metrics.bootstrap import interval
+
+    by_class = defaultdict(list)
+    for o in train_objects:
+        by_class[o["class_name"]].append(o["jrd"])
+    overall = float(np.mean([o["jrd"] for o in train_objects])) if train_objects else 0.0
+    means = {c: float(np.mean(v)) for c, v in by_class.items()}
+    majority = int(np.mean(train_labels) > 0.5) if train_labels else 0
+    images = sorted({o["source_id"] for o in objects})
+    index = {sid: i for i, sid in enumerate(images)}
+    model_err, base_err, counts = (np.zeros(len(images)) for _ in range(3))
+    for o in objects:
+        i = index[o["source_id"]]
+        model_err[i] += abs(o["jrd_predicted"] - o["jrd"])
+        base_err[i] += abs(means.get(o["class_name"], overall) - o["jrd"])
+        counts[i] += 1
+
+    def maes(picks):
+        n = counts[picks].sum()
+        return model_err[picks].sum() / n, base_err[picks].sum() / n
+    out = {"objects": len(objects), "images": len(images), "draws": draws,
+           "class_means": {c: round(v, 2) for c, v in sorted(means.items())}, "majority_label": majority}
+    if images:
+        full = maes(np.arange(len(images)))
+        rng = np.random.default_rng(seed)
+        boot = np.array([maes(rng.integers(0, len(images), len(images))) for _ in range(draws)])
+        out |= {"mae": round(float(full[0]), 3), "mae_ci": _rounded(interval(boot[:, 0], confidence)),
+                "class_mean_mae": round(float(full[1]), 3),
+                "class_mean_mae_ci": _rounded(interval(boot[:, 1], confidence)),
+                "delta_mae": round(float(full[0] - full[1]), 3),
+                "delta_mae_ci": _rounded(interval(boot[:, 0] - boot[:, 1], confidence))}
+    if rows:
+        out |= {"label_accuracy": round(float(np.mean([int(r["prediction"]) == int(r["label"]) for r in rows])), 4),
+                "majority_label_accuracy": round(float(np.mean([int(r["label"]) == majority for r in rows])), 4)}
+    return out
+
+
+def _rounded(values):
+    return [round(v, 3) for v in values] if values else values
+
+
 # --- JRD-guided compression ---------------------------------------------------------------------
 
 def choose_level(jrds: list[int], share: float, levels: int) -> int:
@@ -234,3 +358,56 @@ def choose_level(jrds: list[int], share: float, levels: int) -> int:
         if np.mean(counts >= level) >= share:
             return level
     return 0
+
+
+def guided_compression(objects: list[dict], level_rows: list[dict], measure, share: float, levels: int) -> dict:
+    """JRD-guided compression at image level over one set of objects.
+
+    ``objects``: the test objects (``source_id``, ``object_index``, ``jrd``, ``jrd_predicted``) —
+    those recognised in the pristine image, the ones each level is chosen for; ``level_rows``: the
+    JRD job's ``{source_id, object_index, level, recognised, ...}`` rows of their images;
+    ``measure(source_id, level, rows)`` codes that image at that level, re-runs the detector and
+    returns ``(bytes, recognised flags of rows)``. Every share, the achieved and the uniform level's,
+    counts exactly these objects: another object of the same image (one the detector missed in the
+    pristine image) counts nowhere.
+
+    Per source of JRD (predicted, true): each image at the coarsest level keeping ``share`` of
+    its objects recognised by their JRD (``choose_level``); measured bytes and recognised share;
+    then the coarsest uniform level whose recognised share in the job's labels is at least the one
+    achieved, measured the same way."""
+    kept = {(o["source_id"], o["object_index"]) for o in objects}
+    per_image: dict[str, list[dict]] = {}
+    for o in objects:
+        per_image.setdefault(o["source_id"], []).append(o)
+    at_level: dict[tuple[str, int], list[dict]] = {}
+    for r in level_rows:
+        if (r["source_id"], r["object_index"]) in kept:
+            at_level.setdefault((r["source_id"], int(r["level"])), []).append(r)
+    by_level: dict[int, list[bool]] = {}
+    for (_, level), rows in at_level.items():
+        by_level.setdefault(level, []).extend(bool(r["recognised"]) for r in rows)
+
+    def run(choice: dict[str, int]) -> tuple[int, int, int]:
+        total_bytes = recognised = count = 0
+        for sid, level in sorted(choice.items()):
+            rows = sorted(at_level.get((sid, level), []), key=lambda r: r["object_index"])
+            num_bytes, flags = measure(sid, level, rows)
+            total_bytes += int(num_bytes)
+            recognised += int(np.sum(flags))
+            count += len(rows)
+        return total_bytes, recognised, count
+
+    report = {"share": share, "images": len(per_image), "objects": len(kept), "levels": levels}
+    for source, key in (("predicted", "jrd_predicted"), ("true", "jrd")):
+        choice = {sid: choose_level([o[key] for o in objs], share, levels) for sid, objs in per_image.items()}
+        adaptive_bytes, recognised, count = run(choice)
+        achieved = recognised / count if count else 0.0
+        uniform = max([lv for lv, rec in by_level.items() if np.mean(rec) >= achieved] or [0])
+        uniform_bytes, u_recognised, u_count = run({sid: uniform for sid in per_image})
+        report[source] = {"adaptive_bytes": adaptive_bytes, "adaptive_recognised_share": round(achieved, 4),
+                          "uniform_level": uniform, "uniform_bytes": uniform_bytes,
+                          "uniform_recognised_share": round(u_recognised / u_count, 4) if u_count else None,
+                          "bits_saved_percent": round(100 * (1 - adaptive_bytes / uniform_bytes), 2)
+                          if uniform_bytes else None,
+                          "mean_level": round(float(np.mean(list(choice.values()))), 2) if choice else None}
+    return report

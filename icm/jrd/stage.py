@@ -58,12 +58,45 @@ def crop_box(image: np.ndarray, box) -> np.ndarray:
     return np.ascontiguousarray(image[y1:y2, x1:x2])
 
 
+CODING_FAILED = "coding failed in ladder"
+
+
 def build_ladders(specs: list[dict]) -> list:
     ladders = [build_ladder(s) for s in specs]
     names = [lad.name for lad in ladders]
     if len(set(names)) != len(names):
         raise ValueError(f"ladder names must be unique, got {names}; give each a name:")
     return ladders
+
+
+def probe_ladders(ladders: list, side: int = 64) -> None:
+    """Code a small gradient at each ladder's first and last level, so that a ladder that cannot
+    work here (a binary that rejects its arguments, a codec without weights) fails the job at
+    start, naming the ladder, instead of recording every image as an error."""
+    ramp = np.linspace(0, 255, side, dtype=np.float32)
+    image = np.stack([ramp[None, :].repeat(side, 0), ramp[:, None].repeat(side, 1),
+                      np.full((side, side), 128, np.float32)], axis=2).astype(np.uint8)
+    for lad in ladders:
+        for level in sorted({0, len(lad.levels) - 1}):
+            try:
+                coded = lad.code(image, level)
+            except Exception as exc:  # noqa: BLE001 - reported as the job's reason to stop
+                raise RuntimeError(f"ladder {lad.name!r} cannot code a {side}x{side} test image at level {level} "
+                                   f"({lad.levels[level]}): {type(exc).__name__}: {exc}") from exc
+            if coded.decoded.shape != image.shape:
+                raise RuntimeError(f"ladder {lad.name!r} decoded a {side}x{side} test image to {coded.decoded.shape}")
+
+
+def ladder_failing_everywhere(rows: list[dict], ladder_names: list[str]) -> str | None:
+    """The reason to stop a run in which one ladder failed on every image it coded (this run's
+    manifest rows): the ladder's name and its first error; None otherwise."""
+    tried = [r for r in rows if r["status"] == "ok" or str(r.get("error", "")).startswith(CODING_FAILED)]
+    for name in ladder_names:
+        failed = [r for r in tried if str(r.get("error", "")).startswith(f"{CODING_FAILED} {name!r}:")]
+        if tried and len(failed) == len(tried):
+            return (f"ladder {name!r} failed on every image ({len(failed)} of {len(failed)}); first error — "
+                    f"{failed[0]['source_id']}: {failed[0]['error'].split(': ', 1)[1]}")
+    return None
 
 
 def label_categories(params: dict, reader) -> tuple[list[str], list[int]]:
@@ -111,13 +144,14 @@ class LadderStage:
         """``{"record", "coded": {ladder: [(bytes, decoded, level params), ...]}}``."""
         if record["status"] != "ok":
             return {"record": record}
-        try:
-            coded = {lad.name: [(c.num_bytes, c.decoded, {"type": lad.kind, **params})
-                                for c, params in zip(lad.code_all(record["image"]), lad.levels)]
-                     for lad in self.ladders}
-        except Exception as exc:  # noqa: BLE001 - one image's codec failure is that image's error
-            return {"record": {**record, "image": None, "status": "error",
-                               "error": f"coding failed: {type(exc).__name__}: {exc}"}}
+        coded = {}
+        for lad in self.ladders:
+            try:
+                coded[lad.name] = [(c.num_bytes, c.decoded, {"type": lad.kind, **params})
+                                   for c, params in zip(lad.code_all(record["image"]), lad.levels)]
+            except Exception as exc:  # noqa: BLE001 - one image's codec failure is that image's error
+                return {"record": {**record, "image": None, "status": "error",
+                                   "error": f"{CODING_FAILED} {lad.name!r}: {type(exc).__name__}: {exc}"}}
         return {"record": record, "coded": coded}
 
     def with_crops(self, entry: dict[str, Any]) -> dict[str, Any]:

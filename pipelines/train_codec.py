@@ -21,12 +21,12 @@ from icm.train.codec_job import check_config, train_codec_job, training_images
 
 def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = Storage(cfg["out_dir"]).display()
-    write_resolved(cfg, out_dir)
     try:
-        check_config(cfg)
+        check_config(cfg)   # fills in the method's defaults: the resolved config shows them
         refs, targets, matched, classes = training_images(cfg)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from exc
+    write_resolved(cfg, out_dir)
     start_ray(cfg, address)
     try:
         summary = train_codec_job(cfg, refs, targets, matched, classes)

@@ -45,9 +45,13 @@ EVAL_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("gt", 
 class LearnedPoint:
     """One trained codec = one rate point. A conditional codec (UG-ICM's β, dynamic adaptation's
     g_t) has a human and a machine decode of its one bitstream. ``refine: {steps, lr, lmbda,
-    detector}`` refines each image's latent at encode time against that detector's training loss
-    (this project's addition; ``icm.codecs.dynamic.refine_latent``) — the bitstream stays a standard
-    one, decoded by the unchanged decoder; its cost per image and objective go into ``info``."""
+    lmbda_machine, detector}`` refines each image's latent at encode time against
+    ``R + λ_h·255²·MSE(x, x̂) + λ_m·L_det(x̄)`` with that detector's training loss on the machine
+    decode (this project's addition; ``icm.codecs.refine``), for any codec, wrapped or not — the
+    bitstream stays a standard one, decoded by the unchanged decoder; its cost per image and the
+    objective's terms before and after go into ``info``."""
+
+    REFINE_DEFAULTS = {"steps": 10, "lr": 0.5, "lmbda": 0.0130, "lmbda_machine": 1.0}
 
     def __init__(self, spec: dict, device, dataset_classes: list[str] | None = None, canvas: int = 512):
         from icm.zoo import build_codec
@@ -59,8 +63,9 @@ class LearnedPoint:
         self.decode_modes = ({"human": {"beta": 0.0}, "machine": {"beta": 1.0}} if isinstance(self.model, UGICM)
                              else {"human": {"machine": False}, "machine": {"machine": True}}
                              if isinstance(self.model, DynamicCodec) else {"single": {}})
-        self.params = {k: v for k, v in spec.items() if k not in ("label", "curve")}
-        self.refine = spec.get("refine")
+        self.refine = {**self.REFINE_DEFAULTS, **spec["refine"]} if spec.get("refine") else None
+        self.params = {k: v for k, v in spec.items() if k not in ("label", "curve")} | (
+            {"refine": self.refine} if self.refine else {})
         if self.refine:
             from icm.losses.task import DetectorTrainingLoss
 
@@ -70,7 +75,7 @@ class LearnedPoint:
                                                     det_spec.get("class_map"))
 
     def _refined(self, x: torch.Tensor, record: dict) -> tuple[CodedImage, dict]:
-        from icm.codecs.dynamic import compress_latent, refine_latent
+        from icm.codecs.refine import compress_latent, refine_latent
         from icm.metrics.bitstream import pad_to_multiple
 
         start = time.time()
@@ -79,17 +84,19 @@ class LearnedPoint:
         boxes = boxes + torch.tensor([pad[0], pad[2], pad[0], pad[2]], device=self.device)
         labels = torch.as_tensor(np.asarray(record["class_ids"], np.int64)).reshape(-1)
 
-        def objective(x_hat):   # the padded decode, with the boxes moved by the padding
-            return self.refine_loss(x_hat, [boxes], [labels])
+        def detection_loss(x_bar):   # the padded machine decode, with the boxes moved by the padding
+            return self.refine_loss(x_bar, [boxes], [labels])
         with torch.enable_grad():
-            y, history = refine_latent(self.model, padded, objective, steps=int(self.refine.get("steps", 10)),
-                                       lr=float(self.refine.get("lr", 0.5)), lmbda=float(self.refine.get("lmbda", 1.0)))
+            y, history = refine_latent(self.model, padded, detection_loss, steps=int(self.refine["steps"]),
+                                       lr=float(self.refine["lr"]), lmbda=float(self.refine["lmbda"]),
+                                       lmbda_machine=float(self.refine["lmbda_machine"]), pad=pad)
         out = compress_latent(self.model, padded, y)
         h, w = x.shape[-2:]
         num_bytes = sum(len(b) for group in out["strings"] for b in group)
         coded = CodedImage(out["strings"], tuple(out["shape"]), num_bytes, 8.0 * num_bytes / (h * w), x, pad)
-        return coded, {"refine": {"seconds": round(time.time() - start, 3), "objective_before": history[0],
-                                  "objective_after": min(history), "steps": len(history) - 1}}
+        chosen = min(history, key=lambda terms: terms["objective"])
+        return coded, {"refine": {"seconds": round(time.time() - start, 3), "before": history[0], "after": chosen,
+                                  "steps": len(history) - 1}}
 
     @torch.no_grad()
     def decodes(self, image: np.ndarray, record: dict | None = None) -> tuple[int, dict[str, np.ndarray], dict]:

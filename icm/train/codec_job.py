@@ -18,7 +18,7 @@ from icm.config import ConfigError, canonical_json
 from icm.data.ray_io import refs_dataset, select_refs
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
-from icm.train.codec import build_training_codec, decode_and_crop, train_codec_loop
+from icm.train.codec import build_training_codec, decode_and_crop, needs_clip, train_codec_loop, with_method_defaults
 from icm.zoo.weights import publish_trained
 
 # What a trained codec is a function of (not where or how fast it ran): two exports with the same
@@ -81,11 +81,15 @@ def check_config(cfg: dict) -> None:
     if cfg.get("method"):
         cfg["loss"] = {**(cfg.get("loss") or {}), "type": cfg["method"]}
     cfg["codec"] = {k: v for k, v in cfg["codec"].items() if v is not None}
-    loss = cfg.get("loss", {})
-    if loss.get("type") == "ugicm" and float(loss.get("lmbda_clip", 0)) > 0 and \
+    try:   # the method's defaults go into the config itself: the resolved config and the recipe show them
+        cfg.update(with_method_defaults(cfg))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    loss = cfg["loss"]
+    if loss["type"] == "ugicm" and needs_clip(loss) and \
             str((loss.get("clip") or {}).get("weights", "random")).startswith("random"):
-        raise ConfigError("loss.lmbda_clip > 0 with random CLIP weights trains towards noise: give "
-                          "loss.clip.weights (open_clip:openai or a local file) or set loss.lmbda_clip=0")
+        raise ConfigError("loss.lmbda_clip > 0 (or stage 3's lmbda_instance > 0) with random CLIP weights trains "
+                          "towards noise: give loss.clip.weights (open_clip:openai or a local file) or set them to 0")
     if int(cfg["crop"]) % 64:
         raise ConfigError(f"crop={cfg['crop']}: training crops must be a multiple of 64 (hyperprior codecs "
                           "downsample by 64; other sizes misalign their latents)")

@@ -271,3 +271,85 @@ def test_dynamic_adaptation_through_ray_train_and_the_evaluation_stage(ray_clust
     for curve in ("refined", "dyn-refined"):
         refined = next(p for p in result["rd_points"] if p["curve"] == curve)
         assert refined["refine_seconds_per_image"] > 0 and refined["params"]["refine"]["lmbda_machine"] == 1.0
+
+
+def _adaptation_module():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines" / "experiments"))
+    return importlib.import_module("adaptation")
+
+
+def test_matched_rate_picks_the_nearest_candidate_within_the_tolerance():
+    matched_rate = _adaptation_module().matched_rate
+    assert matched_rate({"t4": 0.30, "t16": 0.43, "t64": 0.41}, 0.40) == "t64"
+    assert matched_rate({"t4": 0.30, "t16": 0.44}, 0.40) == "t16"              # +10 % is within
+    assert matched_rate({"t4": 0.30, "t16": 0.45}, 0.40) is None               # +12.5 % is not
+    assert matched_rate({"t4": 0.355, "t16": 0.45}, 0.40, tolerance=0.15) == "t4"
+    assert matched_rate({}, 0.40) is None
+
+
+def _write_evaluation(out, images, codecs):
+    """An evaluation output as pipelines/evaluate.py writes it: the manifest and the points of each
+    (curve, decode) — per image its bpp, PSNR and detections."""
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from icm.metrics.codec_eval import POINT_SCHEMA
+
+    (out / "points").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([
+        {"source_id": sid, "status": "ok", "width": 64, "height": 64,
+         "gt": _json.dumps({"boxes": [box], "class_names": ["a"]})} for sid, box in images.items()]),
+        out / "manifest.parquet")
+    rows = []
+    for (curve, decode), per_image in codecs.items():
+        for sid, (bpp, psnr, found) in per_image.items():
+            dets = {"boxes": [images[sid]] if found else [], "scores": [0.9] if found else [],
+                    "labels": [0] if found else []}
+            rows.append({"source_id": sid, "curve": curve, "point": 0, "params": _json.dumps({"type": curve}),
+                         "decode": decode, "bytes": int(bpp * 64 * 64 / 8), "bpp": bpp, "psnr": psnr, "ms_ssim": 0.9,
+                         "detections": _json.dumps({"d": dets}), "info": "{}"})
+    pq.write_table(pa.Table.from_pylist(rows, schema=POINT_SCHEMA), out / "points" / "u.parquet")
+
+
+def test_adaptation_table_gives_paired_bootstrap_deltas_against_the_base(tmp_path):
+    from icm.metrics.codec_eval import image_points
+
+    adaptation = _adaptation_module()
+    images = {"i1": [4.0, 4.0, 30.0, 30.0], "i2": [10.0, 10.0, 50.0, 40.0], "i3": [20.0, 5.0, 60.0, 60.0]}
+
+    def per_image(bpp, psnr, found):
+        return {sid: (b, p, f) for sid, b, p, f in zip(images, bpp, psnr, found)}
+    base = per_image([0.4] * 3, [30.0, 31.0, 32.0], [True, True, False])
+    codecs = {("base", "single"): base,
+              ("adapt_icmh-t4", "single"): per_image([0.48] * 3, [29.0, 30.0, 31.0], [True, True, True]),
+              ("adapt_icmh-t16", "single"): per_image([0.42] * 3, [30.5, 31.5, 32.5], [True, False, True]),
+              ("dynamic", "human"): base,
+              ("dynamic", "machine"): per_image([0.4] * 3, [25.0, 25.0, 25.0], [True, True, True]),
+              ("refined", "single"): per_image([0.4, 0.4, 0.7], [29.0, 30.0, 31.0], [True, True, True])}
+    _write_evaluation(tmp_path, images, codecs)
+    results = image_points(str(tmp_path), [{"label": "d", "name": "oracle"}], ["a"])
+    table = adaptation.analyse(results, ["adapt_icmh-t4", "adapt_icmh-t16"], ["d"], {"bootstrap": 100, "seed": 1},
+                               0.10, {"d": "seen"})
+    # by hand: one class, one box per image, each found box a hit at score 0.9; the base finds 2 of 3
+    # objects, so its 101-point AP is 67/101 (precision 1 up to recall 2/3, none after)
+    assert table["base"]["map50"]["d"] == pytest.approx(67 / 101)
+    methods = table["methods"]
+    assert methods["dynamic"]["delta_map50/d"] == pytest.approx(1 - 67 / 101)          # x̄ finds all three
+    assert methods["dynamic"]["delta_psnr"] == 0.0 and methods["dynamic"]["delta_psnr_ci"] == [0.0, 0.0]
+    assert methods["refined"]["delta_psnr"] == pytest.approx(-1.0)
+    assert methods["refined"]["delta_psnr_ci"] == pytest.approx([-1.0, -1.0])          # the same shift on every image
+    assert methods["refined"]["delta_bpp_percent"] == pytest.approx(25.0)               # 0.5 vs 0.4 bpp on average
+    assert methods["adapt_icmh-t16"]["delta_map50/d"] == pytest.approx(0.0)             # finds i3, misses i2
+    lo, hi = methods["adapt_icmh-t16"]["delta_map50/d_ci"]
+    assert lo < 0 < hi                       # which of i2 / i3 a resample draws more often decides the sign
+    lo, hi = methods["dynamic"]["delta_map50/d_ci"]
+    assert 0 <= lo and hi > 0.3              # paired: never worse than the base on the same images
+    assert table["adapter_matched"] == "adapt_icmh-t16"                                  # +5 %, not +20 %
+    md = adaptation.markdown(table, {})
+    assert "adapt_icmh-t16 — **matched rate**" in md and "adapt_icmh-t4 (rate not matched)" in md

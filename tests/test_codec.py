@@ -454,3 +454,44 @@ def test_tensorboard_logs_and_trained_weights_reach_shared_storage(rows, tmp_pat
     assert (tmp_path / "bucket/weights/trained/demo-codec.pth").read_bytes() == b"weights"
     assert json.loads((tmp_path / "bucket/weights/trained/demo-codec.json").read_text()) == {"steps": 4}
     assert (tmp_path / "node-cache/trained/demo-codec.pth").is_file()
+
+
+def test_a_codec_trained_once_is_reused_by_recipe_and_a_new_sample_set_version_retrains(small_shapes, tmp_path,
+                                                                                           monkeypatch, capsys):
+    import train_codec
+    import train_codec_local
+
+    from icm.data import samples
+
+    runs = []
+
+    def local_run(cfg, address=None):   # the Ray-free runner: the same checks, loop and export as the Ray job
+        runs.append(cfg["name"])
+        return train_codec_local.train_local(cfg, "cpu")
+
+    monkeypatch.setattr(train_codec, "run", local_run)
+    cfg = {"name": "base", "dataset": {"type": "shapes", "domain": "photo", "n_train": 24, "n_val": 12, "seed": 7,
+                                       "split": "train"},
+           "limit": 4, "out_dir": str(tmp_path / "base"), "crop": 64,
+           "codec": {"name": "ugicm:bmshj2018-hyperprior", **TINY, "cond_dim": 32},
+           "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.01, "lmbda_clip": 0},
+           "steps": 2, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1, "threads": 1}
+    first = train_codec.train_once(cfg)
+    assert len(runs) == 1 and runs[0].startswith("base-") and first["trained_now_s"] is not None
+    assert "training the codec base (2 steps" in capsys.readouterr().out
+    again = train_codec.train_once(cfg)
+    assert len(runs) == 1 and again["sha256"] == first["sha256"] and again["trained_now_s"] is None
+    assert "same recipe" in capsys.readouterr().out
+
+    class Retrained(Exception):
+        pass
+
+    def refuse(cfg, address=None):
+        raise Retrained(cfg["name"])
+
+    monkeypatch.setattr(train_codec, "run", refuse)
+    monkeypatch.setattr(samples, "SHAPES_VERSION", samples.SHAPES_VERSION + 1)   # the generator changed its images
+    with pytest.raises(Retrained) as retrained:
+        train_codec.train_once(cfg)
+    assert "has another recipe — retraining" in capsys.readouterr().out
+    assert str(retrained.value) != runs[0]            # a new run name: the old recipe's checkpoints never resume

@@ -54,6 +54,18 @@ class ConditionedBlock(nn.Module):
         return x + h
 
 
+class FixedCondition(nn.Module):
+    """A conditioned block at one fixed condition ``c``: an ordinary residual block."""
+
+    def __init__(self, block: ConditionedBlock, c: torch.Tensor):
+        super().__init__()
+        self.block = block
+        self.register_buffer("c", c.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, self.c.expand(x.shape[0], -1))
+
+
 def _upsampling_children(layers: nn.Sequential, latent_channels: int) -> tuple[list[int], list[int]]:
     """Indices of the children that enlarge their input, and every child's output channels
     (from one dry run on a small latent)."""
@@ -147,6 +159,25 @@ class UGICM(CodecWrapper):
     def human_and_machine(self, x: torch.Tensor):
         out = self.forward(x, self.BOTH)
         return out["likelihoods"], out["x_hat"][:len(x)], out["x_hat"][len(x):]
+
+    def at_beta(self, beta: float) -> nn.Module:
+        """The codec decoding at one β as a plain CompressAI codec — its ``g_s`` an
+        ``nn.Sequential`` with each conditioned block fixed at c(β) (``FixedCondition``), so it
+        decodes any of this codec's bitstreams exactly as ``decompress(beta=β)`` does. What the
+        machine-side methods (adapters, g_t, refinement) adapt when they start from a UG-ICM
+        codec. Consumes this wrapper: its modules move into the returned codec."""
+        from collections import OrderedDict
+
+        codec, g_s = self.codec, self.codec.g_s
+        with torch.no_grad():
+            c = g_s.condition(torch.tensor([float(beta)], device=next(g_s.mlp.parameters()).device))
+        layers = [(g_s.INPUT, FixedCondition(g_s.blocks[g_s.INPUT], c))] if g_s.INPUT in g_s.blocks else []
+        for name in g_s.order:
+            layers.append((name, getattr(g_s, name)))
+            if name in g_s.blocks:
+                layers.append((f"{name}_block", FixedCondition(g_s.blocks[name], c)))
+        codec.g_s = nn.Sequential(OrderedDict(layers))
+        return codec
 
     def decoder_parameters(self):
         """What UG-ICM's stage 2 trains: the synthesis transform, its blocks and the condition MLP."""

@@ -264,6 +264,38 @@ def rd_points(manifest_rows: list[dict], point_rows: list[dict], detectors: list
     return out
 
 
+def image_points(eval_dir: str, detectors: list[dict], dataset_classes: list[str]) -> dict[tuple, dict]:
+    """The per-image results of one evaluation's output (``pipelines/evaluate.py``, a sweep
+    trial's or an anchor's ``evaluate_locally``), for bootstrap over images: for each (curve, rate
+    point, decode) ``{"params", "source_ids"`` (sorted), ``"bpp"``, ``"psnr"`` (per-image arrays in
+    that order) and ``"matches": {detector: ImageMatches}}`` (pycocotools' per-image matching)."""
+    from icm.data.storage import Storage
+    from icm.metrics.bootstrap import ImageMatches
+
+    store = Storage(eval_dir)
+    ok = sorted((r for r in store.read_table("manifest.parquet").to_pylist() if r["status"] == "ok"),
+                key=lambda r: r["source_id"])
+    ids = [r["source_id"] for r in ok]
+    groups = defaultdict(dict)
+    for table in store.read_tables("points"):
+        for row in table.to_pylist():
+            groups[(row["curve"], row["point"], row["decode"])][row["source_id"]] = row
+    out = {}
+    for key, by_id in sorted(groups.items()):
+        rows = [by_id[i] for i in ids if i in by_id]
+        if len(rows) != len(ids):
+            raise ValueError(f"{eval_dir}: {key} has rows for {len(rows)} of its {len(ids)} images")
+        matches = {}
+        for spec in detectors:
+            classes = class_list(spec.get("classes")) or dataset_classes
+            matches[detector_label(spec)] = ImageMatches(*coco_inputs(ok, rows, detector_label(spec), classes,
+                                                                      spec.get("class_map")))
+        out[key] = {"params": json.loads(rows[0]["params"]), "source_ids": ids,
+                    "bpp": np.asarray([r["bpp"] for r in rows], float), "psnr": np.asarray([r["psnr"] for r in rows], float),
+                    "matches": matches}
+    return out
+
+
 def coco_inputs(manifest_rows, rows, label, classes, class_map) -> tuple[dict, list[dict]]:
     """Ground truth (mapped into the detector's classes) and one decode's detections, in the
     manifest's image order, for ``coco_map``."""

@@ -19,7 +19,7 @@ from icm.data.ray_io import refs_dataset, select_refs
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.train.codec import build_training_codec, decode_and_crop, needs_clip, train_codec_loop, with_method_defaults
-from icm.zoo.weights import publish_trained
+from icm.zoo.weights import publish_trained, weights_fingerprint
 
 # What a trained codec is a function of (not where or how fast it ran): two exports with the same
 # recipe digest are interchangeable, whichever runner (Ray Train, pipelines/train_codec_local.py) made them.
@@ -48,8 +48,29 @@ def loop_config(cfg: dict, classes: list[str]) -> dict:
                                                           "canvas": int(cfg.get("canvas", cfg["crop"]))}
 
 
+def _weights_in(node, where: str = "") -> dict[str, str]:
+    """``{config path: fingerprint}`` of every ``weights`` / ``base_weights`` spec under ``node``."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            path = f"{where}.{key}" if where else str(key)
+            out |= ({path: weights_fingerprint(value)} if key in ("weights", "base_weights") and isinstance(value, str)
+                    else _weights_in(value, path))
+        return out
+    return {}
+
+
 def recipe_digest(cfg: dict) -> str:
-    return hashlib.sha256(canonical_json({k: cfg.get(k) for k in RECIPE_KEYS}).encode()).hexdigest()
+    """The digest of ``RECIPE_KEYS``, of the content (sha256) of every weights file the codec and
+    the loss start from or use (a retrained base codec or detector under the same name is another
+    recipe), and, for the built-in sample sets, of their generator's version (a regenerated set
+    is other data under the same spec)."""
+    from icm.data import samples
+
+    version = {"shapes": samples.SHAPES_VERSION}.get((cfg.get("dataset") or {}).get("type"))
+    starts = _weights_in({"codec": cfg.get("codec"), "loss": cfg.get("loss")})
+    return hashlib.sha256(canonical_json({**{k: cfg.get(k) for k in RECIPE_KEYS}, "data_version": version,
+                                          "weights_sha256": starts}).encode()).hexdigest()
 
 
 def export_model(state: dict, cfg: dict, storage: Storage, runner: str = "ray-train") -> dict:

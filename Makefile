@@ -31,10 +31,7 @@ sweep-demo: $(STAMP)
 
 adapt-demo: $(STAMP)
 	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml
-	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_adapt.yaml --profile demo-base
-	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_adapt.yaml --profile demo-adapt
-	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_adapt.yaml --profile demo-dynamic
-	$(PY) pipelines/evaluate.py --config pipelines/configs/evaluate_adapt.yaml
+	$(PY) pipelines/experiments/adaptation.py --config pipelines/experiments/adaptation.yaml
 
 experiment: $(STAMP)
 	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml --profile experiment

@@ -73,6 +73,17 @@ def load_config(path: str | Path | None, profile: str | None = None,
     return cfg
 
 
+def load_section(section: dict, root: str | Path = ".") -> dict[str, Any]:
+    """A config section that names another job's config: ``{from: <YAML under root>, profile:
+    <name>, ...overrides}`` → that YAML with the profile merged, then the overrides (its own
+    ``profiles`` dropped); a section without ``from`` is returned as it is."""
+    section = copy.deepcopy(section)
+    if "from" not in section:
+        return section
+    base = load_config(Path(root) / section.pop("from"), profile=section.pop("profile", None))
+    return deep_merge(base, section)
+
+
 def write_resolved(cfg: dict, out_dir: str | Path, name: str = "config.resolved.yaml") -> str:
     """Write the resolved config beside a job's outputs (provenance); ``out_dir`` may be a URI."""
     from icm.data.storage import Storage

@@ -14,21 +14,24 @@ The exported model (``out_dir/model.pth`` + ``model.json``) loads back with ``ic
 
 from __future__ import annotations
 
-from common import parse_args, resolve_config, start_ray, write_resolved, write_summary
+import json
+import time
 
-from icm.config import ConfigError
+from common import REPO, parse_args, resolve_config, start_ray, write_resolved, write_summary
+
+from icm.config import ConfigError, load_section
 from icm.data.storage import Storage
-from icm.train.codec_job import check_config, train_codec_job, training_images
+from icm.train.codec_job import check_config, recipe_digest, train_codec_job, training_images
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = Storage(cfg["out_dir"]).display()
-    write_resolved(cfg, out_dir)
     try:
-        check_config(cfg)
+        check_config(cfg)   # fills in the method's defaults: the resolved config shows them
         refs, targets, matched, classes = training_images(cfg)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from exc
+    write_resolved(cfg, out_dir)
     start_ray(cfg, address)
     try:
         summary = train_codec_job(cfg, refs, targets, matched, classes)
@@ -36,6 +39,40 @@ def run(cfg: dict, address: str | None = None) -> dict:
         raise SystemExit(str(exc)) from exc
     write_summary(out_dir, summary, "codec training summary")
     return summary
+
+
+def train_once(section: dict, address: str | None = None, ray: dict | None = None, what: str = "codec") -> dict:
+    """A codec other jobs start from or compare, trained once per recipe: ``section`` is a config
+    of this job (or ``{from: <YAML>, profile: <name>, ...overrides}``). Returns its ``model.json``
+    with ``weights`` = its ``model.pth``: reused when ``out_dir`` holds one of the same recipe
+    (``recipe_digest``: data and its version, architecture, loss, steps, lr, seed — whichever runner
+    trained it, ``pipelines/train_codec_local.py`` on a GPU included), else trained here through
+    Ray Train, saying so and how long it took. The run is named by its recipe: a stopped run of
+    this recipe resumes, another recipe's never does."""
+    cfg = load_section(section, REPO)
+    cfg.pop("profiles", None)
+    if ray is not None:
+        cfg["ray"] = ray
+    try:
+        check_config(cfg)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
+    recipe = recipe_digest(cfg)
+    store = Storage(cfg["out_dir"])
+    if store.exists("model.json"):
+        info = json.loads(store.read_text("model.json"))
+        if info.get("recipe") == recipe:
+            print(f"[icm] {what} {store.display('model.pth')}: same recipe, trained by {info.get('runner')} "
+                  f"({info['steps']} steps) — reused", flush=True)
+            return {**info, "weights": store.display("model.pth"), "trained_now_s": None}
+        print(f"[icm] {what} {store.display('model.json')} has another recipe — retraining", flush=True)
+    print(f"[icm] training the {what} {cfg['name']} ({cfg['steps']} steps, recipe {recipe[:12]}) into "
+          f"{store.display()} — once: later runs of any job naming this recipe reuse it", flush=True)
+    start = time.time()
+    run({**cfg, "name": f"{cfg['name']}-{recipe[:12]}"}, address)
+    took = round(time.time() - start, 1)
+    print(f"[icm] {what} trained in {took:.0f} s ({took / 60:.1f} min)", flush=True)
+    return {**json.loads(store.read_text("model.json")), "weights": store.display("model.pth"), "trained_now_s": took}
 
 
 def main() -> None:

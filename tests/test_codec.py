@@ -114,8 +114,14 @@ def test_resume_equals_uninterrupted(rows, tmp_path, schedule):
     lrs = [r["lr"] for r in straight_session.reports]
     if schedule["type"] == "multistep":           # halved after steps 3 and 6
         assert lrs == pytest.approx([2e-3] * 3 + [1e-3] * 3 + [5e-4])
-    else:                                         # halved whenever a step's loss did not improve
-        assert min(lrs) < 2e-3
+    else:   # patience 0: halved after each step whose loss is not below the best so far by 1e-4 (relative)
+        expected, best = [2e-3], float("inf")
+        for report in straight_session.reports[:-1]:
+            improved = report["loss"] < best * (1 - 1e-4)
+            best = min(best, report["loss"]) if improved else best
+            expected.append(expected[-1] * (1 if improved else 0.5))
+        assert lrs == pytest.approx(expected)
+        assert 2e-3 > min(lrs) and lrs.count(2e-3) > 1     # it both held and dropped in these 7 steps
 
 
 def test_main_gradients_are_clipped_to_norm_one(rows, tmp_path, monkeypatch):
@@ -140,21 +146,108 @@ def test_main_gradients_are_clipped_to_norm_one(rows, tmp_path, monkeypatch):
     assert not seen
 
 
-def test_stage3_decodes_every_sample_both_ways_from_one_latent(rows, tmp_path):
-    model = build_codec("ugicm:bmshj2018-hyperprior", **TINY, cond_dim=32).eval()
+class _TinyImageEncoder(torch.nn.Module):
+    """Stands in for CLIP's image encoder: these tests are about which decodes reach the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 7, stride=4)
+
+    def encode_image(self, x):
+        return self.conv(x).mean((-2, -1))
+
+
+def _off_identity(model):
     with torch.no_grad():   # move the conditioned blocks off the identity so β matters
         for p in model.codec.g_s.blocks.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        x = torch.from_numpy(np.stack([r["x"] for r in rows[:3]])).permute(0, 3, 1, 2).float() / 255
+    return model
+
+
+def test_stage3_decodes_every_sample_both_ways_from_one_latent(rows):
+    from icm.losses import ClipDistance, UGICMLoss
+    from icm.train.codec import UGICMObjective
+
+    torch.manual_seed(0)
+    model = _off_identity(build_codec("ugicm:bmshj2018-hyperprior", **TINY, cond_dim=32)).eval()
+    x = torch.from_numpy(np.stack([r["x"] for r in rows[:3]])).permute(0, 3, 1, 2).float() / 255
+    target = torch.from_numpy(np.stack([r["target"] for r in rows[:3]])).permute(0, 3, 1, 2).float() / 255
+    boxes = [torch.as_tensor(r["boxes"]).reshape(-1, 4) for r in rows[:3]]
+    with torch.no_grad():   # eval mode rounds: these are the very decodes the objective makes
         both = model(x, UGICM.BOTH)
-        human, machine = model(x, torch.zeros(3)), model(x, torch.ones(3))
+        human, machine = model(x, torch.zeros(3))["x_hat"], model(x, torch.ones(3))["x_hat"]
     assert both["x_hat"].shape[0] == 6
-    assert torch.allclose(both["x_hat"][:3], human["x_hat"], atol=1e-5)
-    assert torch.allclose(both["x_hat"][3:], machine["x_hat"], atol=1e-5)
-    assert not torch.allclose(human["x_hat"], machine["x_hat"], atol=1e-4)
-    session = LocalSession({"train": rows}, tmp_path)
-    train_codec_loop(_cfg("ugicm:bmshj2018-hyperprior", {"type": "ugicm", "stage": 3, "lmbda_clip": 0}, 3), session)
-    assert all(r["mse_human"] > 0 and r["mse_machine"] > 0 for r in session.reports)   # both terms every step
+    assert torch.allclose(both["x_hat"][:3], human, atol=1e-5)
+    assert torch.allclose(both["x_hat"][3:], machine, atol=1e-5)
+    assert not torch.allclose(human, machine, atol=1e-3)
+
+    objective = UGICMObjective({"type": "ugicm", **UGICMObjective.defaults({"stage": 3}), "lmbda_instance": 0,
+                                "lmbda_clip": 0}, {}, model, "cpu")
+    clip = ClipDistance(_TinyImageEncoder())
+    objective.criterion = UGICMLoss(0.002, 0.5, 2.0, clip, stage=3, lmbda_instance=3.0)
+    with torch.no_grad():
+        terms = objective.terms(model, x, target, boxes, None, step=0)
+        mse_h, mse_m = F.mse_loss(human, x), F.mse_loss(machine, target)
+        glob, inst = clip(machine, x), clip.instances(machine, x, boxes)
+        assert float(terms["mse_human"]) == pytest.approx(float(mse_h), rel=1e-5)
+        assert float(terms["mse_human"]) != pytest.approx(float(F.mse_loss(machine, x)), rel=1e-2)
+        assert float(terms["mse_machine"]) == pytest.approx(float(mse_m), rel=1e-5)
+        assert float(terms["mse_machine"]) != pytest.approx(float(F.mse_loss(human, target)), rel=1e-2)
+        assert float(terms["clip"]) == pytest.approx(float(glob), rel=1e-4)
+        assert float(terms["clip"]) != pytest.approx(float(clip(human, x)), rel=1e-2)
+        assert float(terms["clip_instance"]) == pytest.approx(float(inst), rel=1e-4) and float(inst) > 0
+    # the authors' stage-3 sum: no rate term (only the decoder trains) and no factor 0.5
+    expected = 0.002 * 255 ** 2 * mse_h + 0.5 * 255 ** 2 * mse_m + 3.0 * inst + 2.0 * glob
+    assert float(terms["loss"]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_ugicm_decoder_has_the_authors_four_blocks_and_relu_condition():
+    model = build_codec("ugicm:bmshj2018-hyperprior", **TINY, cond_dim=32)
+    g_s = model.codec.g_s
+    assert list(g_s.blocks) == ["y_hat", "1", "3", "5"]        # before each of g_s's 4 upsamplings
+    assert g_s.blocks["y_hat"].conv1.in_channels == 24           # the first acts on ŷ (M channels)
+    assert [type(m) for m in g_s.mlp] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear, torch.nn.ReLU]
+    with torch.no_grad():
+        torch.nn.init.normal_(g_s.mlp[2].bias)                   # some outputs negative before the last ReLU
+        assert float(g_s.condition(torch.linspace(0, 1, 5)).min()) == 0.0
+
+
+def test_method_defaults_are_the_authors_and_written_into_the_resolved_config(small_shapes, tmp_path, monkeypatch):
+    import train_codec
+    import yaml
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_args):
+        raise Stop
+
+    monkeypatch.setattr(train_codec, "start_ray", stop)   # everything up to starting Ray
+    shapes = {"type": "shapes", "domain": "photo", "n_train": 24, "n_val": 12, "seed": 7, "split": "train"}
+    ugicm = {"name": "ugicm:bmshj2018-hyperprior", **TINY, "cond_dim": 32}
+    clip = {"name": "ViT-B-32", "weights": "open_clip:openai"}
+    cases = [
+        (ugicm, {"type": "ugicm"}, {"stage": 1, "lmbda": 0.0022, "lmbda_machine": 0.0011, "lmbda_clip": 11.0}, 1.0),
+        (ugicm, {"type": "ugicm", "stage": 2}, {"lmbda": 0.0022, "lmbda_machine": 0.0, "lmbda_clip": 22.0}, 1.0),
+        (ugicm, {"type": "ugicm", "stage": 3},
+         {"lmbda": 0.001, "lmbda_machine": 0.0, "lmbda_instance": 1.0, "lmbda_clip": 1.0}, 1.0),
+        (ugicm, {"type": "ugicm", "stage": 2, "lmbda_machine": 0.5}, {"lmbda_machine": 0.5, "lmbda_clip": 22.0}, 1.0),
+        ({"name": "adapt_icmh:bmshj2018-hyperprior", **TINY, "mid": 8}, {"type": "adapt_icmh", "preset": 2},
+         {"task": "detection", "task_lmbda": 2.0}, 0.0),
+        ({"name": "dynamic:bmshj2018-hyperprior", **TINY}, {"type": "dynamic"}, {"lmbda": 0.013, "lmbda_machine": 1.0},
+         1.0)]
+    for i, (codec, loss, expected, clip_max_norm) in enumerate(cases):
+        out = tmp_path / str(i)
+        cfg = {"name": "t", "dataset": shapes, "out_dir": str(out), "crop": 64, "codec": codec, "steps": 1,
+               "loss": {**loss, "clip": clip} if loss["type"] == "ugicm" else loss}
+        with pytest.raises(Stop):
+            train_codec.run(cfg)
+        resolved = yaml.safe_load((out / "config.resolved.yaml").read_text())
+        assert {k: resolved["loss"][k] for k in expected} == expected, (loss, resolved["loss"])
+        assert resolved["clip_max_norm"] == clip_max_norm
+    with pytest.raises(SystemExit, match="random CLIP weights"):   # stage 3's instance term needs real CLIP weights
+        train_codec.run({"name": "t", "dataset": shapes, "out_dir": str(tmp_path / "x"), "crop": 64, "codec": ugicm,
+                         "loss": {"type": "ugicm", "stage": 3, "lmbda_clip": 0}})
 
 
 def test_stage2_trains_only_the_decoder(rows, tmp_path):
@@ -386,3 +479,44 @@ def test_tensorboard_logs_and_trained_weights_reach_shared_storage(rows, tmp_pat
     assert (tmp_path / "bucket/weights/trained/demo-codec.pth").read_bytes() == b"weights"
     assert json.loads((tmp_path / "bucket/weights/trained/demo-codec.json").read_text()) == {"steps": 4}
     assert (tmp_path / "node-cache/trained/demo-codec.pth").is_file()
+
+
+def test_a_codec_trained_once_is_reused_by_recipe_and_a_new_sample_set_version_retrains(small_shapes, tmp_path,
+                                                                                           monkeypatch, capsys):
+    import train_codec
+    import train_codec_local
+
+    from icm.data import samples
+
+    runs = []
+
+    def local_run(cfg, address=None):   # the Ray-free runner: the same checks, loop and export as the Ray job
+        runs.append(cfg["name"])
+        return train_codec_local.train_local(cfg, "cpu")
+
+    monkeypatch.setattr(train_codec, "run", local_run)
+    cfg = {"name": "base", "dataset": {"type": "shapes", "domain": "photo", "n_train": 24, "n_val": 12, "seed": 7,
+                                       "split": "train"},
+           "limit": 4, "out_dir": str(tmp_path / "base"), "crop": 64,
+           "codec": {"name": "ugicm:bmshj2018-hyperprior", **TINY, "cond_dim": 32},
+           "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.01, "lmbda_clip": 0},
+           "steps": 2, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1, "threads": 1}
+    first = train_codec.train_once(cfg)
+    assert len(runs) == 1 and runs[0].startswith("base-") and first["trained_now_s"] is not None
+    assert "training the codec base (2 steps" in capsys.readouterr().out
+    again = train_codec.train_once(cfg)
+    assert len(runs) == 1 and again["sha256"] == first["sha256"] and again["trained_now_s"] is None
+    assert "same recipe" in capsys.readouterr().out
+
+    class Retrained(Exception):
+        pass
+
+    def refuse(cfg, address=None):
+        raise Retrained(cfg["name"])
+
+    monkeypatch.setattr(train_codec, "run", refuse)
+    monkeypatch.setattr(samples, "SHAPES_VERSION", samples.SHAPES_VERSION + 1)   # the generator changed its images
+    with pytest.raises(Retrained) as retrained:
+        train_codec.train_once(cfg)
+    assert "has another recipe — retraining" in capsys.readouterr().out
+    assert str(retrained.value) != runs[0]            # a new run name: the old recipe's checkpoints never resume

@@ -33,7 +33,14 @@ def _sweep_cfg(out):
         "evaluate": {"dataset": {**SHAPES, "split": "val"}, "limit": 4, "canvas": 128, "device": "cpu",
                      "detectors": [{"label": "y", "name": "yolov8n", "weights": "random:5"}]},
         "anchors": [{"label": "jpeg", "ladder": {"type": "jpeg", "qualities": [20, 50, 90]}}],
-        "report": {"anchor": "jpeg"},
+        "report": {"anchor": "jpeg", "bootstrap": 20},
+        "base_codec": {"name": "t-base", "out_dir": str(out / "base"), "dataset": {**SHAPES, "split": "train"},
+                       "limit": 4, "crop": 64,
+                       "codec": {"name": "ugicm:bmshj2018-hyperprior", "quality": 1, "channels": [16, 24],
+                                 "cond_dim": 32, "weights": "random:0"},
+                       "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.01, "lmbda_clip": 0},
+                       "steps": 2, "batch_size": 2, "lr": 1e-3, "checkpoint_every": 2, "log_every": 1, "threads": 1,
+                       "workers": {"num_workers": 1, "cpus_per_worker": 0.5}, "data": {"num_cpus": 0.5}},
         "resources": {"max_concurrent_trials": 1, "trial_cpus": 0.05},
         "ray": {"num_cpus": 2}}
 
@@ -74,6 +81,7 @@ def test_sweep_restores_after_a_kill_and_reports_curves(small_shapes, tmp_path):
     log, _ = second.communicate(timeout=600)
     assert second.returncode == 0, log[-4000:]
     assert "resuming the sweep" in log
+    assert "base codec" in log and "same recipe" in log      # trained by the first run, reused by the second
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trials_finished"] == summary["trials_total"] == 2 and not summary["failed_trials"]
     assert (finished.read_text(), finished.stat().st_mtime_ns) == before      # not rerun
@@ -90,11 +98,24 @@ def test_sweep_restores_after_a_kill_and_reports_curves(small_shapes, tmp_path):
         model = json.loads((out / "trials" / r["trial"] / "model.json").read_text())
         assert model["loss"]["lmbda"] == {"a": 0.002, "b": 0.05}[r["rate_point"]]
         assert model["sha256"] == r["sha256"] and r["bpp"] > 0 and r["psnr"] > 0
+        assert model["init"] == str(out / "base" / "model.pth")       # fine-tuned from the base codec
     assert len(json.loads((out / "curves" / "jpeg.json").read_text())["results"]["bpp"]) == 3
     assert (out / "rd.png").is_file()
     table = json.loads((out / "bd_table.json").read_text())
     assert table["anchor"] == "jpeg" and "psnr-rgb" in table["table"]["tiny"]
     assert "BD-rate (%) against jpeg" in (out / "bd_table.md").read_text()
+    # the bootstrap table reads the same per-image rows as the RD curves: on all images, its curves are theirs
+    boot = json.loads((out / "bd_bootstrap.json").read_text())
+    assert boot["anchor"] == "jpeg" and boot["images"] == 4 and boot["bootstrap"] == 20
+    jpeg = json.loads((out / "curves" / "jpeg.json").read_text())["results"]
+    for axis, key in (("psnr", "psnr-rgb"), ("y", "map50-y")):
+        entry = boot["table"]["tiny"][axis]
+        assert sorted(zip(entry["anchor_bpp"], entry["anchor_quality"])) == pytest.approx(
+            list(zip(jpeg["bpp"], jpeg[key])))
+        assert sorted(zip(entry["test_bpp"], entry["test_quality"])) == pytest.approx(
+            list(zip(curve["results"]["bpp"], curve["results"][key])))
+        assert isinstance(entry["bd_rate"], float) or entry["reason"]     # a figure, or n/a with its reason
+    assert "95 % bootstrap intervals over images" in (out / "bd_bootstrap.md").read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2

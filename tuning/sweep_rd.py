@@ -26,13 +26,14 @@ sys.path[:0] = [str(REPO / "pipelines"), str(REPO / "tuning")]
 
 from common import guard_params, parse_args, resolve_config, start_ray, write_resolved, write_summary  # noqa: E402,I001
 from rd_report import report  # noqa: E402
+import train_codec  # noqa: E402
 
-from icm.config import deep_merge, load_config  # noqa: E402
+from icm.config import load_section  # noqa: E402
 from icm.data.ray_io import run_on_worker  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
 from icm.metrics.codec_eval import evaluate_locally  # noqa: E402
-from icm.train.rd_sweep import (compressai_curve, evaluation_images, evaluation_params, point_metrics,  # noqa: E402
-                                rd_trial, trial_id)
+from icm.train.rd_sweep import (bootstrap_bd_markdown, bootstrap_bd_table, compressai_curve,  # noqa: E402
+                                evaluation_images, evaluation_params, point_metrics, rd_trial, trial_id)
 
 SWEEP_KEYS = ("train", "rate_points", "variants", "evaluate", "anchors")
 
@@ -93,15 +94,17 @@ def tuner(cfg: dict, experiment: str):
 
 def resolve_train(cfg: dict) -> None:
     """``train: {from: <train_codec YAML>, profile: <name>, ...overrides}`` → the full mapping."""
-    train = dict(cfg["train"])
-    if "from" in train:
-        base = load_config(REPO / train.pop("from"), profile=train.pop("profile", None))
-        cfg["train"] = deep_merge(base, train)
+    cfg["train"] = load_section(cfg["train"], REPO)
+    cfg["train"].pop("profiles", None)
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
     resolve_train(cfg)
     check_sweep(cfg)
+    base = None
+    if cfg.get("base_codec"):   # every rate point fine-tunes from one base codec, trained once per recipe
+        base = train_codec.train_once(cfg["base_codec"], address, cfg.get("ray") or {}, what="base codec")
+        cfg["train"]["codec"] = {**cfg["train"]["codec"], "weights": base["weights"], "base_weights": None}
     store = Storage(cfg["out_dir"])
     cfg["out_dir"] = store.display()      # trials write there: an absolute path or a URI
     guard_params(cfg["out_dir"], {k: cfg.get(k) for k in SWEEP_KEYS} | {"name": cfg["name"]})
@@ -127,11 +130,20 @@ def run(cfg: dict, address: str | None = None) -> dict:
                                      points, detectors, extra={"rate_point": [p["rate_point"] for p in points]})
             store.write_text(f"curves/{variant['name']}.json", json.dumps(curve, indent=2))
             curves[variant["name"]] = store.display(f"curves/{variant['name']}.json")
-    rep = report(list(curves.values()), (cfg.get("report") or {}).get("anchor") or next(iter(curves)),
-                 store.display()) if len(curves) > 1 else {}
+    anchor = (cfg.get("report") or {}).get("anchor") or next(iter(curves))
+    rep = report(list(curves.values()), anchor, store.display()) if len(curves) > 1 else {}
+    bootstrap = None
+    if (cfg.get("report") or {}).get("bootstrap") and not failed and anchor in anchors:
+        bootstrap = bootstrap_bd_table(cfg, anchor)
+        store.write_text("bd_bootstrap.json", json.dumps(bootstrap, indent=2, default=float))
+        store.write_text("bd_bootstrap.md", bootstrap_bd_markdown(bootstrap))
+        print("\n" + bootstrap_bd_markdown(bootstrap))
     summary = {"job": "sweep_rd", "name": cfg["name"], "trials_finished": len(trials),
                "trials_total": len(cfg["rate_points"]) * len(cfg["variants"]), "failed_trials": failed,
                "curves": curves, "figure": rep.get("figure"), "bd_table": rep.get("bd_table"),
+               "bd_bootstrap": store.display("bd_bootstrap.md") if bootstrap else None,
+               "base_codec": base and {k: base.get(k) for k in ("weights", "sha256", "steps", "recipe", "runner",
+                                                                 "trained_now_s")},
                "points": [{k: t[k] for k in ("trial", "bpp", "psnr", "ms_ssim", *[f"map50/{d}" for d in detectors])}
                           for t in sorted(trials, key=lambda t: (t["variant"], t["bpp"]))],
                "wall_s": round(time.time() - start, 1),

@@ -3,14 +3,15 @@ Adaptation"; METHODS.md §3): spatial-frequency modulation adapters (SFMA) in a 
 
 An SFMA adapter (in_dim C, mid 64) adds ``factor·(spatial(x) + frequency(x))`` to its input:
 
-* frequency branch — 1×1 down → rfft2 → amplitude ``|Y|`` gated by
+* frequency branch — 1×1 down → rfft2 (``norm="backward"``, unscaled) → amplitude ``|Y|`` gated by
   ``sigmoid(1×1(ReLU(depthwise 3×3(|Y|))))``, phase kept → irfft2 → ReLU → 1×1 up;
 * spatial branch — gated: two 1×1 downs, a depthwise 5×5 on one, their product, ReLU, 1×1 up.
 
 Adapters go after the first three stages of the analysis transform and of the synthesis transform
-(6 adapters; a stage ends where the next resolution change begins). Only adapter parameters train;
-the base codec, its entropy models and their CDF tables stay frozen. The up projections start at
-zero, so an untrained adapted codec is the base codec.
+(6 adapters; a stage ends where the next resolution change begins). Only adapter parameters train,
+without gradient clipping, on ``task_λ·perceptual(clamp(x̂, 0, 1), x) + bpp`` (the authors clamp
+x̂ before the task network); the base codec, its entropy models and their CDF tables stay frozen.
+The up projections start at zero, so an untrained adapted codec is the base codec.
 
 Departures, said plainly: the authors used a transformer codec (TIC) and report likelihood bpp
 only; here the adapters sit on any CompressAI codec and every bpp is that of the real bitstream
@@ -42,10 +43,10 @@ class SFMA(nn.Module):
 
     def frequency(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        spectrum = torch.fft.rfft2(self.freq_down(x).float(), norm="ortho")
+        spectrum = torch.fft.rfft2(self.freq_down(x).float())   # norm="backward", as the authors
         amplitude, phase = spectrum.abs(), spectrum.angle()
         amplitude = amplitude * torch.sigmoid(self.freq_gate(amplitude))
-        y = torch.fft.irfft2(torch.polar(amplitude, phase), s=(h, w), norm="ortho").to(x.dtype)
+        y = torch.fft.irfft2(torch.polar(amplitude, phase), s=(h, w)).to(x.dtype)
         return self.freq_up(torch.relu(y))
 
     def spatial(self, x: torch.Tensor) -> torch.Tensor:

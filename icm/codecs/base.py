@@ -19,6 +19,12 @@ class CodecWrapper(nn.Module):
     def decompress(self, strings, shape, **kwargs) -> dict:
         return self.codec.decompress(strings, shape, **kwargs)
 
+    def human_and_machine(self, x: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(likelihoods, human decode, machine decode) of one forward; one decode serves both
+        unless the wrapper has a machine decode of its own."""
+        out = self.codec(x)
+        return out["likelihoods"], out["x_hat"], out["x_hat"]
+
     def aux_loss(self) -> torch.Tensor:
         return self.codec.aux_loss()
 

@@ -3,10 +3,14 @@
 * ``FeaturePerceptualLoss`` — Adapt-ICMH's task-perceptual losses (ECCV 2024; METHODS.md §3):
   classification — mean MSE over a frozen ResNet-50's layer1..4 features of x̂ vs x
   (ImageNet-normalised); detection — ``0.2·Σ`` MSE over a frozen detector's multi-scale features
-  (FPN p2–p6 for torchvision detectors). ``PRESETS`` hold the authors' task_λ values.
+  (FPN p2–p6 for torchvision detectors). ``PRESETS`` hold the authors' task_λ values; they give
+  the authors' rate points only with the authors' feature networks and input scaling (a
+  detectron2 R50-FPN on BGR·255 − mean; ResNet-50 on ImageNet normalisation), while here the
+  features come from whatever frozen network the config names (a YOLO or torchvision detector on
+  RGB in [0, 1]), so the same task_λ lands at another rate: choose it for the rate wanted.
 * ``DetectorTrainingLoss`` — a frozen detector's own training losses against the ground truth on
-  decoded images (dynamic adaptation, ICIP 2024; METHODS.md §4): differentiable w.r.t. the images,
-  never w.r.t. the detector.
+  decoded images, averaged over the batch (dynamic adaptation, ICIP 2024; METHODS.md §4):
+  differentiable w.r.t. the images, never w.r.t. the detector.
 """
 
 from __future__ import annotations
@@ -65,9 +69,11 @@ class FeaturePerceptualLoss(nn.Module):
 
 
 class DetectorTrainingLoss(nn.Module):
-    """The frozen ``detector``'s training losses of decoded images against their boxes, summed over
-    the images (each image's loss as it has it alone). Labels are dataset class ids, mapped into
-    the detector's classes by name (``class_map`` as everywhere else)."""
+    """The frozen ``detector``'s training losses of decoded images against their boxes, the mean
+    over the images of each image's loss as it has it alone — a batch mean, as the rate and MSE
+    terms it is weighed against (MAA sums instead: there each image's step must not depend on
+    the batch). Labels are dataset class ids, mapped into the detector's classes by name
+    (``class_map`` as everywhere else)."""
 
     def __init__(self, detector: Detector, dataset_classes: list[str], class_map: dict | None = None):
         super().__init__()
@@ -82,7 +88,7 @@ class DetectorTrainingLoss(nn.Module):
             t = map_targets(b.reshape(-1, 4), names, self.detector.classes, self.class_map)
             targets.append({"boxes": t["boxes"].to(images.device), "labels": t["labels"].to(images.device),
                             "seed": seed * 1009 + i})
-        return total(self.detector.loss(images, targets))
+        return total(self.detector.loss(images, targets)) / max(len(images), 1)   # loss() sums over images
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -142,3 +142,60 @@ def paired_curve_comparison(curves: dict[str, list[dict]], pairs: list[tuple[str
                            "test_map50": list(s["test_map50"]), "ref_bpp": list(s["ref_bpp"]),
                            "test_bpp": list(s["test_bpp"])} for p, s in zip(pairs, full)]
     return result
+
+
+def _quality(point: dict, axis: str, indices: np.ndarray) -> float:
+    """A rate point's quality on one axis over the images at ``indices``: ``psnr`` (mean of the
+    per-image PSNR, as the RD points are) or a detector label (its mAP@.5)."""
+    return float(np.mean(point["psnr"][indices])) if axis == "psnr" else point["matches"][axis].ap50(indices)
+
+
+def bd_rate_against_anchor(anchor: list[dict], test: list[dict], axis: str, draws: np.ndarray,
+                           confidence: float = 0.95) -> dict:
+    """BD-rate (%) of the ``test`` curve against the ``anchor`` curve on one quality axis
+    (``"psnr"`` or a detector's mAP@.5), with a bootstrap interval over images.
+
+    Each curve is a list of rate points ``{"bpp", "psnr": per-image arrays, "matches": {detector:
+    ImageMatches}}`` over the same images in the same order; ``draws`` are image-index resamples,
+    the same for both curves. The figure is ``bd_metrics`` on all images ("n/a" with its reason
+    where it cannot be trusted); the interval is over the resamples where it is defined, whose
+    share is reported."""
+    def curves(indices):
+        return ([float(np.mean(p["bpp"][indices])) for p in anchor], [_quality(p, axis, indices) for p in anchor],
+                [float(np.mean(p["bpp"][indices])) for p in test], [_quality(p, axis, indices) for p in test])
+
+    everything = np.arange(len(anchor[0]["bpp"]))
+    ra, qa, rt, qt = curves(everything)
+    full = bd_metrics(ra, qa, rt, qt)
+    samples = []
+    for indices in draws:
+        value = bd_metrics(*curves(indices))["bd_rate_percent"]
+        samples.append(value if isinstance(value, float) else np.nan)
+    samples = np.asarray(samples, float)
+    return {"axis": axis, "bd_rate": full["bd_rate_percent"], "reason": full.get("bd_rate_percent_reason", ""),
+            "ci": interval(samples, confidence), "defined_share": float(np.mean(np.isfinite(samples))) if len(draws) else 0.0,
+            "anchor_bpp": ra, "anchor_quality": qa, "test_bpp": rt, "test_quality": qt}
+
+
+def paired_point_deltas(ref: dict, test: dict, detectors: list[str], draws: np.ndarray,
+                        confidence: float = 0.95) -> dict:
+    """Two codecs' rate points on the same images (``ref``, ``test``: ``{"bpp", "psnr",
+    "matches"}`` as for ``bd_rate_against_anchor``): test − ref in mAP@.5 per detector, in PSNR
+    (dB) and in bpp (%), each on all images with a paired bootstrap interval (the same resampled
+    images for both)."""
+    def deltas(indices):
+        out = {f"map50/{d}": test["matches"][d].ap50(indices) - ref["matches"][d].ap50(indices) for d in detectors}
+        out["psnr"] = float(np.mean(test["psnr"][indices]) - np.mean(ref["psnr"][indices]))
+        out["bpp_percent"] = float(100 * (np.mean(test["bpp"][indices]) / np.mean(ref["bpp"][indices]) - 1))
+        return out
+
+    everything = np.arange(len(ref["bpp"]))
+    full, boot = deltas(everything), [deltas(d) for d in draws]
+    result = {"bpp_ref": float(np.mean(ref["bpp"])), "bpp_test": float(np.mean(test["bpp"])),
+              "psnr_ref": float(np.mean(ref["psnr"])), "psnr_test": float(np.mean(test["psnr"])),
+              "map50_ref": {d: ref["matches"][d].ap50() for d in detectors},
+              "map50_test": {d: test["matches"][d].ap50() for d in detectors}}
+    for key, value in full.items():
+        result[f"delta_{key}"] = value
+        result[f"delta_{key}_ci"] = interval([b[key] for b in boot], confidence)
+    return result

@@ -45,9 +45,13 @@ EVAL_COLUMNS = pa.schema([("width", pa.int64()), ("height", pa.int64()), ("gt", 
 class LearnedPoint:
     """One trained codec = one rate point. A conditional codec (UG-ICM's β, dynamic adaptation's
     g_t) has a human and a machine decode of its one bitstream. ``refine: {steps, lr, lmbda,
-    detector}`` refines each image's latent at encode time against that detector's training loss
-    (this project's addition; ``icm.codecs.dynamic.refine_latent``) — the bitstream stays a standard
-    one, decoded by the unchanged decoder; its cost per image and objective go into ``info``."""
+    lmbda_machine, detector}`` refines each image's latent at encode time against
+    ``R + λ_h·255²·MSE(x, x̂) + λ_m·L_det(x̄)`` with that detector's training loss on the machine
+    decode (this project's addition; ``icm.codecs.refine``), for any codec, wrapped or not — the
+    bitstream stays a standard one, decoded by the unchanged decoder; its cost per image and the
+    objective's terms before and after go into ``info``."""
+
+    REFINE_DEFAULTS = {"steps": 10, "lr": 0.5, "lmbda": 0.0130, "lmbda_machine": 1.0}
 
     def __init__(self, spec: dict, device, dataset_classes: list[str] | None = None, canvas: int = 512):
         from icm.zoo import build_codec
@@ -59,8 +63,9 @@ class LearnedPoint:
         self.decode_modes = ({"human": {"beta": 0.0}, "machine": {"beta": 1.0}} if isinstance(self.model, UGICM)
                              else {"human": {"machine": False}, "machine": {"machine": True}}
                              if isinstance(self.model, DynamicCodec) else {"single": {}})
-        self.params = {k: v for k, v in spec.items() if k not in ("label", "curve")}
-        self.refine = spec.get("refine")
+        self.refine = {**self.REFINE_DEFAULTS, **spec["refine"]} if spec.get("refine") else None
+        self.params = {k: v for k, v in spec.items() if k not in ("label", "curve")} | (
+            {"refine": self.refine} if self.refine else {})
         if self.refine:
             from icm.losses.task import DetectorTrainingLoss
 
@@ -70,7 +75,7 @@ class LearnedPoint:
                                                     det_spec.get("class_map"))
 
     def _refined(self, x: torch.Tensor, record: dict) -> tuple[CodedImage, dict]:
-        from icm.codecs.dynamic import compress_latent, refine_latent
+        from icm.codecs.refine import compress_latent, refine_latent
         from icm.metrics.bitstream import pad_to_multiple
 
         start = time.time()
@@ -79,17 +84,19 @@ class LearnedPoint:
         boxes = boxes + torch.tensor([pad[0], pad[2], pad[0], pad[2]], device=self.device)
         labels = torch.as_tensor(np.asarray(record["class_ids"], np.int64)).reshape(-1)
 
-        def objective(x_hat):   # the padded decode, with the boxes moved by the padding
-            return self.refine_loss(x_hat, [boxes], [labels])
+        def detection_loss(x_bar):   # the padded machine decode, with the boxes moved by the padding
+            return self.refine_loss(x_bar, [boxes], [labels])
         with torch.enable_grad():
-            y, history = refine_latent(self.model, padded, objective, steps=int(self.refine.get("steps", 10)),
-                                       lr=float(self.refine.get("lr", 0.5)), lmbda=float(self.refine.get("lmbda", 1.0)))
+            y, history = refine_latent(self.model, padded, detection_loss, steps=int(self.refine["steps"]),
+                                       lr=float(self.refine["lr"]), lmbda=float(self.refine["lmbda"]),
+                                       lmbda_machine=float(self.refine["lmbda_machine"]), pad=pad)
         out = compress_latent(self.model, padded, y)
         h, w = x.shape[-2:]
         num_bytes = sum(len(b) for group in out["strings"] for b in group)
         coded = CodedImage(out["strings"], tuple(out["shape"]), num_bytes, 8.0 * num_bytes / (h * w), x, pad)
-        return coded, {"refine": {"seconds": round(time.time() - start, 3), "objective_before": history[0],
-                                  "objective_after": min(history), "steps": len(history) - 1}}
+        chosen = min(history, key=lambda terms: terms["objective"])
+        return coded, {"refine": {"seconds": round(time.time() - start, 3), "before": history[0], "after": chosen,
+                                  "steps": len(history) - 1}}
 
     @torch.no_grad()
     def decodes(self, image: np.ndarray, record: dict | None = None) -> tuple[int, dict[str, np.ndarray], dict]:
@@ -254,6 +261,38 @@ def rd_points(manifest_rows: list[dict], point_rows: list[dict], detectors: list
             result = coco_map(*coco_inputs(ok, rows, label, classes, spec.get("class_map")))
             entry["map"][label], entry["map50"][label] = result["map"], result["map50"]
         out.append(entry)
+    return out
+
+
+def image_points(eval_dir: str, detectors: list[dict], dataset_classes: list[str]) -> dict[tuple, dict]:
+    """The per-image results of one evaluation's output (``pipelines/evaluate.py``, a sweep
+    trial's or an anchor's ``evaluate_locally``), for bootstrap over images: for each (curve, rate
+    point, decode) ``{"params", "source_ids"`` (sorted), ``"bpp"``, ``"psnr"`` (per-image arrays in
+    that order) and ``"matches": {detector: ImageMatches}}`` (pycocotools' per-image matching)."""
+    from icm.data.storage import Storage
+    from icm.metrics.bootstrap import ImageMatches
+
+    store = Storage(eval_dir)
+    ok = sorted((r for r in store.read_table("manifest.parquet").to_pylist() if r["status"] == "ok"),
+                key=lambda r: r["source_id"])
+    ids = [r["source_id"] for r in ok]
+    groups = defaultdict(dict)
+    for table in store.read_tables("points"):
+        for row in table.to_pylist():
+            groups[(row["curve"], row["point"], row["decode"])][row["source_id"]] = row
+    out = {}
+    for key, by_id in sorted(groups.items()):
+        rows = [by_id[i] for i in ids if i in by_id]
+        if len(rows) != len(ids):
+            raise ValueError(f"{eval_dir}: {key} has rows for {len(rows)} of its {len(ids)} images")
+        matches = {}
+        for spec in detectors:
+            classes = class_list(spec.get("classes")) or dataset_classes
+            matches[detector_label(spec)] = ImageMatches(*coco_inputs(ok, rows, detector_label(spec), classes,
+                                                                      spec.get("class_map")))
+        out[key] = {"params": json.loads(rows[0]["params"]), "source_ids": ids,
+                    "bpp": np.asarray([r["bpp"] for r in rows], float), "psnr": np.asarray([r["psnr"] for r in rows], float),
+                    "matches": matches}
     return out
 
 

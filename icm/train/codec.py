@@ -23,6 +23,7 @@ from icm.codecs.ugicm import UGICM
 from compressai.losses import RateDistortionLoss
 
 from icm.losses import ClipDistance, UGICMLoss, bpp_of
+from icm.losses.ugicm import STAGE_DEFAULTS
 from icm.losses.task import PRESETS, DetectorTrainingLoss, FeaturePerceptualLoss, ResNetFeatures
 from icm.maa.stage import build_from_spec
 from icm.train.session import Session
@@ -108,9 +109,17 @@ class LearningRateSchedule:
 
 class Objective:
     """What one training method optimises: which codec it takes, which of its parameters train,
-    and the loss terms of a batch (``loss`` first; ``mse`` is the human-side MSE for PSNR)."""
+    and the loss terms of a batch (``loss`` first; ``mse`` is the human-side MSE for PSNR).
+    ``defaults`` are the method's loss settings where the config gives none, and
+    ``clip_max_norm`` its gradient clipping: both are written into the config by
+    ``with_method_defaults``, so the resolved config shows what ran."""
 
     codec_type: type = nn.Module
+    clip_max_norm: float = 1.0   # CompressAI's example and the UG-ICM authors
+
+    @classmethod
+    def defaults(cls, loss_cfg: dict) -> dict:
+        return {}
 
     def __init__(self, loss_cfg: dict, config: dict, model: nn.Module, device):
         pass
@@ -125,9 +134,13 @@ class Objective:
 class RDObjective(Objective):
     """Any CompressAI codec: CompressAI's own ``λ·255²·MSE + bpp``."""
 
+    @classmethod
+    def defaults(cls, loss_cfg):
+        return {"lmbda": 0.0130}
+
     def __init__(self, loss_cfg, config, model, device):
         super().__init__(loss_cfg, config, model, device)
-        self.criterion = RateDistortionLoss(lmbda=float(loss_cfg.get("lmbda", 0.0130)))
+        self.criterion = RateDistortionLoss(lmbda=float(loss_cfg["lmbda"]))
 
     def terms(self, net, x, target, boxes, labels, step):
         out = self.criterion(net(x), x)
@@ -135,19 +148,28 @@ class RDObjective(Objective):
 
 
 class UGICMObjective(Objective):
-    """UG-ICM stages 1–3 (``icm.losses.ugicm``); stages 2–3 train only the decoder side."""
+    """UG-ICM stages 1–3 (``icm.losses.ugicm``, the authors' weights per stage as defaults);
+    stages 2–3 train only the decoder side."""
 
     codec_type = UGICM
 
+    @classmethod
+    def defaults(cls, loss_cfg):
+        stage = int(loss_cfg.get("stage", 1))
+        if stage not in STAGE_DEFAULTS:
+            raise ValueError(f"loss.stage={stage}: UG-ICM has stages {sorted(STAGE_DEFAULTS)}")
+        return {"stage": stage, **STAGE_DEFAULTS[stage]}
+
     def __init__(self, loss_cfg, config, model, device):
         super().__init__(loss_cfg, config, model, device)
-        self.stage = int(loss_cfg.get("stage", 1))
+        self.stage = int(loss_cfg["stage"])
         clip = None
-        if float(loss_cfg.get("lmbda_clip", 0)) > 0:
+        if needs_clip(loss_cfg):
             clip_cfg = loss_cfg.get("clip") or {}
             clip = ClipDistance(build_clip(clip_cfg.get("name", "ViT-B-32"), clip_cfg.get("weights", "random"))).to(device)
-        self.criterion = UGICMLoss(float(loss_cfg.get("lmbda", 0.0022)), float(loss_cfg.get("lmbda_machine", 0.0011)),
-                                   float(loss_cfg.get("lmbda_clip", 0)), clip, instance=self.stage >= 3)
+        self.criterion = UGICMLoss(float(loss_cfg["lmbda"]), float(loss_cfg["lmbda_machine"]),
+                                   float(loss_cfg["lmbda_clip"]), clip, stage=self.stage,
+                                   lmbda_instance=float(loss_cfg.get("lmbda_instance", 0)))
 
     def set_trainable(self, model):
         if self.stage >= 2:  # stage 2/3: only the synthesis transform, its blocks and the condition MLP train
@@ -166,17 +188,27 @@ class UGICMObjective(Objective):
 
 
 class AdaptICMHObjective(Objective):
-    """Adapt-ICMH: ``task_λ·perceptual(x̂, x) + bpp``; only the adapters train. ``loss``: ``task``
-    (classification | detection), ``task_lmbda`` or ``preset`` (0–3: the authors' values),
-    ``model`` (a zoo spec: a torchvision ResNet for classification, a detector for detection)."""
+    """Adapt-ICMH: ``task_λ·perceptual(clamp(x̂, 0, 1), x) + bpp``; only the adapters train, with no
+    gradient clipping (as the authors). ``loss``: ``task`` (classification | detection),
+    ``task_lmbda`` or ``preset`` (0–3: the authors' task_λ values — their rate points only with
+    their feature network and input scaling, ``icm.losses.task.PRESETS``), ``model`` (a zoo spec:
+    a torchvision ResNet for classification, a detector for detection)."""
 
     codec_type = AdaptICMH
+    clip_max_norm = 0.0
+
+    @classmethod
+    def defaults(cls, loss_cfg):
+        task = loss_cfg.get("task", "detection")
+        if task not in PRESETS:
+            raise ValueError(f"loss.task {task!r} is not one of {sorted(PRESETS)}")
+        preset = loss_cfg.get("preset")
+        return {"task": task, "task_lmbda": PRESETS[task][int(1 if preset is None else preset)]}
 
     def __init__(self, loss_cfg, config, model, device):
         super().__init__(loss_cfg, config, model, device)
-        task = loss_cfg.get("task", "detection")
-        lmbda = loss_cfg.get("task_lmbda")
-        self.task_lmbda = float(lmbda if lmbda is not None else PRESETS[task][int(loss_cfg.get("preset", 1))])
+        task = loss_cfg["task"]
+        self.task_lmbda = float(loss_cfg["task_lmbda"])
         spec = dict(loss_cfg.get("model") or {})
         if task == "classification":
             net = ResNetFeatures(build_classifier(spec.get("name", "resnet50"), spec.get("weights", "random")))
@@ -191,29 +223,34 @@ class AdaptICMHObjective(Objective):
         out = net(x)
         n, _, h, w = x.shape
         bpp = bpp_of(out["likelihoods"], n * h * w)
-        perceptual = self.perceptual(out["x_hat"], x)
+        perceptual = self.perceptual(out["x_hat"].clamp(0, 1), x)   # as the authors: the task network sees [0, 1]
         return {"loss": self.task_lmbda * perceptual + bpp, "bpp_loss": bpp, "perceptual": perceptual,
                 "mse": F.mse_loss(out["x_hat"], x).detach()}
 
 
 class DynamicObjective(Objective):
-    """Dynamic adaptation: the detector's training losses on x̄ = g_t(x̂). ``dynamic``: the codec
-    frozen, only g_t trains (``λ_m·L_det(x̄)``; bpp is reported, constant); ``dynamic_joint``:
-    ``R + λ_h·255²·MSE(x, x̂) + λ_m·L_det(x̄)``, codec and g_t together."""
+    """Dynamic adaptation: the detector's training losses (batch mean) on x̄ = g_t(x̂).
+    ``dynamic``: the codec frozen and run as it decodes (eval mode: rounded latents, x̂ clamped),
+    only g_t trains (``λ_m·L_det(x̄)``; bpp is reported, constant); ``dynamic_joint``:
+    ``R + λ_h·255²·MSE(x, x̂) + λ_m·L_det(x̄)``, codec and g_t together (the codec in train mode)."""
 
     codec_type = DynamicCodec
+
+    @classmethod
+    def defaults(cls, loss_cfg):
+        return {"lmbda": 0.0130, "lmbda_machine": 1.0}
 
     def __init__(self, loss_cfg, config, model, device):
         super().__init__(loss_cfg, config, model, device)
         self.joint = loss_cfg["type"] == "dynamic_joint"
-        self.lmbda_h, self.lmbda_m = float(loss_cfg.get("lmbda", 0.0130)), float(loss_cfg.get("lmbda_machine", 1.0))
+        self.lmbda_h, self.lmbda_m = float(loss_cfg["lmbda"]), float(loss_cfg["lmbda_machine"])
         spec = dict(loss_cfg.get("detector") or {})
         classes = list(config.get("dataset_classes") or [])
         detector = build_from_spec(spec, classes, int(config.get("canvas", 512)))
         self.detector_loss = DetectorTrainingLoss(detector, classes, spec.get("class_map")).to(device)
 
     def set_trainable(self, model):
-        model.codec.requires_grad_(self.joint)
+        model.freeze_codec(not self.joint)
 
     def terms(self, net, x, target, boxes, labels, step):
         out = net(x)
@@ -229,22 +266,40 @@ OBJECTIVES = {"rd": RDObjective, "ugicm": UGICMObjective, "adapt_icmh": AdaptICM
               "dynamic": DynamicObjective, "dynamic_joint": DynamicObjective}
 
 
+def needs_clip(loss_cfg: dict) -> bool:
+    """Whether a UG-ICM loss has a CLIP term: the global one, or stage 3's instance one."""
+    return float(loss_cfg.get("lmbda_clip") or 0) > 0 or (
+        int(loss_cfg.get("stage", 1)) >= 3 and float(loss_cfg.get("lmbda_instance") or 0) > 0)
+
+
+def with_method_defaults(config: dict) -> dict:
+    """``config`` with its training method's defaults written in where it gives none: the loss
+    settings (``Objective.defaults``, e.g. UG-ICM's per-stage weights) and ``clip_max_norm``."""
+    loss = dict(config.get("loss") or {"type": "rd"})
+    if loss.get("type") not in OBJECTIVES:
+        raise ValueError(f"loss type {loss.get('type')!r} is not one of {sorted(OBJECTIVES)}")
+    objective = OBJECTIVES[loss["type"]]
+    loss = {**objective.defaults(loss), **{k: v for k, v in loss.items() if v is not None}}
+    clip_max_norm = config.get("clip_max_norm")
+    return {**config, "loss": loss,
+            "clip_max_norm": float(objective.clip_max_norm if clip_max_norm is None else clip_max_norm)}
+
+
 def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Module:
     """config: codec (zoo spec: name, quality, weights, channels, ...), steps, batch_size, lr,
-    aux_lr, clip_max_norm (gradient clipping of the main parameters, default 1.0 as CompressAI's
-    example and the UG-ICM authors; 0 turns it off), lr_schedule (``LearningRateSchedule``), loss
+    aux_lr, clip_max_norm (gradient clipping of the main parameters; default the method's:
+    1.0 as CompressAI's example and the UG-ICM authors, 0 — off — for Adapt-ICMH), lr_schedule (``LearningRateSchedule``), loss
     (``type``: one of ``OBJECTIVES``, with that method's settings), dataset_classes and canvas
     (for detector losses), checkpoint_every, log_every, seed, threads, tensorboard_dir. Returns
     the trained (unwrapped) model. A resumed run continues at the saved step, epoch and stream
     position with the saved optimiser and schedule: it equals an uninterrupted run bit for bit."""
+    config = with_method_defaults(config)
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     model = build_training_codec(config).to(session.device)
-    loss_cfg = config.get("loss", {"type": "rd"})
-    if loss_cfg["type"] not in OBJECTIVES:
-        raise ValueError(f"loss type {loss_cfg['type']!r} is not one of {sorted(OBJECTIVES)}")
+    loss_cfg = config["loss"]
     objective = OBJECTIVES[loss_cfg["type"]](loss_cfg, config, model, session.device)
     wrappers = (UGICM, AdaptICMH, DynamicCodec)
     if (objective.codec_type is nn.Module and isinstance(model, wrappers)) or not isinstance(model, objective.codec_type):
@@ -256,7 +311,7 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
     opt = torch.optim.Adam(main_params, lr=float(config.get("lr", 1e-4)))
     aux_opt = torch.optim.Adam(aux_params, lr=float(config.get("aux_lr", 1e-3))) if aux_params else None
     schedule = LearningRateSchedule(opt, config.get("lr_schedule"))
-    clip_max_norm = float(config.get("clip_max_norm", 1.0))
+    clip_max_norm = config["clip_max_norm"]
     step, epoch = 0, 0
     state = session.restore()
     if state is not None:

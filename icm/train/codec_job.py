@@ -18,10 +18,10 @@ from icm.config import ConfigError, canonical_json
 from icm.data.ray_io import select_refs
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
-from icm.train.codec import build_training_codec, train_codec_loop
+from icm.train.codec import build_training_codec, needs_clip, train_codec_loop, with_method_defaults
 from icm.train.inputs import crop_record
 from icm.train.stream import Stream
-from icm.zoo.weights import publish_trained
+from icm.zoo.weights import publish_trained, weights_fingerprint
 
 # What a trained codec is a function of (not where or how fast it ran): two exports with the same
 # recipe digest are interchangeable, whichever runner (Ray Train, pipelines/train_codec_local.py) made them.
@@ -59,8 +59,29 @@ def codec_stream(refs: list[dict], cfg: dict, targets: dict[str, str]) -> Stream
                   seed=seed, num_cpus=float((cfg.get("data") or {}).get("num_cpus", 1)))
 
 
+def _weights_in(node, where: str = "") -> dict[str, str]:
+    """``{config path: fingerprint}`` of every ``weights`` / ``base_weights`` spec under ``node``."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            path = f"{where}.{key}" if where else str(key)
+            out |= ({path: weights_fingerprint(value)} if key in ("weights", "base_weights") and isinstance(value, str)
+                    else _weights_in(value, path))
+        return out
+    return {}
+
+
 def recipe_digest(cfg: dict) -> str:
-    return hashlib.sha256(canonical_json({k: cfg.get(k) for k in RECIPE_KEYS}).encode()).hexdigest()
+    """The digest of ``RECIPE_KEYS``, of the content (sha256) of every weights file the codec and
+    the loss start from or use (a retrained base codec or detector under the same name is another
+    recipe), and, for the built-in sample sets, of their generator's version (a regenerated set
+    is other data under the same spec)."""
+    from icm.data import samples
+
+    version = {"shapes": samples.SHAPES_VERSION}.get((cfg.get("dataset") or {}).get("type"))
+    starts = _weights_in({"codec": cfg.get("codec"), "loss": cfg.get("loss")})
+    return hashlib.sha256(canonical_json({**{k: cfg.get(k) for k in RECIPE_KEYS}, "data_version": version,
+                                          "weights_sha256": starts}).encode()).hexdigest()
 
 
 def export_model(state: dict, cfg: dict, storage: Storage, runner: str = "ray-train") -> dict:
@@ -92,11 +113,15 @@ def check_config(cfg: dict) -> None:
     if cfg.get("method"):
         cfg["loss"] = {**(cfg.get("loss") or {}), "type": cfg["method"]}
     cfg["codec"] = {k: v for k, v in cfg["codec"].items() if v is not None}
-    loss = cfg.get("loss", {})
-    if loss.get("type") == "ugicm" and float(loss.get("lmbda_clip", 0)) > 0 and \
+    try:   # the method's defaults go into the config itself: the resolved config and the recipe show them
+        cfg.update(with_method_defaults(cfg))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    loss = cfg["loss"]
+    if loss["type"] == "ugicm" and needs_clip(loss) and \
             str((loss.get("clip") or {}).get("weights", "random")).startswith("random"):
-        raise ConfigError("loss.lmbda_clip > 0 with random CLIP weights trains towards noise: give "
-                          "loss.clip.weights (open_clip:openai or a local file) or set loss.lmbda_clip=0")
+        raise ConfigError("loss.lmbda_clip > 0 (or stage 3's lmbda_instance > 0) with random CLIP weights trains "
+                          "towards noise: give loss.clip.weights (open_clip:openai or a local file) or set them to 0")
     if int(cfg["crop"]) % 64:
         raise ConfigError(f"crop={cfg['crop']}: training crops must be a multiple of 64 (hyperprior codecs "
                           "downsample by 64; other sizes misalign their latents)")

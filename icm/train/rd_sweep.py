@@ -16,11 +16,15 @@ import hashlib
 import json
 from typing import Any
 
+import numpy as np
+
 from icm.config import apply_override, canonical_json
 from icm.data.ray_io import select_refs
 from icm.data.readers import build_reader
 from icm.data.storage import Storage, join_location
-from icm.metrics.codec_eval import evaluate_locally
+from icm.maa.stage import detector_label
+from icm.metrics.bootstrap import bd_rate_against_anchor
+from icm.metrics.codec_eval import evaluate_locally, image_points
 from icm.train.codec_job import check_config, train_codec_job, training_images
 from icm.train.ray_trainer import report_trial
 
@@ -73,6 +77,78 @@ def point_metrics(points: list[dict], curve: str, detectors: list[str]) -> list[
                     **{f"map50/{d}": machine["map50"][d] for d in detectors},
                     **{f"map/{d}": machine["map"][d] for d in detectors}})
     return out
+
+
+def trial_curve(sweep: dict, variant: str, detectors: list[dict], classes: list[str]) -> list[dict]:
+    """A variant's rate points from its trials' evaluation outputs (``image_points``), for
+    bootstrap over images: per-image bpp and PSNR of the human (or only) decode and, per detector,
+    pycocotools' per-image matches of the machine (or only) decode."""
+    store = Storage(sweep["out_dir"])
+    points = []
+    for rate in sweep["rate_points"]:
+        results = image_points(store.display(f"trials/{trial_id(variant, rate['name'])}/evaluate"), detectors, classes)
+        decodes = {decode for curve, _, decode in results if curve == "codec"}
+        human = results[("codec", 0, "human" if "human" in decodes else "single")]
+        machine = results[("codec", 0, "machine" if "machine" in decodes else "single")]
+        points.append({"rate_point": rate["name"], "source_ids": human["source_ids"], "bpp": human["bpp"],
+                       "psnr": human["psnr"], "matches": machine["matches"]})
+    return points
+
+
+def anchor_curve(sweep: dict, label: str, detectors: list[dict], classes: list[str]) -> list[dict]:
+    """An anchor's (a ladder's) rate points from its evaluation output, as ``trial_curve``."""
+    results = image_points(join_location(sweep["out_dir"], f"anchors/{label}"), detectors, classes)
+    return [results[key] for key in sorted(k for k in results if k[0] == label)]
+
+
+def bootstrap_bd_table(sweep: dict, anchor: str) -> dict:
+    """BD-rate of every variant against ``anchor`` on PSNR and on each detector's mAP@.5, with
+    bootstrap intervals over the evaluation images (``report.bootstrap`` resamples, the same for
+    every curve; ``icm.metrics.bootstrap.bd_rate_against_anchor``)."""
+    report = sweep.get("report") or {}
+    detectors = sweep["evaluate"].get("detectors", [])
+    _, classes = evaluation_images(sweep)
+    base = anchor_curve(sweep, anchor, detectors, classes)
+    images = base[0]["source_ids"]
+    rng = np.random.default_rng(int(report.get("seed", 0)))
+    draws = rng.integers(0, len(images), (int(report.get("bootstrap", 200)), len(images)))
+    confidence = float(report.get("confidence", 0.95))
+    axes = ["psnr"] + [detector_label(d) for d in detectors]
+    table = {}
+    for variant in sweep["variants"]:
+        curve = trial_curve(sweep, variant["name"], detectors, classes)
+        if any(p["source_ids"] != images for p in curve):
+            raise ValueError(f"{variant['name']}: its trials and the anchor {anchor} were evaluated on other images")
+        table[variant["name"]] = {axis: bd_rate_against_anchor(base, curve, axis, draws, confidence) for axis in axes}
+    return {"anchor": anchor, "images": len(images), "bootstrap": len(draws), "confidence": confidence, "axes": axes,
+            "table": table}
+
+
+def bootstrap_bd_markdown(result: dict) -> str:
+    pct = round(100 * result["confidence"])
+    axes = result["axes"]
+    names = ["PSNR" if a == "psnr" else f"mAP@.5 {a}" for a in axes]
+    lines = [f"BD-rate (%) against {result['anchor']} (negative: fewer bits at equal quality), on {result['images']} "
+             f"images, {pct} % bootstrap intervals over images ({result['bootstrap']} resamples)", "",
+             "| curve | " + " | ".join(names) + " |", "|---|" + "---|" * len(axes)]
+    notes = []
+    for name, row in result["table"].items():
+        cells = []
+        for axis in axes:
+            entry = row[axis]
+            if not isinstance(entry["bd_rate"], float):
+                notes.append(f"{name}, {axis}: {entry['reason']}")
+                cells.append(f"n/a [{len(notes)}]")
+                continue
+            ci = entry["ci"]
+            cell = f"{entry['bd_rate']:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+            if entry["defined_share"] < 1:
+                cell += f" (defined in {entry['defined_share']:.0%} of resamples)"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, start=1)]
+    return "\n".join(lines) + "\n"
 
 
 def rd_trial(config: dict[str, Any]) -> None:

@@ -66,10 +66,13 @@ def _register_codecs():
     @register("codec", "ugicm:")
     def build_ugicm(name: str, quality: int = 3, weights: str = "random", metric: str = "mse",
                     channels: list[int] | None = None, cond_dim: int = 512, base_weights: str | None = None,
-                    **kwargs):
+                    beta: float | None = None, **kwargs):
         """UG-ICM on a CompressAI codec: ``ugicm:<arch>``. ``weights`` is a UG-ICM checkpoint
         (this project's export, e.g. ``trained:<label>``) or ``random``; ``base_weights`` starts a
-        new UG-ICM from a trained plain codec (its conditioned blocks start as the identity)."""
+        new UG-ICM from a trained plain codec (its conditioned blocks start as the identity).
+        ``beta``: the codec decoding at that β only, as a plain CompressAI codec
+        (``UGICM.at_beta``) — e.g. the base that ``adapt_icmh:ugicm:<arch>`` or
+        ``dynamic:ugicm:<arch>`` adapt."""
         from icm.codecs.ugicm import UGICM
 
         arch = name.partition(":")[2]
@@ -79,7 +82,9 @@ def _register_codecs():
             model = UGICM(base, cond_dim=cond_dim)
         if resolved.path is not None:
             model.load_state_dict(load_state_dict(resolved.path))
-        attach_provenance(model, f"{name}@q{quality}", "ugicm", resolved)
+        if beta is not None:
+            model = model.at_beta(beta)
+        attach_provenance(model, f"{name}@q{quality}" + ("" if beta is None else f"@beta{beta:g}"), "ugicm", resolved)
         return model
 
     @register("codec", "adapt_icmh:", "dynamic:")
@@ -87,15 +92,18 @@ def _register_codecs():
                       channels: list[int] | None = None, base_weights: str | None = None, mid: int = 64,
                       post_channels: int = 64, **kwargs):
         """A CompressAI codec adapted for machines: ``adapt_icmh:<arch>`` (SFMA adapters, Adapt-ICMH)
-        or ``dynamic:<arch>`` (post-decoder g_t, dynamic adaptation). ``base_weights``: the codec
-        to adapt (e.g. ``compressai:mse`` or a trained file); ``weights``: a whole adapted
-        checkpoint (this project's export) or ``random`` (adapters / g_t at their identity init)."""
+        or ``dynamic:<arch>`` (post-decoder g_t, dynamic adaptation); ``<arch>`` may be
+        ``ugicm:<arch>`` with ``beta`` (and ``cond_dim``): a UG-ICM codec at one of its decodes.
+        ``base_weights``: the codec to adapt (e.g. ``compressai:mse`` or a trained file);
+        ``weights``: a whole adapted checkpoint (this project's export) or ``random`` (adapters /
+        g_t at their identity init)."""
         from icm.codecs.adapt_icmh import AdaptICMH
         from icm.codecs.dynamic import DynamicCodec
 
         kind, _, arch = name.partition(":")
         resolved = resolve(weights, family=name)
-        base = build_codec(arch, quality, base_weights or f"random:{resolved.seed or 0}", metric, channels, **kwargs)
+        builder = build_ugicm if arch.startswith("ugicm:") else build_codec   # a UG-ICM base at one β (its beta=)
+        base = builder(arch, quality, base_weights or f"random:{resolved.seed or 0}", metric, channels, **kwargs)
         with seeded(resolved.seed if resolved.path is None else 0):
             model = AdaptICMH(base, mid=mid) if kind == "adapt_icmh" else DynamicCodec(base, post_channels)
         if resolved.path is not None:

@@ -40,51 +40,26 @@ import sweep_rd  # noqa: E402
 import train_codec  # noqa: E402
 from common import exit_status, parse_args, resolve_config, write_resolved, write_summary  # noqa: E402
 
-from icm.config import deep_merge, load_config  # noqa: E402
-from icm.data.classes import class_list  # noqa: E402
+from icm.config import load_section  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
 from icm.maa.stage import detector_label  # noqa: E402
-from icm.metrics.bootstrap import ImageMatches, paired_curve_comparison  # noqa: E402
-from icm.metrics.codec_eval import coco_inputs  # noqa: E402
-from icm.train.codec_job import check_config, recipe_digest  # noqa: E402
-from icm.train.rd_sweep import evaluation_images, trial_id  # noqa: E402
-
-
-def from_file(section: dict) -> dict:
-    """``{from: <YAML>, profile: <name>, ...overrides}`` → the merged mapping."""
-    section = dict(section)
-    base = load_config(REPO / section.pop("from"), profile=section.pop("profile", None)) if "from" in section else {}
-    return deep_merge(base, section)
+from icm.metrics.bootstrap import paired_curve_comparison  # noqa: E402
+from icm.train.rd_sweep import evaluation_images, trial_curve  # noqa: E402
 
 
 def maa_config(cfg: dict, store: Storage) -> dict:
-    maa = from_file(cfg["maa"])
+    maa = load_section(cfg["maa"], REPO)
     maa.update(out_dir=store.display("maa"), ray=cfg.get("ray") or {})
     maa.pop("profiles", None)
     return maa
 
 
 def base_codec(cfg: dict, address: str | None) -> dict | None:
-    """Stage 0: the base codec's ``model.json`` (trained here unless one of the same recipe is
-    in its out_dir); None without ``base_codec``."""
+    """Stage 0: the base codec's ``model.json`` (``train_codec.train_once``: trained here unless one
+    of the same recipe is in its out_dir); None without ``base_codec``."""
     if not cfg.get("base_codec"):
         return None
-    base = from_file(cfg["base_codec"])
-    base.pop("profiles", None)
-    base["ray"] = cfg.get("ray") or {}
-    check_config(base)
-    recipe = recipe_digest(base)
-    store = Storage(base["out_dir"])
-    if store.exists("model.json"):
-        info = json.loads(store.read_text("model.json"))
-        if info.get("recipe") == recipe:
-            print(f"[icm] base codec {store.display('model.pth')}: same recipe, trained by {info.get('runner')} "
-                  f"({info['steps']} steps) — reused", flush=True)
-            return {**info, "weights": store.display("model.pth")}  # wherever it was trained
-        print(f"[icm] base codec {store.display('model.json')} has another recipe — retraining", flush=True)
-    # The run is named by its recipe: a stopped run of this recipe resumes, another recipe's never does.
-    train_codec.run({**base, "name": f"{base['name']}-{recipe[:12]}"}, address)
-    return {**json.loads(store.read_text("model.json")), "weights": store.display("model.pth")}
+    return train_codec.train_once(cfg["base_codec"], address, cfg.get("ray") or {}, what="base codec")
 
 
 def sweep_config(cfg: dict, store: Storage, maa_dir: str, base: dict | None = None) -> dict:
@@ -106,33 +81,10 @@ def sweep_config(cfg: dict, store: Storage, maa_dir: str, base: dict | None = No
             "scheduler": None, "resources": cfg.get("resources") or {}, "ray": cfg.get("ray") or {}}
 
 
-def load_curve(sweep: dict, variant: str, detectors: list[dict], classes: list[str]) -> list[dict]:
-    """A variant's rate points from its trials' evaluation outputs: per-image bpp and, per
-    detector, pycocotools' per-image matches of the machine decode."""
-    store = Storage(sweep["out_dir"])
-    points = []
-    for rate in sweep["rate_points"]:
-        ev = Storage(store.display(f"trials/{trial_id(variant, rate['name'])}/evaluate"))
-        ok = sorted((r for r in ev.read_table("manifest.parquet").to_pylist() if r["status"] == "ok"),
-                    key=lambda r: r["source_id"])
-        rows = [r for t in ev.read_tables("points") for r in t.to_pylist()]
-        decodes = {r["decode"] for r in rows}
-        machine = [r for r in rows if r["decode"] == ("machine" if "machine" in decodes else "single")]
-        human = {r["source_id"]: r for r in rows if r["decode"] == ("human" if "human" in decodes else "single")}
-        matches = {}
-        for spec in detectors:
-            label = detector_label(spec)
-            det_classes = class_list(spec.get("classes")) or classes
-            matches[label] = ImageMatches(*coco_inputs(ok, machine, label, det_classes, spec.get("class_map")))
-        points.append({"rate_point": rate["name"], "source_ids": [r["source_id"] for r in ok],
-                       "bpp": np.asarray([human[r["source_id"]]["bpp"] for r in ok]), "matches": matches})
-    return points
-
-
 def analyse(cfg: dict, sweep: dict, seen: list[str]) -> dict:
     detectors = cfg["evaluate"]["detectors"]
     _, classes = evaluation_images(sweep)
-    curves = {v["name"]: load_curve(sweep, v["name"], detectors, classes) for v in sweep["variants"]}
+    curves = {v["name"]: trial_curve(sweep, v["name"], detectors, classes) for v in sweep["variants"]}
     ids = [p["source_ids"] for c in curves.values() for p in c]
     if any(i != ids[0] for i in ids):
         raise SystemExit("the trials were evaluated on different images; rerun the sweep with one evaluate.limit")

@@ -3,8 +3,11 @@
 Decoding happens in ``icm.data.records.load_record`` so that, under Ray Data, it runs inside the
 workers. Every path a reader takes (annotation files, list files, image roots, manifests) may be
 a local path or an object-store URI (``s3://bucket/prefix``, ``gs://…``), read through pyarrow's
-filesystems: on a cluster, nodes read the dataset from shared storage. Every reader exposes ``name``, ``root``, ``classes`` (contiguous class index -> name) and
-``refs()``; ``records()`` decodes sequentially for use without Ray.
+filesystems: on a cluster, nodes read the dataset from shared storage. Every reader exposes
+``name``, ``root``, ``classes`` (contiguous class index -> name) and ``refs()`` (listed once per
+reader, so a job lists its dataset once); ``records()`` decodes sequentially for use without Ray.
+A listing that the storage refuses or fails raises ``StorageUnavailable``: only an annotation the
+storage says is missing, or one that does not parse, becomes the image's error.
 
 Class ids in records are contiguous indices into ``classes``; ``category_ids`` maps them back to
 the dataset's own ids (e.g. COCO's 1..90) for evaluation and export.
@@ -24,7 +27,8 @@ import pyarrow.parquet as pq
 from icm.data.classes import VOC, class_list
 from icm.data.paths import PathEscapesRoot, resolve_location_under
 from icm.data.records import ImageRef, load_record
-from icm.data.storage import is_uri, list_files, location_info, parent_location, read_location, resolve_location
+from icm.data.storage import (is_uri, list_files, location_info, map_threads, parent_location, read_file,
+                              read_location, resolve_location)
 
 
 def _require(location, what: str) -> str:
@@ -48,6 +52,13 @@ class Reader:
     category_ids: list[int]
 
     def refs(self) -> list[ImageRef]:
+        """The dataset's references, listed on the first call and kept: a job that cuts units,
+        then decodes a few images for its figure and evaluates, reads the annotations once."""
+        if getattr(self, "_refs", None) is None:
+            self._refs = self.list_refs()
+        return list(self._refs)
+
+    def list_refs(self) -> list[ImageRef]:
         raise NotImplementedError
 
     def records(self, min_side: int = 1, source_ids=None) -> Iterator[dict]:
@@ -84,7 +95,7 @@ class CocoReader(Reader):
         self.classes = [c["name"] for c in cats]
         self._index = {cid: i for i, cid in enumerate(self.category_ids)}
 
-    def refs(self) -> list[ImageRef]:
+    def list_refs(self) -> list[ImageRef]:
         out = []
         for image_id in sorted(self.coco.getImgIds()):
             info = self.coco.imgs[image_id]
@@ -123,45 +134,49 @@ class VocReader(Reader):
         self.include_difficult = include_difficult
         self.list_file = _require(resolve_location_under(self.root, f"ImageSets/Main/{split}.txt"), "VOC split list")
 
-    def refs(self) -> list[ImageRef]:
-        index = {c: i for i, c in enumerate(self.classes)}
-        out = []
+    def list_refs(self) -> list[ImageRef]:
         ids = [line.split()[0] for line in read_location(self.list_file).decode().splitlines() if line.strip()]
-        for image_id in sorted(set(ids)):  # a split list naming an id twice means one image
-            ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name, image_id=image_id,
-                           root=str(self.root), path=f"JPEGImages/{image_id}.jpg")
-            try:
-                tree = ET.ElementTree(ET.fromstring(read_location(
-                    resolve_location_under(self.root, f"Annotations/{image_id}.xml"))))
-            except (PathEscapesRoot, OSError, ET.ParseError) as exc:
-                ref.error = f"cannot read VOC annotation for {image_id}: {exc}"
-                out.append(ref)
+        ids = sorted(set(ids))   # a split list naming an id twice means one image
+        # the annotations are read in parallel: one GET each, on the driver (VOC2007: ~10 k files)
+        return map_threads(self._ref, ids)
+
+    def _ref(self, image_id: str) -> ImageRef:
+        ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name, image_id=image_id,
+                       root=str(self.root), path=f"JPEGImages/{image_id}.jpg")
+        try:
+            location = resolve_location_under(self.root, f"Annotations/{image_id}.xml")
+            data = read_file(location)   # a storage fault raises: the listing fails, nothing is recorded
+            if data is None:
+                raise FileNotFoundError(f"{location} does not exist")
+            tree = ET.ElementTree(ET.fromstring(data))
+        except (PathEscapesRoot, FileNotFoundError, ET.ParseError) as exc:
+            ref.error = f"cannot read VOC annotation for {image_id}: {exc}"
+            return ref
+        filename = tree.findtext("filename")
+        if filename:
+            ref.path = f"JPEGImages/{filename.strip()}"
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = 0
+        for obj in tree.findall("object"):
+            if obj.findtext("difficult", "0").strip() == "1" and not self.include_difficult:
                 continue
-            filename = tree.findtext("filename")
-            if filename:
-                ref.path = f"JPEGImages/{filename.strip()}"
-            unknown = 0
-            for obj in tree.findall("object"):
-                if obj.findtext("difficult", "0").strip() == "1" and not self.include_difficult:
-                    continue
-                cls = (obj.findtext("name") or "").strip()
-                if cls not in index:
-                    unknown += 1
-                    continue
-                bb = obj.find("bndbox")
-                try:
-                    # VOC boxes are 1-based inclusive pixel indices.
-                    box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-                except (TypeError, ValueError, AttributeError):
-                    ref.notes.append("dropped an object with an unreadable bndbox")
-                    continue
-                ref.boxes.append([box[0] - 1, box[1] - 1, box[2], box[3]])
-                ref.class_ids.append(index[cls])
-                ref.class_names.append(cls)
-            if unknown:
-                ref.notes.append(f"dropped {unknown} object(s) of classes not in the class list")
-            out.append(ref)
-        return out
+            cls = (obj.findtext("name") or "").strip()
+            if cls not in index:
+                unknown += 1
+                continue
+            bb = obj.find("bndbox")
+            try:
+                # VOC boxes are 1-based inclusive pixel indices.
+                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (TypeError, ValueError, AttributeError):
+                ref.notes.append("dropped an object with an unreadable bndbox")
+                continue
+            ref.boxes.append([box[0] - 1, box[1] - 1, box[2], box[3]])
+            ref.class_ids.append(index[cls])
+            ref.class_names.append(cls)
+        if unknown:
+            ref.notes.append(f"dropped {unknown} object(s) of classes not in the class list")
+        return ref
 
 
 class ListTxtReader(Reader):
@@ -180,7 +195,7 @@ class ListTxtReader(Reader):
         self.classes = _classes_from(classes)
         self.category_ids = list(range(len(self.classes)))
 
-    def refs(self) -> list[ImageRef]:
+    def list_refs(self) -> list[ImageRef]:
         out, seen = [], {}
         for lineno, line in enumerate(read_location(self.list_file).decode().splitlines(), start=1):
             parts = line.split()
@@ -223,7 +238,7 @@ class FolderReader(Reader):
         self.extensions = tuple(e.lower() for e in extensions)
         self.classes, self.category_ids = [], []
 
-    def refs(self) -> list[ImageRef]:
+    def list_refs(self) -> list[ImageRef]:
         return [ImageRef(source_id=f"{self.name}/{rel}", dataset=self.name, image_id=rel, root=self.root, path=rel)
                 for rel in list_files(self.root) if posixpath.splitext(rel)[1].lower() in self.extensions]
 
@@ -250,7 +265,7 @@ class ManifestReader(Reader):
         self.classes = _classes_from(classes)
         self.category_ids = list(range(len(self.classes)))
 
-    def refs(self) -> list[ImageRef]:
+    def list_refs(self) -> list[ImageRef]:
         fs, path = resolve_location(self.manifest)
         table = pq.read_table(path, filesystem=fs)
         if self.path_column not in table.column_names:

@@ -6,6 +6,7 @@ from the upload, on data, weights and outputs in S3, and when the worker node's 
 mid-job — and `down` leaves no process and no changed ~/.ray/auth_token behind."""
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -52,8 +53,9 @@ def test_launcher_yamls_pass_ray_validation_and_declare_resources(name):
         "preemptible")) for t in workers.values()), "no on-demand group to fall back on"
     assert not cfg["docker"]["image"].endswith(":latest")
     assert any("docker login" in c or "configure-docker" in c for c in cfg["initialization_commands"])
-    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
-               if "ray start" in c)
+    # token auth in the container's environment, so `ray exec <yaml> 'ray status'` authenticates too
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    assert cfg["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
     broken = copy.deepcopy(cfg)
     broken["available_node_types"][next(iter(workers))]["bogus"] = 1
     with pytest.raises(jsonschema.ValidationError):
@@ -68,8 +70,12 @@ def test_dockerfile_builds_a_cuda_matched_image():
     assert "libgl1" in text and "libglib2.0-0" in text              # import ultralytics needs them
     assert "download.pytorch.org/whl/${CUDA}" in text                # torch built for the base image's CUDA
     assert text.index("COPY --chown=ray:users pyproject.toml") < text.index("COPY --chown=ray:users icm")
+    # the project dir is ray's whichever builder runs (the classic one makes a WORKDIR root's)
+    assert text.index("chown ray:users /home/ray/icm-ray") < text.index("\nUSER ray") < text.index("\nWORKDIR ")
     ignore = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
-    assert ignore[0] == "**" and "!icm/" in ignore and ".venv" not in " ".join(ignore[1:])
+    assert ignore[0] == "**" and ".venv" not in " ".join(ignore[1:])
+    for code in ("icm", "pipelines", "tuning"):                      # image-only RayJobs run pipelines and sweeps
+        assert f"!{code}/" in ignore and f"COPY --chown=ray:users {code} ./{code}" in text
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
         pytest.skip("no Docker daemon on this machine: the image build itself is not exercised here")
     built = subprocess.run(["docker", "build", "-f", str(CLUSTER / "Dockerfile"), "-t", "icm-ray:test", str(REPO)],
@@ -148,14 +154,22 @@ def test_kuberay_manifests_validate_against_the_crds():
     assert "pipelines/maa_augment.py" in spec["entrypoint"] and "out_dir=s3://" in spec["entrypoint"]
     assert "dataset.root=s3://" in spec["entrypoint"] and spec["shutdownAfterJobFinishes"] is True
     assert spec["backoffLimit"] == 0             # a config error must not boot a second GPU cluster
+    assert spec["ttlSecondsAfterFinished"] <= 60  # the finished job's GPU pods go within a minute
     for cluster_spec in (cluster["spec"], spec["rayClusterSpec"]):
         assert cluster_spec["rayVersion"] == ray.__version__
+        # KubeRay gives the token to the autoscaler, the submitter and its own client only through
+        # authOptions; a hand-written RAY_AUTH_* entry would even stop it injecting its own
+        assert cluster_spec["authOptions"] == {"mode": "token", "secretName": "icm-ray-token"}
         for name, pod in _pod_specs(cluster_spec):
             assert pod["serviceAccountName"], name                    # pods reach the bucket and registry
-            mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
-            assert "/dev/shm" in mounts, name
+            mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+            shm = next(v["emptyDir"] for v in pod["volumes"] if v["name"] == mounts["/dev/shm"])
+            memory = int(pod["containers"][0]["resources"]["limits"]["memory"].rstrip("Gi"))
+            # Ray's object store defaults to 30 % of the memory, in /dev/shm
+            assert shm["medium"] == "Memory" and int(shm["sizeLimit"].rstrip("Gi")) >= max(6, 0.3 * memory), name
             for c in pod["containers"]:
                 assert not c["image"].endswith(":latest")
+                assert not [e for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")], (name, c["env"])
             if name != "head":
                 res = pod["containers"][0]["resources"]
                 assert res["limits"]["nvidia.com/gpu"] == "1"
@@ -180,7 +194,8 @@ def test_runtime_env_uploads_the_code_and_leaves_data_outputs_and_venv_behind(tm
     tree = tmp_path / "checkout"
     shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".venv", ".git", "outputs"))
     for junk in (".venv/lib/x.py", "outputs/demo/a.png", "data/coco/x.jpg", "weights/w.pth", ".git/HEAD",
-                 "icm/data/__pycache__/readers.cpython-311.pyc"):
+                 "icm/data/__pycache__/readers.cpython-311.pyc", "runs/detect/train/weights/last.pt",
+                 "w.ckpt", "w.safetensors", "yolo.onnx", "pipelines/cache.npz"):
         (tree / junk).parent.mkdir(parents=True, exist_ok=True)
         (tree / junk).write_text("x")
     uploaded = _upload_set(tree, env["excludes"])
@@ -188,9 +203,45 @@ def test_runtime_env_uploads_the_code_and_leaves_data_outputs_and_venv_behind(tm
                if p.is_file() and p.suffix in (".py", ".yaml")}
     assert sources and sources <= uploaded, sorted(sources - uploaded)[:10]
     assert any(p.startswith("icm/data/") for p in uploaded)
-    left = {".venv/", "outputs/", "data/", "weights/", ".git/", "tests/", "bench/"}
-    assert not [p for p in uploaded if any(p.startswith(d) for d in left) or "__pycache__" in p]
+    left = {".venv/", "outputs/", "data/", "weights/", ".git/", "tests/", "bench/", "runs/"}
+    assert not [p for p in uploaded if any(p.startswith(d) for d in left) or "__pycache__" in p
+                or p.endswith((".ckpt", ".safetensors", ".onnx", ".npz"))]
     assert not _upload_set(tree, ["data/"]) >= sources, "an unanchored data/ should have dropped icm/data"
+
+
+def test_a_node_cache_follows_weights_staged_again_under_the_same_name(tmp_path, monkeypatch):
+    """A long-lived node keeps its cached copy only while it matches the shared store: staging a
+    file again (a retrained trained:<label>, a replaced staged:<file>) reaches it by sha256, and a
+    file staged without a .sha256 (by hand) by its size and modification time."""
+    from icm.data.storage import Storage
+    from icm.zoo.stage import stage
+    from icm.zoo.weights import WeightsUnavailable, resolve
+
+    shared = f"file://{tmp_path / 'shared'}"
+    monkeypatch.setenv("ICM_WEIGHTS_DIR", shared)
+    monkeypatch.setenv("ICM_WEIGHTS_CACHE", str(tmp_path / "node"))
+    local = tmp_path / "w.pth"
+    seen = []
+    for content in (b"first weights", b"other weights"):      # the same size: only the digest tells
+        local.write_bytes(content)
+        _, digest = stage(str(local), shared)
+        resolved = resolve("staged:w.pth")
+        assert resolved.sha256 == digest and resolved.path.read_bytes() == content
+        assert resolved.path.is_relative_to(tmp_path / "node")
+        seen.append(digest)
+    assert seen[0] != seen[1]
+    store = Storage(shared)
+    for content in (b"retrained v1", b"retrained v2"):        # published by a training job elsewhere
+        store.write_bytes("trained/lbl.pth", content)
+        store.write_text("trained/lbl.pth.sha256", hashlib.sha256(content).hexdigest())
+        assert resolve("trained:lbl").path.read_bytes() == content
+    for content in (b"by hand 1", b"by hand 2"):              # no .sha256 beside it
+        store.write_bytes("hand.pth", content)
+        time.sleep(0.01)
+        assert resolve("staged:hand.pth").path.read_bytes() == content
+    store.write_text("w.pth.sha256", "0" * 64)                  # a digest the file does not have
+    with pytest.raises(WeightsUnavailable, match="do not match their .sha256"):
+        resolve("staged:w.pth")
 
 
 # --- the real two-node cluster -------------------------------------------------------------

@@ -7,6 +7,7 @@ mid-job — and `down` leaves no process and no changed ~/.ray/auth_token behind
 
 import copy
 import hashlib
+import io
 import json
 import os
 import re
@@ -327,31 +328,11 @@ def _node_ids(state):
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """moto's S3-compatible server on loopback, with a bucket."""
-    import socket
+    """moto's S3 server on loopback behind tests/s3_fake.py's proxy (request log, faults), with a bucket."""
+    from s3_fake import FakeS3
 
-    import pyarrow.fs as pafs
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            assert time.time() < deadline, "moto server did not start"
-            time.sleep(0.2)
-    pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
-                      region="us-east-1", allow_bucket_creation=True).create_dir("icm")
-    yield env
-    proc.terminate()
-    proc.wait(10)
+    with FakeS3() as s3:
+        yield s3
 
 
 @pytest.mark.slow
@@ -363,7 +344,7 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     from icm.zoo.weights import sha256_file
 
     state, images = local_cluster
-    for key, value in s3_server.items():
+    for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     # the dataset goes to the bucket as cluster/README.md says (an export job), and lives nowhere else
     exported = subprocess.run([sys.executable, "pipelines/export_dataset.py", "--config", "pipelines/configs/export.yaml",
@@ -380,7 +361,7 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     cache = tmp_path / "node-cache"
     env_file = tmp_path / "runtime_env.yaml"
     runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"].update(s3_server, ICM_WEIGHTS_DIR="s3://icm/weights", ICM_WEIGHTS_CACHE=str(cache))
+    runtime_env["env_vars"].update(s3_server.env, ICM_WEIGHTS_DIR="s3://icm/weights", ICM_WEIGHTS_CACHE=str(cache))
     env_file.write_text(yaml.safe_dump(runtime_env))
     config = _maa_config(tmp_path / "s3.yaml", "s3://icm/outputs/maa", images)
     cfg = yaml.safe_load(config.read_text())
@@ -403,6 +384,63 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     assert (cache / "s3-cn.pth").is_file()                     # copied from the shared store, not downloaded
     assert f"{N_IMAGES} already done, 0 unit(s) to run" in done.stdout + done.stderr   # the rerun found all done on s3
     assert json.loads(out.read_text("summary.json"))["images"]["skipped"] == N_IMAGES
+    assert not [k for k in s3_server.keys() if k.endswith("/")]   # no directory markers: a scoped role may write
+
+
+def _maa_on_s3(config, env, out_dir):
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(out_dir=out_dir, workers={"actors": 1, "num_cpus": 1}, ray={"num_cpus": 2}, steps=2)
+    config.write_text(yaml.safe_dump(cfg))
+    return subprocess.run([sys.executable, "pipelines/maa_augment.py", "--config", str(config)], cwd=REPO,
+                          env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_storage_faults_fail_units_and_a_rerun_processes_exactly_those_images(s3_server, tmp_path, monkeypatch):
+    """403 (a missing grant) and 503 (SlowDown, lasting) on reads of two images: the MAA job exits
+    non-zero, its manifest holds no row for them (not an error row: a rerun would skip them), a
+    brief 503 on a third is absorbed by the client's retries; with the faults gone, the rerun
+    processes exactly those two, and everything is byte-identical to a run that saw no fault."""
+    import numpy as np
+    from PIL import Image
+
+    from icm.data.storage import Storage
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    data = Storage("s3://icm/faults/images")
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (56, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+        data.write_bytes(f"im{i}.png", buf.getvalue())
+    config = _maa_config(tmp_path / "maa.yaml", "", "s3://icm/faults/images")
+    clean = _maa_on_s3(config, s3_server.env, "s3://icm/faults/clean")
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+
+    s3_server.faults([{"path": r"/faults/images/im1\.png$", "status": 403},
+                      {"path": r"/faults/images/im3\.png$", "status": 503},
+                      {"path": r"/faults/images/im4\.png$", "status": 503, "times": 2}])
+    faulted = _maa_on_s3(config, s3_server.env, "s3://icm/faults/run")
+    s3_server.faults([])
+    assert faulted.returncode != 0 and "2 unit(s) failed as a whole" in faulted.stderr, faulted.stderr[-3000:]
+    out = Storage("s3://icm/faults/run")
+    summary = json.loads(out.read_text("summary.json"))
+    assert summary["images"] == {"done": 4, "failed": 0, "skipped": 0, "not_run": 2}
+    assert all("StorageUnavailable" in u["reason"] for u in summary["failed_units"])
+    rows = out.read_table("manifest.parquet").to_pylist()
+    assert sorted(r["source_id"] for r in rows) == [f"img/im{i}.png" for i in (0, 2, 4, 5)]
+    assert all(r["status"] == "ok" for r in rows)
+
+    rerun = _maa_on_s3(config, s3_server.env, "s3://icm/faults/run")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert json.loads(out.read_text("summary.json"))["images"] == {"done": 2, "failed": 0, "skipped": 4, "not_run": 0}
+    ref = Storage("s3://icm/faults/clean")
+    assert comparable(out.read_table("manifest.parquet")).equals(comparable(ref.read_table("manifest.parquet")))
+    for r in ref.read_table("manifest.parquet").to_pylist():
+        assert out.read_bytes(r["output_path"]) == ref.read_bytes(r["output_path"]), r["source_id"]
+    assert not [k for k in s3_server.keys() if k.endswith("/")]
 
 
 # Last in the module: it kills the shared cluster's worker node.

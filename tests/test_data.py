@@ -307,3 +307,16 @@ def test_one_small_write_is_its_own_upload_only(fake_s3):
     assert [m for m, _ in requests] == (["PUT"] if single_put else ["POST", "PUT", "POST"]), requests
     assert store.read_bytes("images/voc/000001.png") == b"x"
     assert not [k for k in fake_s3.keys() if k.endswith("/")]
+
+
+def test_image_ref_to_dict_is_asdict():
+    """``to_dict`` is written out for speed: it must stay ``dataclasses.asdict``, field for field."""
+    from dataclasses import asdict
+
+    from icm.data.records import ImageRef
+
+    ref = ImageRef("d/1", "d", "1", "/r", "a.png", [[1.0, 2.0, 3.0, 4.0]], [1], ["dog"], ["note"], "")
+    as_dict = ref.to_dict()
+    assert as_dict == asdict(ref) and list(as_dict) == list(asdict(ref))
+    as_dict["boxes"][0][0] = 9.0
+    assert ref.boxes[0][0] == 1.0                 # copies, as asdict makes

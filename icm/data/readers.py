@@ -73,8 +73,17 @@ def _classes_from(classes: Sequence[str] | str | Path | None) -> list[str]:
     return class_list(str(classes) if isinstance(classes, Path) else classes) or []
 
 
+def _without_segmentation(obj: dict) -> dict:
+    obj.pop("segmentation", None)
+    return obj
+
+
 class CocoReader(Reader):
-    """COCO ``instances_*.json`` through pycocotools; crowd annotations are skipped."""
+    """COCO ``instances_*.json`` through pycocotools; crowd annotations are skipped.
+
+    Records carry boxes only, so polygons are dropped while the file is parsed (train2017's
+    448 MB are mostly polygons: kept, they would take several GB of the driver's memory), and the
+    parsed annotations are released once the references are listed."""
 
     def __init__(self, annotation_file: str | Path, image_root: str | Path, name: str = "coco",
                  include_crowd: bool = False):
@@ -83,26 +92,28 @@ class CocoReader(Reader):
         import io
 
         self.annotation_file = _require(annotation_file, "COCO annotation file")
-        self.coco = COCO()
-        self.coco.dataset = json.loads(read_location(self.annotation_file))
+        text = read_location(self.annotation_file).decode("utf-8")   # the bytes go before the parse
+        self._coco = COCO()
+        self._coco.dataset = json.loads(text, object_hook=_without_segmentation)
+        del text
         with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
+            self._coco.createIndex()
         self.root = _root(image_root)
         self.name = name
         self.include_crowd = include_crowd
-        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+        cats = sorted(self._coco.loadCats(self._coco.getCatIds()), key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in cats]
         self.classes = [c["name"] for c in cats]
         self._index = {cid: i for i, cid in enumerate(self.category_ids)}
 
     def list_refs(self) -> list[ImageRef]:
         out = []
-        for image_id in sorted(self.coco.getImgIds()):
-            info = self.coco.imgs[image_id]
+        for image_id in sorted(self._coco.getImgIds()):
+            info = self._coco.imgs[image_id]
             ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name,
                            image_id=str(image_id), root=str(self.root), path=info["file_name"])
             unknown = 0
-            for ann in self.coco.imgToAnns.get(image_id, []):
+            for ann in self._coco.imgToAnns.get(image_id, []):
                 if ann.get("iscrowd", 0) and not self.include_crowd:
                     continue
                 if ann["category_id"] not in self._index:
@@ -116,6 +127,7 @@ class CocoReader(Reader):
             if unknown:
                 ref.notes.append(f"dropped {unknown} annotation(s) with unknown category ids")
             out.append(ref)
+        self._coco.dataset["annotations"], self._coco.anns, self._coco.imgToAnns = [], {}, {}   # listed: released
         return out
 
 

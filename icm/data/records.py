@@ -12,7 +12,7 @@ A storage fault (a refused grant, throttling, a dropped connection) is not a pro
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,11 @@ class ImageRef:
     error: str = ""              # set when the annotation itself is unusable
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """A plain dict of copies (``dataclasses.asdict`` deep-copies generically: 10x slower, and a
+        COCO-sized job turns 118 k references into dicts on the driver)."""
+        return {"source_id": self.source_id, "dataset": self.dataset, "image_id": self.image_id, "root": self.root,
+                "path": self.path, "boxes": [list(b) for b in self.boxes], "class_ids": list(self.class_ids),
+                "class_names": list(self.class_names), "notes": list(self.notes), "error": self.error}
 
 
 def decode_rgb(path: str | io.BytesIO) -> tuple[np.ndarray, list[str]]:

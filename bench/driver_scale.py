@@ -20,6 +20,12 @@ Wall time per phase (in the driver) and the driver's peak RSS during the phase (
 outside, every 10 ms, so a phase holding the GIL is still seen). No image is read by these phases:
 the annotation file names image files that need not exist. Targets (issue 24): each phase
 ≤ 60 s and ≤ 2 GB RSS on 2 cores, and no phase more than linear in the image count.
+
+    .venv/bin/python bench/driver_scale.py --voc-listing 400
+
+lists a VOC dataset of 400 annotation files on moto, one GET at a time (as ``VocReader`` did)
+and in parallel (``ICM_IO_THREADS``, 32), with no added latency and with 20 ms per request (a
+typical S3 first-byte latency; moto on loopback answers in about 1 ms), and counts the requests.
 """
 
 from __future__ import annotations
@@ -75,10 +81,11 @@ def _phase(name: str):
     class Phase:
         def __enter__(self):
             print(f"PHASE start {name}", flush=True)
-            self.t = time.perf_counter()
+            self.t, self.cpu = time.perf_counter(), time.process_time()
 
         def __exit__(self, *exc):
-            print(f"PHASE end {name} {time.perf_counter() - self.t:.3f}", flush=True)
+            print(f"PHASE end {name} {time.process_time() - self.cpu:.3f} {time.perf_counter() - self.t:.3f}",
+                  flush=True)
     return Phase()
 
 
@@ -150,7 +157,7 @@ def run_driver(mode: str, annotations: str, image_root: str, out: str, unit_size
                 current[0] = " ".join(parts[2:])
                 phases[current[0]] = {"rss_gb": 0.0}
             elif line.startswith("PHASE end"):
-                phases[" ".join(parts[2:-1])]["wall_s"] = float(parts[-1])
+                phases[" ".join(parts[2:-2])].update(cpu_s=float(parts[-2]), wall_s=float(parts[-1]))
                 current[0] = None
             elif line.startswith("INFO"):
                 info.append(line[5:].strip())
@@ -204,12 +211,49 @@ def bench(storage: str, n: int, unit_size: int, work: Path, s3=None) -> list[dic
     return rows
 
 
+def voc_listing(n: int, latencies=(0.0, 0.02)) -> None:
+    import icm.data.storage as storage
+    from icm.data.readers import VocReader
+    from icm.data.storage import Storage
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from s3_fake import FakeS3
+
+    with FakeS3() as s3:
+        os.environ.update(s3.env)
+        root = "s3://icm/bench/VOC2007"
+        data = Storage(root)
+        ids = [f"{i:06d}" for i in range(n)]
+        data.write_text("ImageSets/Main/trainval.txt", "".join(f"{i}\n" for i in ids))
+        xml = ("<annotation><filename>{}.jpg</filename>" + "<object><name>dog</name><difficult>0</difficult><bndbox>"
+               "<xmin>10</xmin><ymin>20</ymin><xmax>110</xmax><ymax>220</ymax></bndbox></object>" * 3 + "</annotation>")
+        storage.map_threads(lambda i: data.write_text(f"Annotations/{i}.xml", xml.format(i)), ids)
+        print(f"\nVOC listing on moto S3, {n} annotations (VocReader(...).refs(), one listing)")
+        print(f"{'added latency':>14}{'threads':>9}{'wall s':>9}{'requests':>10}{'speed-up':>10}")
+        for latency in latencies:
+            s3.latency(latency)
+            base = None
+            for threads in (1, storage.IO_THREADS):
+                storage.IO_THREADS = threads
+                s3.reset_log()
+                t = time.perf_counter()
+                refs = VocReader(root).refs()
+                wall = time.perf_counter() - t
+                assert len(refs) == n and not any(r.error for r in refs)
+                base = base or wall
+                print(f"{latency * 1000:>12.0f}ms{threads:>9}{wall:>9.2f}{len(s3.requests()):>10}{base / wall:>9.1f}x")
+            storage.IO_THREADS = 32
+        print("a job lists its dataset once now (Reader.refs() is kept); MAA with evaluation listed it 3 times")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[10_000, COCO_IMAGES])
     parser.add_argument("--storage", nargs="+", default=["local", "s3"], choices=["local", "s3"])
     parser.add_argument("--unit-size", type=int, default=8, help="images per unit (the MAA job's batch_size)")
     parser.add_argument("--work", default="/tmp/icm-driver-scale", help="annotation files and local outputs")
+    parser.add_argument("--voc-listing", type=int, default=0, metavar="N",
+                        help="instead: list a VOC set of N annotations on moto, sequential vs parallel")
     parser.add_argument("--driver", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--annotations", help=argparse.SUPPRESS)
     parser.add_argument("--image-root", help=argparse.SUPPRESS)
@@ -218,6 +262,8 @@ def main() -> None:
     if args.driver:
         args.mode = args.driver
         return driver(args)
+    if args.voc_listing:
+        return voc_listing(args.voc_listing)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     for old in work.glob("out-*"):
@@ -238,19 +284,19 @@ def main() -> None:
     finally:
         if s3 is not None:
             s3.__exit__(None, None, None)
-    print(f"\n{'storage':<8}{'images':>8}  {'job':<17}{'phase':<15}{'wall s':>8}{'peak RSS GB':>12}{'s / 10k':>9}")
+    print(f"\n{'storage':<8}{'images':>8}  {'job':<17}{'phase':<15}{'wall s':>8}{'CPU s':>8}{'peak RSS GB':>12}")
     small = {(r["storage"], r["job"], r["phase"]): r for r in rows if r["images"] == min(args.images)}
     for r in rows:
-        per_10k = r["wall_s"] / r["images"] * 10_000
-        print(f"{r['storage']:<8}{r['images']:>8}  {r['job']:<17}{r['phase']:<15}{r['wall_s']:>8.2f}"
-              f"{r['rss_gb']:>12.2f}{per_10k:>9.2f}")
+        print(f"{r['storage']:<8}{r['images']:>8}  {r['job']:<17}{r['phase']:<15}{r['wall_s']:>8.2f}{r['cpu_s']:>8.2f}"
+              f"{r['rss_gb']:>12.2f}")
     if len(args.images) > 1:
         print(f"\ngrowth {min(args.images)} -> {max(args.images)} images ({max(args.images) / min(args.images):.1f}x "
-              "more): wall time ratio per phase (linear = the image ratio)")
+              "more) per phase, wall and CPU time (linear = the image ratio)")
         for r in rows:
-            if r["images"] == max(args.images):
-                base = small[(r["storage"], r["job"], r["phase"])]
-                print(f"  {r['storage']:<6} {r['job']:<17} {r['phase']:<14} {r['wall_s'] / max(base['wall_s'], 1e-3):6.1f}x")
+            base = small.get((r["storage"], r["job"], r["phase"]))
+            if r["images"] == max(args.images) and base and base["wall_s"] > 0.01:
+                print(f"  {r['storage']:<6} {r['job']:<17} {r['phase']:<14} wall {r['wall_s'] / base['wall_s']:5.1f}x"
+                      f"  CPU {r['cpu_s'] / max(base['cpu_s'], 1e-3):5.1f}x")
     print(json.dumps(rows))
 
 

@@ -73,61 +73,62 @@ def _classes_from(classes: Sequence[str] | str | Path | None) -> list[str]:
     return class_list(str(classes) if isinstance(classes, Path) else classes) or []
 
 
-def _without_segmentation(obj: dict) -> dict:
-    obj.pop("segmentation", None)
+def _compact_annotation(obj: dict):
+    """``json.loads`` hook: an annotation becomes ``(image_id, category_id, iscrowd, xyxy box)`` as
+    soon as it is parsed, its polygon and other fields dropped; other objects stay dicts."""
+    if "bbox" in obj and "image_id" in obj:
+        x, y, w, h = obj["bbox"]
+        return obj["image_id"], obj["category_id"], obj.get("iscrowd", 0), [x, y, x + w, y + h]
     return obj
 
 
 class CocoReader(Reader):
-    """COCO ``instances_*.json`` through pycocotools; crowd annotations are skipped.
+    """COCO ``instances_*.json``; crowd annotations are skipped.
 
-    Records carry boxes only, so polygons are dropped while the file is parsed (train2017's
-    448 MB are mostly polygons: kept, they would take several GB of the driver's memory), and the
-    parsed annotations are released once the references are listed."""
+    Read with a parse hook rather than pycocotools' ``COCO`` index (which keeps every annotation
+    dict, polygon included): records carry boxes only, and train2017's 448 MB, parsed whole, would
+    take several GB of the driver's memory. Each annotation is reduced to its box as it is parsed,
+    and the boxes are handed to the references once they are listed. Evaluation still goes through
+    pycocotools (``icm.metrics``)."""
 
     def __init__(self, annotation_file: str | Path, image_root: str | Path, name: str = "coco",
                  include_crowd: bool = False):
-        from pycocotools.coco import COCO
-        import contextlib
-        import io
-
         self.annotation_file = _require(annotation_file, "COCO annotation file")
         text = read_location(self.annotation_file).decode("utf-8")   # the bytes go before the parse
-        self._coco = COCO()
-        self._coco.dataset = json.loads(text, object_hook=_without_segmentation)
+        dataset = json.loads(text, object_hook=_compact_annotation)
         del text
-        with contextlib.redirect_stdout(io.StringIO()):
-            self._coco.createIndex()
         self.root = _root(image_root)
         self.name = name
         self.include_crowd = include_crowd
-        cats = sorted(self._coco.loadCats(self._coco.getCatIds()), key=lambda c: c["id"])
+        cats = sorted(dataset.get("categories", []), key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in cats]
         self.classes = [c["name"] for c in cats]
         self._index = {cid: i for i, cid in enumerate(self.category_ids)}
+        self._images = {img["id"]: img["file_name"] for img in dataset.get("images", [])}
+        self._annotations: dict[int, list] = {}
+        for ann in dataset.get("annotations", []):
+            self._annotations.setdefault(ann[0], []).append(ann)
 
     def list_refs(self) -> list[ImageRef]:
         out = []
-        for image_id in sorted(self._coco.getImgIds()):
-            info = self._coco.imgs[image_id]
+        for image_id in sorted(self._images):
             ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name,
-                           image_id=str(image_id), root=str(self.root), path=info["file_name"])
+                           image_id=str(image_id), root=str(self.root), path=self._images[image_id])
             unknown = 0
-            for ann in self._coco.imgToAnns.get(image_id, []):
-                if ann.get("iscrowd", 0) and not self.include_crowd:
+            for _, category_id, iscrowd, box in self._annotations.get(image_id, []):
+                if iscrowd and not self.include_crowd:
                     continue
-                if ann["category_id"] not in self._index:
+                if category_id not in self._index:
                     unknown += 1
                     continue
-                x, y, w, h = ann["bbox"]
-                ref.boxes.append([x, y, x + w, y + h])
-                idx = self._index[ann["category_id"]]
+                idx = self._index[category_id]
+                ref.boxes.append(box)
                 ref.class_ids.append(idx)
                 ref.class_names.append(self.classes[idx])
             if unknown:
                 ref.notes.append(f"dropped {unknown} annotation(s) with unknown category ids")
             out.append(ref)
-        self._coco.dataset["annotations"], self._coco.anns, self._coco.imgToAnns = [], {}, {}   # listed: released
+        self._annotations = {}   # the boxes live in the references now (kept by refs())
         return out
 
 

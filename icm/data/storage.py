@@ -217,9 +217,12 @@ class Storage:
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
 
-    def read_tables(self, rel_dir: str, columns: list[str] | None = None) -> list[pa.Table]:
-        """Every parquet file directly under ``rel_dir``, in name order, read in parallel (each
-        whole in one GET: shards are small, and a column-projected read would issue several)."""
+    def read_tables(self, rel_dir: str, columns: list[str] | None = None,
+                    names: list[str] | None = None) -> list[pa.Table]:
+        """Every parquet file directly under ``rel_dir`` (or those ``names``), in name order, read
+        in parallel, each whole in one GET (shards are small, and a column-projected read would
+        issue several), with ``ParquetFile`` (``pq.read_table`` builds a dataset per file, at 2-6x
+        the CPU: a 118 k-image job has 15 k shards)."""
         def read(name: str) -> pa.Table:
-            return pq.read_table(pa.BufferReader(self.read_bytes(f"{rel_dir}/{name}")), columns=columns)
-        return map_threads(read, self.list(rel_dir, ".parquet"))
+            return pq.ParquetFile(pa.BufferReader(self.read_bytes(f"{rel_dir}/{name}"))).read(columns=columns)
+        return map_threads(read, self.list(rel_dir, ".parquet") if names is None else names)

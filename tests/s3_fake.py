@@ -188,6 +188,7 @@ class FakeS3:
         self.url = f"http://{self.host}:{proxy_port}"
         self.env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                     "AWS_ENDPOINT_URL": self.url, "AWS_EC2_METADATA_DISABLED": "true"}
+        self.direct_env = {**self.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{moto_port}"}   # past the proxy
         import pyarrow.fs as pafs
 
         fs = pafs.S3FileSystem(endpoint_override=self.url, access_key="test", secret_key="test", region="us-east-1",

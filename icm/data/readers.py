@@ -94,7 +94,7 @@ class CocoReader(Reader):
     def __init__(self, annotation_file: str | Path, image_root: str | Path, name: str = "coco",
                  include_crowd: bool = False):
         self.annotation_file = _require(annotation_file, "COCO annotation file")
-        text = read_location(self.annotation_file).decode("utf-8")   # the bytes go before the parse
+        text = read_location(self.annotation_file).decode("utf-8-sig")   # the bytes go before the parse
         dataset = json.loads(text, object_hook=_compact_annotation)
         del text
         self.root = _root(image_root)

@@ -209,6 +209,7 @@ def bench(storage: str, n: int, unit_size: int, work: Path, s3=None) -> list[dic
     for job, result in (("fresh", fresh), ("rerun, half done", rerun)):
         for phase, m in result["phases"].items():
             rows.append({"storage": storage, "images": n, "job": job, "phase": phase, **m})
+            print(f"[bench] {json.dumps(rows[-1])}", flush=True)
     return rows
 
 

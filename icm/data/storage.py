@@ -94,11 +94,16 @@ def parent_location(location: str | Path) -> str:
     return location.rstrip("/").rsplit("/", 1)[0] if is_uri(location) else str(Path(location).parent)
 
 
+def _read_whole(fs: pafs.FileSystem, path: str) -> bytes:
+    """A file's bytes in one read: on S3, a HEAD and one GET. (``open_input_stream`` would read
+    in 256 KiB range GETs: ~1,500 sequential requests for COCO's 448 MB annotation file.)"""
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
 def read_location(location: str | Path) -> bytes:
     """The bytes of a file at a local path or a URI (``s3://``, ``gs://``, …)."""
-    fs, path = resolve_location(location)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    return _read_whole(*resolve_location(location))
 
 
 def read_file(location: str | Path) -> bytes | None:
@@ -107,8 +112,7 @@ def read_file(location: str | Path) -> bytes | None:
     naming the file and what to check."""
     fs, path = resolve_location(location)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return _read_whole(fs, path)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -179,8 +183,7 @@ class Storage:
         return self.write_bytes(rel, text.encode())
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+        return _read_whole(self.fs, self.path(rel))
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()

@@ -289,9 +289,10 @@ def test_voc_annotations_listed_once_in_parallel_and_faults_fail_the_listing(fak
     fake_s3.faults([])
 
 
-def test_one_small_write_is_its_own_upload_only(fake_s3):
+def test_one_write_and_one_read_are_their_own_requests_only(fake_s3):
     """No HEAD bucket, no directory-marker PUTs: pyarrow 20 uploads in 3 requests (create, part,
-    complete), pyarrow ≥ 21 with allow_delayed_open in 1 PUT; nothing else, and no key ends in '/'."""
+    complete), pyarrow ≥ 21 with allow_delayed_open in 1 PUT; nothing else, and no key ends in '/'.
+    A read is a HEAD and one GET, whatever the size (a stream would GET 256 KiB at a time)."""
     import pyarrow as pa
 
     from icm.data.storage import Storage
@@ -307,6 +308,11 @@ def test_one_small_write_is_its_own_upload_only(fake_s3):
     assert [m for m, _ in requests] == (["PUT"] if single_put else ["POST", "PUT", "POST"]), requests
     assert store.read_bytes("images/voc/000001.png") == b"x"
     assert not [k for k in fake_s3.keys() if k.endswith("/")]
+    big = bytes(range(256)) * 4096 * 3                          # 3 MiB
+    store.write_bytes("weights/w.pth", big)
+    fake_s3.reset_log()
+    assert store.read_bytes("weights/w.pth") == big
+    assert [m for m, _ in fake_s3.requests()] == ["HEAD", "GET"]
 
 
 def test_image_ref_to_dict_is_asdict():

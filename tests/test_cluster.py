@@ -249,6 +249,7 @@ def test_a_node_cache_follows_weights_staged_again_under_the_same_name(tmp_path,
 
 HEAD_IP, WORKER_IP, GCS_PORT, DASHBOARD_PORT = "127.0.0.2", "127.0.0.3", 6391, 8276
 N_IMAGES = 16
+JOB_TIMEOUT_S = 900   # a deadline, not a speed check: a job takes ~1 min here, many on a loaded 2-core machine
 
 
 def _env(state):
@@ -271,7 +272,7 @@ def _submit(state, config, wait=True):
            "--runtime-env", str(CLUSTER / "runtime_env.yaml")]
     cmd += [] if wait else ["--no-wait"]
     cmd += ["--", "python", "pipelines/maa_augment.py", "--config", str(config)]
-    return subprocess.run(cmd, env=_env(state), capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(cmd, env=_env(state), capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO)
 
 
 def _job_id(submitted):
@@ -350,7 +351,7 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     exported = subprocess.run([sys.executable, "pipelines/export_dataset.py", "--config", "pipelines/configs/export.yaml",
                                f"dataset={{type: folder, root: {images}, name: img}}", "out_dir=s3://icm/datasets/img",
                                "workers.actors=1", "ray.num_cpus=1"],
-                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO,
                               env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
     det = build_detector("centernet_resnet18", ["a", "b"], weights="random:4")
@@ -372,7 +373,7 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
         done = subprocess.run(
             ["ray", "job", "submit", "--address", f"http://{HEAD_IP}:{DASHBOARD_PORT}", "--working-dir", str(REPO),
              "--runtime-env", str(env_file), "--", "python", "pipelines/maa_augment.py", "--config", str(config)],
-            env=_env(state), capture_output=True, text=True, timeout=300, cwd=REPO)
+            env=_env(state), capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO)
         assert done.returncode == 0 and _job_status(state, _job_id(done)) == "succeeded", done.stdout[-2000:]
     out = Storage("s3://icm/outputs/maa")
     manifest = out.read_table("manifest.parquet").to_pylist()
@@ -393,7 +394,7 @@ def _maa_on_s3(config, env, out_dir):
     config.write_text(yaml.safe_dump(cfg))
     return subprocess.run([sys.executable, "pipelines/maa_augment.py", "--config", str(config)], cwd=REPO,
                           env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env},
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
 
 
 @pytest.mark.slow
@@ -464,7 +465,7 @@ def test_job_submission_runs_on_both_nodes_and_survives_a_dead_worker_node(local
     assert started.returncode == 0, started.stderr
     job_id = _job_id(started)
     raylet = int((state / "worker.raylet.pid").read_text())
-    deadline = time.time() + 120
+    deadline = time.time() + JOB_TIMEOUT_S
     while time.time() < deadline:   # kill the worker node once it has finished a unit, mid-job
         shards = [pq.read_table(p).to_pylist()[0] for p in (out / "manifest").glob("unit-*.parquet")] \
             if (out / "manifest").is_dir() else []
@@ -473,7 +474,7 @@ def test_job_submission_runs_on_both_nodes_and_survives_a_dead_worker_node(local
         time.sleep(0.5)
     assert any(s["node_id"] == nodes[WORKER_IP] for s in shards) and len(shards) < N_IMAGES, "no mid-job moment"
     os.kill(raylet, signal.SIGKILL)
-    deadline = time.time() + 240
+    deadline = time.time() + JOB_TIMEOUT_S
     while time.time() < deadline and _job_status(state, job_id) == "running":
         time.sleep(2)
     assert _job_status(state, job_id) == "succeeded"

@@ -43,7 +43,7 @@ CONTRACT = pa.schema([
     ("runtime", pa.string()),
 ])
 VOLATILE = ("node_id", "started_at", "duration_s", "runtime")
-CONSOLIDATE_GROUP = 512   # shards read and joined at a time
+CONSOLIDATE_GROUP = 256   # shards read and joined at a time
 STATUSES = ("ok", "error", "skipped")
 
 

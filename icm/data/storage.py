@@ -227,5 +227,7 @@ class Storage:
         issue several), with ``ParquetFile`` (``pq.read_table`` builds a dataset per file, at 2-6x
         the CPU: a 118 k-image job has 15 k shards)."""
         def read(name: str) -> pa.Table:
-            return pq.ParquetFile(pa.BufferReader(self.read_bytes(f"{rel_dir}/{name}"))).read(columns=columns)
+            with self.fs.open_input_file(self.path(f"{rel_dir}/{name}")) as f:
+                data = f.read_buffer()   # an Arrow buffer: no copy into Python bytes
+            return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)
         return map_threads(read, self.list(rel_dir, ".parquet") if names is None else names)

@@ -14,7 +14,7 @@ if str(REPO) not in sys.path:  # `python pipelines/x.py` from a checkout without
     sys.path.insert(0, str(REPO))
 
 from icm.config import load_config, write_resolved  # noqa: E402
-from icm.data.manifest import ManifestStore  # noqa: E402
+from icm.data.manifest import ManifestStore, status_counts  # noqa: E402
 from icm.data.ray_io import check_code_origin, init_ray, run_units, work_units  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
 from icm.zoo.weights import weights_fingerprint  # noqa: E402
@@ -126,11 +126,18 @@ def run_resumable(refs: list[dict], unit_size: int, stage_cls: type, stage_kwarg
 
 
 def exit_status(summary: dict[str, Any]) -> None:
-    """End a driver: non-zero when units failed as a whole, so ``ray job submit`` shows it."""
+    """End a driver: non-zero when units failed as a whole (a storage fault, CUDA out of memory:
+    their images have no row, a rerun retries them), or when every row of the job's manifest is
+    an error (a wrong dataset root or image folder), so ``ray job submit`` shows it."""
     failed = summary.get("failed_units") or []
     if failed:
         raise SystemExit(f"{len(failed)} unit(s) failed as a whole ({failed[0]['reason']} …); the summary lists "
                          "them; rerun the same command to retry them")
+    if summary.get("manifest"):
+        counts, first_error = status_counts(summary["manifest"])
+        if counts.get("error") and not counts.get("ok"):
+            raise SystemExit(f"every image of the job is an error row ({counts['error']} in {summary['manifest']}), "
+                             f"e.g. {first_error}; check the dataset's paths")
 
 
 def write_summary(out_dir: str | Path, summary: dict[str, Any], title: str) -> str:

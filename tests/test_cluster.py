@@ -6,6 +6,8 @@ from the upload, on data, weights and outputs in S3, and when the worker node's 
 mid-job — and `down` leaves no process and no changed ~/.ray/auth_token behind."""
 
 import copy
+import hashlib
+import io
 import json
 import os
 import re
@@ -52,8 +54,9 @@ def test_launcher_yamls_pass_ray_validation_and_declare_resources(name):
         "preemptible")) for t in workers.values()), "no on-demand group to fall back on"
     assert not cfg["docker"]["image"].endswith(":latest")
     assert any("docker login" in c or "configure-docker" in c for c in cfg["initialization_commands"])
-    assert all("RAY_AUTH_MODE=token" in c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
-               if "ray start" in c)
+    # token auth in the container's environment, so `ray exec <yaml> 'ray status'` authenticates too
+    assert "--env RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    assert cfg["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
     broken = copy.deepcopy(cfg)
     broken["available_node_types"][next(iter(workers))]["bogus"] = 1
     with pytest.raises(jsonschema.ValidationError):
@@ -68,8 +71,12 @@ def test_dockerfile_builds_a_cuda_matched_image():
     assert "libgl1" in text and "libglib2.0-0" in text              # import ultralytics needs them
     assert "download.pytorch.org/whl/${CUDA}" in text                # torch built for the base image's CUDA
     assert text.index("COPY --chown=ray:users pyproject.toml") < text.index("COPY --chown=ray:users icm")
+    # the project dir is ray's whichever builder runs (the classic one makes a WORKDIR root's)
+    assert text.index("chown ray:users /home/ray/icm-ray") < text.index("\nUSER ray") < text.index("\nWORKDIR ")
     ignore = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
-    assert ignore[0] == "**" and "!icm/" in ignore and ".venv" not in " ".join(ignore[1:])
+    assert ignore[0] == "**" and ".venv" not in " ".join(ignore[1:])
+    for code in ("icm", "pipelines", "tuning"):                      # image-only RayJobs run pipelines and sweeps
+        assert f"!{code}/" in ignore and f"COPY --chown=ray:users {code} ./{code}" in text
     if shutil.which("docker") is None or subprocess.run(["docker", "info"], capture_output=True).returncode:
         pytest.skip("no Docker daemon on this machine: the image build itself is not exercised here")
     built = subprocess.run(["docker", "build", "-f", str(CLUSTER / "Dockerfile"), "-t", "icm-ray:test", str(REPO)],
@@ -148,14 +155,22 @@ def test_kuberay_manifests_validate_against_the_crds():
     assert "pipelines/maa_augment.py" in spec["entrypoint"] and "out_dir=s3://" in spec["entrypoint"]
     assert "dataset.root=s3://" in spec["entrypoint"] and spec["shutdownAfterJobFinishes"] is True
     assert spec["backoffLimit"] == 0             # a config error must not boot a second GPU cluster
+    assert spec["ttlSecondsAfterFinished"] <= 60  # the finished job's GPU pods go within a minute
     for cluster_spec in (cluster["spec"], spec["rayClusterSpec"]):
         assert cluster_spec["rayVersion"] == ray.__version__
+        # KubeRay gives the token to the autoscaler, the submitter and its own client only through
+        # authOptions; a hand-written RAY_AUTH_* entry would even stop it injecting its own
+        assert cluster_spec["authOptions"] == {"mode": "token", "secretName": "icm-ray-token"}
         for name, pod in _pod_specs(cluster_spec):
             assert pod["serviceAccountName"], name                    # pods reach the bucket and registry
-            mounts = {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
-            assert "/dev/shm" in mounts, name
+            mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+            shm = next(v["emptyDir"] for v in pod["volumes"] if v["name"] == mounts["/dev/shm"])
+            memory = int(pod["containers"][0]["resources"]["limits"]["memory"].rstrip("Gi"))
+            # Ray's object store defaults to 30 % of the memory, in /dev/shm
+            assert shm["medium"] == "Memory" and int(shm["sizeLimit"].rstrip("Gi")) >= max(6, 0.3 * memory), name
             for c in pod["containers"]:
                 assert not c["image"].endswith(":latest")
+                assert not [e for e in c.get("env", []) if e["name"].startswith("RAY_AUTH")], (name, c["env"])
             if name != "head":
                 res = pod["containers"][0]["resources"]
                 assert res["limits"]["nvidia.com/gpu"] == "1"
@@ -180,7 +195,8 @@ def test_runtime_env_uploads_the_code_and_leaves_data_outputs_and_venv_behind(tm
     tree = tmp_path / "checkout"
     shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(".venv", ".git", "outputs"))
     for junk in (".venv/lib/x.py", "outputs/demo/a.png", "data/coco/x.jpg", "weights/w.pth", ".git/HEAD",
-                 "icm/data/__pycache__/readers.cpython-311.pyc"):
+                 "icm/data/__pycache__/readers.cpython-311.pyc", "runs/detect/train/weights/last.pt",
+                 "w.ckpt", "w.safetensors", "yolo.onnx", "pipelines/cache.npz"):
         (tree / junk).parent.mkdir(parents=True, exist_ok=True)
         (tree / junk).write_text("x")
     uploaded = _upload_set(tree, env["excludes"])
@@ -188,15 +204,52 @@ def test_runtime_env_uploads_the_code_and_leaves_data_outputs_and_venv_behind(tm
                if p.is_file() and p.suffix in (".py", ".yaml")}
     assert sources and sources <= uploaded, sorted(sources - uploaded)[:10]
     assert any(p.startswith("icm/data/") for p in uploaded)
-    left = {".venv/", "outputs/", "data/", "weights/", ".git/", "tests/", "bench/"}
-    assert not [p for p in uploaded if any(p.startswith(d) for d in left) or "__pycache__" in p]
+    left = {".venv/", "outputs/", "data/", "weights/", ".git/", "tests/", "bench/", "runs/"}
+    assert not [p for p in uploaded if any(p.startswith(d) for d in left) or "__pycache__" in p
+                or p.endswith((".ckpt", ".safetensors", ".onnx", ".npz"))]
     assert not _upload_set(tree, ["data/"]) >= sources, "an unanchored data/ should have dropped icm/data"
+
+
+def test_a_node_cache_follows_weights_staged_again_under_the_same_name(tmp_path, monkeypatch):
+    """A long-lived node keeps its cached copy only while it matches the shared store: staging a
+    file again (a retrained trained:<label>, a replaced staged:<file>) reaches it by sha256, and a
+    file staged without a .sha256 (by hand) by its size and modification time."""
+    from icm.data.storage import Storage
+    from icm.zoo.stage import stage
+    from icm.zoo.weights import WeightsUnavailable, resolve
+
+    shared = f"file://{tmp_path / 'shared'}"
+    monkeypatch.setenv("ICM_WEIGHTS_DIR", shared)
+    monkeypatch.setenv("ICM_WEIGHTS_CACHE", str(tmp_path / "node"))
+    local = tmp_path / "w.pth"
+    seen = []
+    for content in (b"first weights", b"other weights"):      # the same size: only the digest tells
+        local.write_bytes(content)
+        _, digest = stage(str(local), shared)
+        resolved = resolve("staged:w.pth")
+        assert resolved.sha256 == digest and resolved.path.read_bytes() == content
+        assert resolved.path.is_relative_to(tmp_path / "node")
+        seen.append(digest)
+    assert seen[0] != seen[1]
+    store = Storage(shared)
+    for content in (b"retrained v1", b"retrained v2"):        # published by a training job elsewhere
+        store.write_bytes("trained/lbl.pth", content)
+        store.write_text("trained/lbl.pth.sha256", hashlib.sha256(content).hexdigest())
+        assert resolve("trained:lbl").path.read_bytes() == content
+    for content in (b"by hand 1", b"by hand 2"):              # no .sha256 beside it
+        store.write_bytes("hand.pth", content)
+        time.sleep(0.01)
+        assert resolve("staged:hand.pth").path.read_bytes() == content
+    store.write_text("w.pth.sha256", "0" * 64)                  # a digest the file does not have
+    with pytest.raises(WeightsUnavailable, match="do not match their .sha256"):
+        resolve("staged:w.pth")
 
 
 # --- the real two-node cluster -------------------------------------------------------------
 
 HEAD_IP, WORKER_IP, GCS_PORT, DASHBOARD_PORT = "127.0.0.2", "127.0.0.3", 6391, 8276
 N_IMAGES = 16
+JOB_TIMEOUT_S = 900   # a deadline, not a speed check: a job takes ~1 min here, many on a loaded 2-core machine
 
 
 def _env(state):
@@ -219,7 +272,7 @@ def _submit(state, config, wait=True):
            "--runtime-env", str(CLUSTER / "runtime_env.yaml")]
     cmd += [] if wait else ["--no-wait"]
     cmd += ["--", "python", "pipelines/maa_augment.py", "--config", str(config)]
-    return subprocess.run(cmd, env=_env(state), capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(cmd, env=_env(state), capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO)
 
 
 def _job_id(submitted):
@@ -276,31 +329,11 @@ def _node_ids(state):
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """moto's S3-compatible server on loopback, with a bucket."""
-    import socket
+    """moto's S3 server on loopback behind tests/s3_fake.py's proxy (request log, faults), with a bucket."""
+    from s3_fake import FakeS3
 
-    import pyarrow.fs as pafs
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            assert time.time() < deadline, "moto server did not start"
-            time.sleep(0.2)
-    pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
-                      region="us-east-1", allow_bucket_creation=True).create_dir("icm")
-    yield env
-    proc.terminate()
-    proc.wait(10)
+    with FakeS3() as s3:
+        yield s3
 
 
 @pytest.mark.slow
@@ -312,13 +345,13 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     from icm.zoo.weights import sha256_file
 
     state, images = local_cluster
-    for key, value in s3_server.items():
+    for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     # the dataset goes to the bucket as cluster/README.md says (an export job), and lives nowhere else
     exported = subprocess.run([sys.executable, "pipelines/export_dataset.py", "--config", "pipelines/configs/export.yaml",
                                f"dataset={{type: folder, root: {images}, name: img}}", "out_dir=s3://icm/datasets/img",
                                "workers.actors=1", "ray.num_cpus=1"],
-                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO,
                               env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert exported.returncode == 0, exported.stdout[-2000:] + exported.stderr[-2000:]
     det = build_detector("centernet_resnet18", ["a", "b"], weights="random:4")
@@ -329,7 +362,7 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     cache = tmp_path / "node-cache"
     env_file = tmp_path / "runtime_env.yaml"
     runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"].update(s3_server, ICM_WEIGHTS_DIR="s3://icm/weights", ICM_WEIGHTS_CACHE=str(cache))
+    runtime_env["env_vars"].update(s3_server.env, ICM_WEIGHTS_DIR="s3://icm/weights", ICM_WEIGHTS_CACHE=str(cache))
     env_file.write_text(yaml.safe_dump(runtime_env))
     config = _maa_config(tmp_path / "s3.yaml", "s3://icm/outputs/maa", images)
     cfg = yaml.safe_load(config.read_text())
@@ -340,7 +373,7 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
         done = subprocess.run(
             ["ray", "job", "submit", "--address", f"http://{HEAD_IP}:{DASHBOARD_PORT}", "--working-dir", str(REPO),
              "--runtime-env", str(env_file), "--", "python", "pipelines/maa_augment.py", "--config", str(config)],
-            env=_env(state), capture_output=True, text=True, timeout=300, cwd=REPO)
+            env=_env(state), capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=REPO)
         assert done.returncode == 0 and _job_status(state, _job_id(done)) == "succeeded", done.stdout[-2000:]
     out = Storage("s3://icm/outputs/maa")
     manifest = out.read_table("manifest.parquet").to_pylist()
@@ -352,6 +385,63 @@ def test_dataset_weights_and_outputs_on_s3(local_cluster, s3_server, tmp_path, m
     assert (cache / "s3-cn.pth").is_file()                     # copied from the shared store, not downloaded
     assert f"{N_IMAGES} already done, 0 unit(s) to run" in done.stdout + done.stderr   # the rerun found all done on s3
     assert json.loads(out.read_text("summary.json"))["images"]["skipped"] == N_IMAGES
+    assert not [k for k in s3_server.keys() if k.endswith("/")]   # no directory markers: a scoped role may write
+
+
+def _maa_on_s3(config, env, out_dir):
+    cfg = yaml.safe_load(config.read_text())
+    cfg.update(out_dir=out_dir, workers={"actors": 1, "num_cpus": 1}, ray={"num_cpus": 2}, steps=2)
+    config.write_text(yaml.safe_dump(cfg))
+    return subprocess.run([sys.executable, "pipelines/maa_augment.py", "--config", str(config)], cwd=REPO,
+                          env={**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env},
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+
+
+@pytest.mark.slow
+def test_storage_faults_fail_units_and_a_rerun_processes_exactly_those_images(s3_server, tmp_path, monkeypatch):
+    """403 (a missing grant) and 503 (SlowDown, lasting) on reads of two images: the MAA job exits
+    non-zero, its manifest holds no row for them (not an error row: a rerun would skip them), a
+    brief 503 on a third is absorbed by the client's retries; with the faults gone, the rerun
+    processes exactly those two, and everything is byte-identical to a run that saw no fault."""
+    import numpy as np
+    from PIL import Image
+
+    from icm.data.storage import Storage
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    data = Storage("s3://icm/faults/images")
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (56, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+        data.write_bytes(f"im{i}.png", buf.getvalue())
+    config = _maa_config(tmp_path / "maa.yaml", "", "s3://icm/faults/images")
+    clean = _maa_on_s3(config, s3_server.env, "s3://icm/faults/clean")
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+
+    s3_server.faults([{"path": r"/faults/images/im1\.png$", "status": 403},
+                      {"path": r"/faults/images/im3\.png$", "status": 503},
+                      {"path": r"/faults/images/im4\.png$", "status": 503, "times": 2}])
+    faulted = _maa_on_s3(config, s3_server.env, "s3://icm/faults/run")
+    s3_server.faults([])
+    assert faulted.returncode != 0 and "2 unit(s) failed as a whole" in faulted.stderr, faulted.stderr[-3000:]
+    out = Storage("s3://icm/faults/run")
+    summary = json.loads(out.read_text("summary.json"))
+    assert summary["images"] == {"done": 4, "failed": 0, "skipped": 0, "not_run": 2}
+    assert all("StorageUnavailable" in u["reason"] for u in summary["failed_units"])
+    rows = out.read_table("manifest.parquet").to_pylist()
+    assert sorted(r["source_id"] for r in rows) == [f"img/im{i}.png" for i in (0, 2, 4, 5)]
+    assert all(r["status"] == "ok" for r in rows)
+
+    rerun = _maa_on_s3(config, s3_server.env, "s3://icm/faults/run")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert json.loads(out.read_text("summary.json"))["images"] == {"done": 2, "failed": 0, "skipped": 4, "not_run": 0}
+    ref = Storage("s3://icm/faults/clean")
+    assert comparable(out.read_table("manifest.parquet")).equals(comparable(ref.read_table("manifest.parquet")))
+    for r in ref.read_table("manifest.parquet").to_pylist():
+        assert out.read_bytes(r["output_path"]) == ref.read_bytes(r["output_path"]), r["source_id"]
+    assert not [k for k in s3_server.keys() if k.endswith("/")]
 
 
 # Last in the module: it kills the shared cluster's worker node.
@@ -375,7 +465,7 @@ def test_job_submission_runs_on_both_nodes_and_survives_a_dead_worker_node(local
     assert started.returncode == 0, started.stderr
     job_id = _job_id(started)
     raylet = int((state / "worker.raylet.pid").read_text())
-    deadline = time.time() + 120
+    deadline = time.time() + JOB_TIMEOUT_S
     while time.time() < deadline:   # kill the worker node once it has finished a unit, mid-job
         shards = [pq.read_table(p).to_pylist()[0] for p in (out / "manifest").glob("unit-*.parquet")] \
             if (out / "manifest").is_dir() else []
@@ -384,7 +474,7 @@ def test_job_submission_runs_on_both_nodes_and_survives_a_dead_worker_node(local
         time.sleep(0.5)
     assert any(s["node_id"] == nodes[WORKER_IP] for s in shards) and len(shards) < N_IMAGES, "no mid-job moment"
     os.kill(raylet, signal.SIGKILL)
-    deadline = time.time() + 240
+    deadline = time.time() + JOB_TIMEOUT_S
     while time.time() < deadline and _job_status(state, job_id) == "running":
         time.sleep(2)
     assert _job_status(state, job_id) == "succeeded"

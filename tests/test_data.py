@@ -1,5 +1,6 @@
 """Readers, records, bad input, paths, manifest contract, writers, sample data."""
 
+import io
 import json
 
 import numpy as np
@@ -318,3 +319,126 @@ def test_shapes_objects_are_separate_and_visible(small_shapes):
                                            img[y2:y2 + 3, x1:x2].reshape(-1, 3)])
                     if len(ring):
                         assert np.linalg.norm(inside - ring.mean(0)) > 40, rec["source_id"]
+
+
+# --- object storage: faults are not content errors, writes make no directory markers ---------
+
+@pytest.fixture(scope="module")
+def fake_s3():
+    """moto's S3 server behind the fault-injecting proxy of tests/s3_fake.py, as this process's S3."""
+    import os
+
+    from s3_fake import FakeS3
+
+    with FakeS3() as s3:
+        saved = {k: os.environ.get(k) for k in s3.env}
+        os.environ.update(s3.env)
+        yield s3
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _voc_on(storage, ids, missing=()):
+    storage.write_text("ImageSets/Main/trainval.txt", "".join(f"{i}\n" for i in ids))
+    for i in ids:
+        if i not in missing:
+            storage.write_text(f"Annotations/{i}.xml", f"<annotation><filename>{i}.jpg</filename><object><name>dog"
+                               "</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
+                               "</object></annotation>")
+
+
+def test_a_storage_fault_is_never_an_image_error(fake_s3):
+    """403 (a missing grant, or a missing key without s3:ListBucket) and 503 (SlowDown) raise
+    StorageUnavailable; only what the storage answers about the file itself — 404, 0 bytes,
+    undecodable, too small — is the image's error row."""
+    from icm.data.storage import Storage, StorageUnavailable
+
+    root = "s3://icm/faults/ds"
+    store = Storage(root)
+    png = io.BytesIO()
+    Image.fromarray(_rgb()).save(png, "PNG")
+    store.write_bytes("good.png", png.getvalue())
+    store.write_bytes("empty.png", b"")
+    store.write_bytes("corrupt.png", b"not an image")
+    store.write_text("list.txt", "good.png\nmissing.png\nempty.png\ncorrupt.png\n")
+    refs = {r.image_id: r for r in ListTxtReader(f"{root}/list.txt").refs()}
+    rows = {k: load_record(r, min_side=1) for k, r in refs.items()}
+    assert rows["good.png"]["status"] == "ok" and rows["good.png"]["image"].shape == (40, 50, 3)
+    assert "not found" in rows["missing.png"]["error"] and "empty" in rows["empty.png"]["error"]
+    assert "cannot decode" in rows["corrupt.png"]["error"]
+    assert "smaller than the minimum" in load_record(refs["good.png"], min_side=64)["error"]
+    for status in (403, 503):
+        for target in ("good", "missing"):      # a refused HEAD says nothing about the file
+            fake_s3.faults([{"path": rf"/ds/{target}\.png$", "status": status}])
+            with pytest.raises(StorageUnavailable, match=f"{target}.png"):
+                load_record(refs[f"{target}.png"])
+    fake_s3.faults([{"path": r"/ds/good\.png$", "method": "GET", "status": 403}])   # HEAD passes, GET refused
+    with pytest.raises(StorageUnavailable):
+        load_record(refs["good.png"])
+    fake_s3.faults([{"path": r"/ds/good\.png$", "status": 503, "times": 2}])        # brief throttling: retried
+    assert load_record(refs["good.png"])["status"] == "ok"
+    fake_s3.faults([])
+
+
+def test_voc_annotations_listed_once_in_parallel_and_faults_fail_the_listing(fake_s3):
+    from icm.data.storage import Storage, StorageUnavailable
+
+    root = "s3://icm/faults/voc"
+    ids = [f"{i:06d}" for i in range(12)]
+    _voc_on(Storage(root), ids, missing={"000003"})
+    reader = VocReader(root, classes=["cat", "dog"])
+    fake_s3.reset_log()
+    refs = reader.refs()
+    assert [r.image_id for r in refs] == ids
+    assert refs[3].error and "000003" in refs[3].error and not refs[4].error and refs[4].class_names == ["dog"]
+    gets = [p for m, p in fake_s3.requests() if m == "GET" and "/Annotations/" in p]
+    assert len(gets) == len(ids) - 1
+    assert [r.to_dict() for r in reader.refs()] == [r.to_dict() for r in refs]
+    assert len([p for m, p in fake_s3.requests() if "/Annotations/" in p and m == "GET"]) == len(gets)  # listed once
+    for status in (403, 503):
+        fake_s3.faults([{"path": r"/Annotations/000005\.xml$", "status": status}])
+        with pytest.raises(StorageUnavailable, match="000005"):
+            VocReader(root, classes=["cat", "dog"]).refs()
+    fake_s3.faults([])
+
+
+def test_one_write_and_one_read_are_their_own_requests_only(fake_s3):
+    """No HEAD bucket, no directory-marker PUTs: pyarrow 20 uploads in 3 requests (create, part,
+    complete), pyarrow ≥ 21 with allow_delayed_open in 1 PUT; nothing else, and no key ends in '/'.
+    A read is a HEAD and one GET, whatever the size (a stream would GET 256 KiB at a time)."""
+    import pyarrow as pa
+
+    from icm.data.storage import Storage
+
+    store = Storage("s3://icm/writes/icm/outputs/maa")
+    assert store.fs is Storage("s3://icm/writes/other").fs      # one filesystem (and region lookup) per bucket
+    fake_s3.reset_log()
+    store.write_bytes("images/voc/000001.png", b"x")
+    requests = fake_s3.requests()
+    key = "/icm/writes/icm/outputs/maa/images/voc/000001.png"
+    assert all(path.split("?")[0] == key for _, path in requests), requests
+    single_put = int(pa.__version__.split(".")[0]) >= 21
+    assert [m for m, _ in requests] == (["PUT"] if single_put else ["POST", "PUT", "POST"]), requests
+    assert store.read_bytes("images/voc/000001.png") == b"x"
+    assert not [k for k in fake_s3.keys() if k.endswith("/")]
+    big = bytes(range(256)) * 4096 * 3                          # 3 MiB
+    store.write_bytes("weights/w.pth", big)
+    fake_s3.reset_log()
+    assert store.read_bytes("weights/w.pth") == big
+    assert [m for m, _ in fake_s3.requests()] == ["HEAD", "GET"]
+
+
+def test_image_ref_to_dict_is_asdict():
+    """``to_dict`` is written out for speed: it must stay ``dataclasses.asdict``, field for field."""
+    from dataclasses import asdict
+
+    from icm.data.records import ImageRef
+
+    ref = ImageRef("d/1", "d", "1", "/r", "a.png", [[1.0, 2.0, 3.0, 4.0]], [1], ["dog"], ["note"], "")
+    as_dict = ref.to_dict()
+    assert as_dict == asdict(ref) and list(as_dict) == list(asdict(ref))
+    as_dict["boxes"][0][0] = 9.0
+    assert ref.boxes[0][0] == 1.0                 # copies, as asdict makes

@@ -71,30 +71,62 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def _outside_working_dir(origins: dict) -> list[str]:
+    return [f"{origins['node_id'] or 'driver'}: {name} from {path}" for name, path in origins["files"].items()
+            if not os.path.realpath(path).startswith(os.path.realpath(origins["cwd"]) + os.sep)]
+
+
+def _uploaded_working_dir() -> bool:
+    import ray
+
+    return ray.is_initialized() and bool((ray.get_runtime_context().runtime_env or {}).get("working_dir"))
+
+
 def check_code_origin() -> dict | None:
     """For a driver submitted as a job with an uploaded working dir (``ray job submit
     --working-dir``): verify that the driver and a worker on every alive node import ``icm`` and
     all its subpackages from that uploaded copy, not from an installed one. An upload that left
     files out (a runtime-env ``excludes`` pattern matching ``icm/data/``) then fails here, at
     start, instead of with ``ModuleNotFoundError`` on nodes without the package, or silently on
-    nodes with an older one. Returns what was checked (None when there is no working dir)."""
+    nodes with an older one. Nodes that join later (autoscaled GPU workers) unpack the same
+    package; each stage actor checks its own process as it starts (``check_worker_code_origin``).
+    Returns what was checked (None when there is no working dir)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if not (ray.get_runtime_context().runtime_env or {}).get("working_dir"):
+    if not _uploaded_working_dir():
         return None
     probe = ray.remote(num_cpus=0)(import_origins)
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     origins = [import_origins()] + ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         node, soft=False)).remote() for node in nodes])
-    bad = [f"{o['node_id'] or 'driver'}: {name} from {path}" for o in origins for name, path in o["files"].items()
-           if not os.path.realpath(path).startswith(os.path.realpath(o["cwd"]) + os.sep)]
+    bad = [line for o in origins for line in _outside_working_dir(o)]
     if bad:
         raise RuntimeError("the job's uploaded working dir is not what the nodes run — " + "; ".join(bad[:5])
                            + ". Check the runtime env's excludes (anchor directories: /data/, not data/)")
     print(f"[icm] code origin: icm and its {len(PACKAGES) - 1} subpackages imported from the uploaded working "
-          f"dir by the driver and on {len(nodes)} node(s)", flush=True)
+          f"dir by the driver and on {len(nodes)} node(s); actors on nodes that join later check themselves",
+          flush=True)
     return {"nodes": len(nodes), "packages": list(PACKAGES)}
+
+
+def check_worker_code_origin() -> None:
+    """In a worker of a job with an uploaded working dir: raise unless every ``icm`` module this
+    process has imported comes from that dir. Stage actors call it as they start, so a node that
+    joined after the driver's ``check_code_origin`` (an autoscaled GPU worker) is checked too.
+    A no-op outside Ray and without a working dir."""
+    import sys
+
+    try:
+        if not _uploaded_working_dir():
+            return
+    except ImportError:
+        return
+    files = {name: getattr(module, "__file__", None) or "" for name, module in list(sys.modules.items())
+             if name == "icm" or name.startswith("icm.")}
+    bad = _outside_working_dir({"cwd": os.getcwd(), "node_id": _node_id(), "files": files})
+    if bad:
+        raise RuntimeError("this worker does not run the job's uploaded working dir — " + "; ".join(bad[:5]))
 
 
 def run_on_worker(fn, *args, num_gpus: float = 0, num_cpus: float = 1):

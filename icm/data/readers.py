@@ -3,8 +3,11 @@
 Decoding happens in ``icm.data.records.load_record`` so that, under Ray Data, it runs inside the
 workers. Every path a reader takes (annotation files, list files, image roots, manifests) may be
 a local path or an object-store URI (``s3://bucket/prefix``, ``gs://…``), read through pyarrow's
-filesystems: on a cluster, nodes read the dataset from shared storage. Every reader exposes ``name``, ``root``, ``classes`` (contiguous class index -> name) and
-``refs()``; ``records()`` decodes sequentially for use without Ray.
+filesystems: on a cluster, nodes read the dataset from shared storage. Every reader exposes
+``name``, ``root``, ``classes`` (contiguous class index -> name) and ``refs()`` (listed once per
+reader, so a job lists its dataset once); ``records()`` decodes sequentially for use without Ray.
+A listing that the storage refuses or fails raises ``StorageUnavailable``: only an annotation the
+storage says is missing, or one that does not parse, becomes the image's error.
 
 Class ids in records are contiguous indices into ``classes``; ``category_ids`` maps them back to
 the dataset's own ids (e.g. COCO's 1..90) for evaluation and export.
@@ -24,7 +27,8 @@ import pyarrow.parquet as pq
 from icm.data.classes import VOC, class_list
 from icm.data.paths import PathEscapesRoot, resolve_location_under
 from icm.data.records import ImageRef, load_record
-from icm.data.storage import is_uri, list_files, location_info, parent_location, read_location, resolve_location
+from icm.data.storage import (is_uri, list_files, location_info, map_threads, parent_location, read_file,
+                              read_location, resolve_location)
 
 
 def _require(location, what: str) -> str:
@@ -48,6 +52,13 @@ class Reader:
     category_ids: list[int]
 
     def refs(self) -> list[ImageRef]:
+        """The dataset's references, listed on the first call and kept: a job that cuts units,
+        then decodes a few images for its figure and evaluates, reads the annotations once."""
+        if getattr(self, "_refs", None) is None:
+            self._refs = self.list_refs()
+        return list(self._refs)
+
+    def list_refs(self) -> list[ImageRef]:
         raise NotImplementedError
 
     def records(self, min_side: int = 1, source_ids=None) -> Iterator[dict]:
@@ -62,49 +73,62 @@ def _classes_from(classes: Sequence[str] | str | Path | None) -> list[str]:
     return class_list(str(classes) if isinstance(classes, Path) else classes) or []
 
 
+def _compact_annotation(obj: dict):
+    """``json.loads`` hook: an annotation becomes ``(image_id, category_id, iscrowd, xyxy box)`` as
+    soon as it is parsed, its polygon and other fields dropped; other objects stay dicts."""
+    if "bbox" in obj and "image_id" in obj:
+        x, y, w, h = obj["bbox"]
+        return obj["image_id"], obj["category_id"], obj.get("iscrowd", 0), [x, y, x + w, y + h]
+    return obj
+
+
 class CocoReader(Reader):
-    """COCO ``instances_*.json`` through pycocotools; crowd annotations are skipped."""
+    """COCO ``instances_*.json``; crowd annotations are skipped.
+
+    Read with a parse hook rather than pycocotools' ``COCO`` index (which keeps every annotation
+    dict, polygon included): records carry boxes only, and train2017's 448 MB, parsed whole, would
+    take several GB of the driver's memory. Each annotation is reduced to its box as it is parsed,
+    and the boxes are handed to the references once they are listed. Evaluation still goes through
+    pycocotools (``icm.metrics``)."""
 
     def __init__(self, annotation_file: str | Path, image_root: str | Path, name: str = "coco",
                  include_crowd: bool = False):
-        from pycocotools.coco import COCO
-        import contextlib
-        import io
-
         self.annotation_file = _require(annotation_file, "COCO annotation file")
-        self.coco = COCO()
-        self.coco.dataset = json.loads(read_location(self.annotation_file))
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
+        text = read_location(self.annotation_file).decode("utf-8-sig")   # the bytes go before the parse
+        dataset = json.loads(text, object_hook=_compact_annotation)
+        del text
         self.root = _root(image_root)
         self.name = name
         self.include_crowd = include_crowd
-        cats = sorted(self.coco.loadCats(self.coco.getCatIds()), key=lambda c: c["id"])
+        cats = sorted(dataset.get("categories", []), key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in cats]
         self.classes = [c["name"] for c in cats]
         self._index = {cid: i for i, cid in enumerate(self.category_ids)}
+        self._images = {img["id"]: img["file_name"] for img in dataset.get("images", [])}
+        self._annotations: dict[int, list] = {}
+        for ann in dataset.get("annotations", []):
+            self._annotations.setdefault(ann[0], []).append(ann)
 
-    def refs(self) -> list[ImageRef]:
+    def list_refs(self) -> list[ImageRef]:
         out = []
-        for image_id in sorted(self.coco.getImgIds()):
-            info = self.coco.imgs[image_id]
+        for image_id in sorted(self._images):
             ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name,
-                           image_id=str(image_id), root=str(self.root), path=info["file_name"])
+                           image_id=str(image_id), root=str(self.root), path=self._images[image_id])
             unknown = 0
-            for ann in self.coco.imgToAnns.get(image_id, []):
-                if ann.get("iscrowd", 0) and not self.include_crowd:
+            for _, category_id, iscrowd, box in self._annotations.get(image_id, []):
+                if iscrowd and not self.include_crowd:
                     continue
-                if ann["category_id"] not in self._index:
+                if category_id not in self._index:
                     unknown += 1
                     continue
-                x, y, w, h = ann["bbox"]
-                ref.boxes.append([x, y, x + w, y + h])
-                idx = self._index[ann["category_id"]]
+                idx = self._index[category_id]
+                ref.boxes.append(box)
                 ref.class_ids.append(idx)
                 ref.class_names.append(self.classes[idx])
             if unknown:
                 ref.notes.append(f"dropped {unknown} annotation(s) with unknown category ids")
             out.append(ref)
+        self._annotations = {}   # the boxes live in the references now (kept by refs())
         return out
 
 
@@ -123,45 +147,49 @@ class VocReader(Reader):
         self.include_difficult = include_difficult
         self.list_file = _require(resolve_location_under(self.root, f"ImageSets/Main/{split}.txt"), "VOC split list")
 
-    def refs(self) -> list[ImageRef]:
-        index = {c: i for i, c in enumerate(self.classes)}
-        out = []
+    def list_refs(self) -> list[ImageRef]:
         ids = [line.split()[0] for line in read_location(self.list_file).decode().splitlines() if line.strip()]
-        for image_id in sorted(set(ids)):  # a split list naming an id twice means one image
-            ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name, image_id=image_id,
-                           root=str(self.root), path=f"JPEGImages/{image_id}.jpg")
-            try:
-                tree = ET.ElementTree(ET.fromstring(read_location(
-                    resolve_location_under(self.root, f"Annotations/{image_id}.xml"))))
-            except (PathEscapesRoot, OSError, ET.ParseError) as exc:
-                ref.error = f"cannot read VOC annotation for {image_id}: {exc}"
-                out.append(ref)
+        ids = sorted(set(ids))   # a split list naming an id twice means one image
+        # the annotations are read in parallel: one GET each, on the driver (VOC2007: ~10 k files)
+        return map_threads(self._ref, ids)
+
+    def _ref(self, image_id: str) -> ImageRef:
+        ref = ImageRef(source_id=f"{self.name}/{image_id}", dataset=self.name, image_id=image_id,
+                       root=str(self.root), path=f"JPEGImages/{image_id}.jpg")
+        try:
+            location = resolve_location_under(self.root, f"Annotations/{image_id}.xml")
+            data = read_file(location)   # a storage fault raises: the listing fails, nothing is recorded
+            if data is None:
+                raise FileNotFoundError(f"{location} does not exist")
+            tree = ET.ElementTree(ET.fromstring(data))
+        except (PathEscapesRoot, FileNotFoundError, ET.ParseError) as exc:
+            ref.error = f"cannot read VOC annotation for {image_id}: {exc}"
+            return ref
+        filename = tree.findtext("filename")
+        if filename:
+            ref.path = f"JPEGImages/{filename.strip()}"
+        index = {c: i for i, c in enumerate(self.classes)}
+        unknown = 0
+        for obj in tree.findall("object"):
+            if obj.findtext("difficult", "0").strip() == "1" and not self.include_difficult:
                 continue
-            filename = tree.findtext("filename")
-            if filename:
-                ref.path = f"JPEGImages/{filename.strip()}"
-            unknown = 0
-            for obj in tree.findall("object"):
-                if obj.findtext("difficult", "0").strip() == "1" and not self.include_difficult:
-                    continue
-                cls = (obj.findtext("name") or "").strip()
-                if cls not in index:
-                    unknown += 1
-                    continue
-                bb = obj.find("bndbox")
-                try:
-                    # VOC boxes are 1-based inclusive pixel indices.
-                    box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-                except (TypeError, ValueError, AttributeError):
-                    ref.notes.append("dropped an object with an unreadable bndbox")
-                    continue
-                ref.boxes.append([box[0] - 1, box[1] - 1, box[2], box[3]])
-                ref.class_ids.append(index[cls])
-                ref.class_names.append(cls)
-            if unknown:
-                ref.notes.append(f"dropped {unknown} object(s) of classes not in the class list")
-            out.append(ref)
-        return out
+            cls = (obj.findtext("name") or "").strip()
+            if cls not in index:
+                unknown += 1
+                continue
+            bb = obj.find("bndbox")
+            try:
+                # VOC boxes are 1-based inclusive pixel indices.
+                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (TypeError, ValueError, AttributeError):
+                ref.notes.append("dropped an object with an unreadable bndbox")
+                continue
+            ref.boxes.append([box[0] - 1, box[1] - 1, box[2], box[3]])
+            ref.class_ids.append(index[cls])
+            ref.class_names.append(cls)
+        if unknown:
+            ref.notes.append(f"dropped {unknown} object(s) of classes not in the class list")
+        return ref
 
 
 class ListTxtReader(Reader):
@@ -180,7 +208,7 @@ class ListTxtReader(Reader):
         self.classes = _classes_from(classes)
         self.category_ids = list(range(len(self.classes)))
 
-    def refs(self) -> list[ImageRef]:
+    def list_refs(self) -> list[ImageRef]:
         out, seen = [], {}
         for lineno, line in enumerate(read_location(self.list_file).decode().splitlines(), start=1):
             parts = line.split()
@@ -223,7 +251,7 @@ class FolderReader(Reader):
         self.extensions = tuple(e.lower() for e in extensions)
         self.classes, self.category_ids = [], []
 
-    def refs(self) -> list[ImageRef]:
+    def list_refs(self) -> list[ImageRef]:
         return [ImageRef(source_id=f"{self.name}/{rel}", dataset=self.name, image_id=rel, root=self.root, path=rel)
                 for rel in list_files(self.root) if posixpath.splitext(rel)[1].lower() in self.extensions]
 
@@ -250,7 +278,7 @@ class ManifestReader(Reader):
         self.classes = _classes_from(classes)
         self.category_ids = list(range(len(self.classes)))
 
-    def refs(self) -> list[ImageRef]:
+    def list_refs(self) -> list[ImageRef]:
         fs, path = resolve_location(self.manifest)
         table = pq.read_table(path, filesystem=fs)
         if self.path_column not in table.column_names:

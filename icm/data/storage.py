@@ -3,7 +3,14 @@
 ``hdfs://``. On a cluster every node writes its units' files straight to the shared location.
 
 Writes are atomic: a local file is written to a temporary name and renamed; an object store PUT
-is atomic by nature. So a unit whose manifest shard exists is complete, wherever it lives.
+is atomic by nature. So a unit whose manifest shard exists is complete, wherever it lives. Object
+stores get no directory markers (pyarrow's ``create_dir`` writes one object per ancestor prefix,
+which a prefix-scoped IAM policy refuses, and on GCS needs bucket metadata that
+``roles/storage.objectAdmin`` lacks): a key is written with its own request(s) only.
+
+A read the storage refuses or fails — a missing grant, throttling, a dropped connection — raises
+``StorageUnavailable``: it is a fault of the storage, not of the file, and never becomes a row.
+Only an answer that no such file exists (404, no such local file) reads as "not found".
 """
 
 from __future__ import annotations
@@ -11,12 +18,26 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable, Iterable, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+
+IO_THREADS = int(os.environ.get("ICM_IO_THREADS", "32"))   # concurrent requests of one bulk read
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class StorageUnavailable(OSError):
+    """The storage refused or failed a request (a missing grant, 503 SlowDown, a reset
+    connection): the file's state is unknown, so the work unit fails and is retried; it is never
+    recorded as the file's error. S3 answers 403, not 404, for a missing key when the role lacks
+    ``s3:ListBucket``: a 403 is a permission error, never evidence that a file is missing."""
 
 
 def is_uri(location: str | Path) -> bool:
@@ -24,8 +45,30 @@ def is_uri(location: str | Path) -> bool:
 
 
 @lru_cache(maxsize=32)
-def _filesystem(bucket_uri: str) -> pafs.FileSystem:
+def _filesystem(bucket_uri: str, endpoint: str = "") -> pafs.FileSystem:
+    """One filesystem object per bucket and process, so S3's bucket region is looked up once
+    (a HEAD bucket request), not by every ``Storage``. On S3, small objects are written with a
+    single PUT where pyarrow allows it (``allow_delayed_open``, pyarrow ≥ 21); pyarrow 20 rejects
+    the option and uploads every object in 3 requests (create, part, complete). ``endpoint`` is
+    ``$AWS_ENDPOINT_URL``, which pyarrow reads: another endpoint is another filesystem."""
+    if bucket_uri.startswith("s3://"):
+        try:
+            return pafs.FileSystem.from_uri(f"{bucket_uri}?allow_delayed_open=true")[0]
+        except pa.ArrowInvalid:   # pyarrow < 21: "Unexpected query parameter in S3 URI"
+            pass
     return pafs.FileSystem.from_uri(bucket_uri)[0]
+
+
+def map_threads(fn: Callable[[T], R], items: Iterable[T], threads: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` with up to ``threads`` (default ``IO_THREADS``) calls in flight,
+    in order: for many small reads from object storage, where each request waits on the network
+    (pyarrow releases the GIL), not on this CPU."""
+    items = list(items)
+    threads = IO_THREADS if threads is None else threads
+    if len(items) <= 1 or threads <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def resolve_location(location: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -37,7 +80,7 @@ def resolve_location(location: str | Path) -> tuple[pafs.FileSystem, str]:
     if scheme == "file":
         return pafs.LocalFileSystem(), rest
     bucket = rest.split("/", 1)[0]
-    return _filesystem(f"{scheme}://{bucket}"), rest.rstrip("/")
+    return _filesystem(f"{scheme}://{bucket}", os.environ.get("AWS_ENDPOINT_URL", "")), rest.rstrip("/")
 
 
 def join_location(root: str | Path, rel: str) -> str:
@@ -51,11 +94,34 @@ def parent_location(location: str | Path) -> str:
     return location.rstrip("/").rsplit("/", 1)[0] if is_uri(location) else str(Path(location).parent)
 
 
+def _read_whole(fs: pafs.FileSystem, path: str) -> bytes:
+    """A file's bytes in one read: on S3, a HEAD and one GET. (``open_input_stream`` would read
+    in 256 KiB range GETs: ~1,500 sequential requests for COCO's 448 MB annotation file.)"""
+    with fs.open_input_file(path) as f:
+        return f.read()
+
+
 def read_location(location: str | Path) -> bytes:
     """The bytes of a file at a local path or a URI (``s3://``, ``gs://``, …)."""
+    return _read_whole(*resolve_location(location))
+
+
+def read_file(location: str | Path) -> bytes | None:
+    """The bytes of the file at ``location``; None when the storage answers that no file is
+    there (404, no such local file, a directory). Any other failure raises ``StorageUnavailable``
+    naming the file and what to check."""
     fs, path = resolve_location(location)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    try:
+        return _read_whole(fs, path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if isinstance(fs, pafs.LocalFileSystem) and os.path.isdir(path):
+            return None
+        raise StorageUnavailable(
+            f"cannot read {location}: {exc} — a storage fault, not a property of the file: check the "
+            "node's credentials and grants (read; and list, so that a missing file reads as missing), "
+            "then rerun the same command") from exc
 
 
 def location_info(location: str | Path) -> pafs.FileInfo:
@@ -73,12 +139,9 @@ def list_files(root: str | Path) -> list[str]:
 class Storage:
     def __init__(self, root: str | Path):
         self.uri = str(root)
-        if is_uri(root):
-            self.fs, self.base = pafs.FileSystem.from_uri(self.uri)
-            self.local = False
-        else:
-            self.fs, self.base = pafs.LocalFileSystem(), str(Path(root).resolve())
-            self.local = True
+        self.local = not is_uri(root)
+        self.fs, self.base = resolve_location(root)
+        self.object_store = not isinstance(self.fs, pafs.LocalFileSystem)   # keys, no directories
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
@@ -101,7 +164,7 @@ class Storage:
 
     def write_bytes(self, rel: str, data: bytes) -> str:
         path = self.path(rel)
-        if self.local:
+        if not self.object_store:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
             try:
@@ -112,7 +175,6 @@ class Storage:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            self.fs.create_dir(posixpath.dirname(path), recursive=True)
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
         return path
@@ -121,8 +183,7 @@ class Storage:
         return self.write_bytes(rel, text.encode())
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+        return _read_whole(self.fs, self.path(rel))
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
@@ -159,5 +220,14 @@ class Storage:
     def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
 
-    def read_tables(self, rel_dir: str, columns: list[str] | None = None) -> list[pa.Table]:
-        return [self.read_table(f"{rel_dir}/{name}", columns) for name in self.list(rel_dir, ".parquet")]
+    def read_tables(self, rel_dir: str, columns: list[str] | None = None,
+                    names: list[str] | None = None) -> list[pa.Table]:
+        """Every parquet file directly under ``rel_dir`` (or those ``names``), in name order, read
+        in parallel, each whole in one GET (shards are small, and a column-projected read would
+        issue several), with ``ParquetFile`` (``pq.read_table`` builds a dataset per file, at 2-6x
+        the CPU: a 118 k-image job has 15 k shards)."""
+        def read(name: str) -> pa.Table:
+            with self.fs.open_input_file(self.path(f"{rel_dir}/{name}")) as f:
+                data = f.read_buffer()   # an Arrow buffer: no copy into Python bytes
+            return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)
+        return map_threads(read, self.list(rel_dir, ".parquet") if names is None else names)

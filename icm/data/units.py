@@ -28,6 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from icm.data.manifest import ManifestStore, manifest_row
+from icm.data.ray_io import check_worker_code_origin
 from icm.data.storage import join_location
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -55,6 +56,7 @@ class UnitStage:
 
     def __init__(self, out_dir: str, params: dict[str, Any], models: list[dict] | None = None,
                  seed: int = 0, unit_retries: int = 1):
+        check_worker_code_origin()   # an actor on a node that joined after the driver's check
         self.store = ManifestStore(out_dir, self.extra_schema)
         self.storage = self.store.storage     # outputs go here: a local directory or a URI
         self.params = params

@@ -27,6 +27,7 @@ import torch
 
 from icm.data.classes import class_list
 from icm.data.records import load_record
+from icm.data.storage import StorageUnavailable
 from icm.data.units import UnitStage
 from icm.data.writers import png_bytes
 from icm.jrd.labelling import (error_tolerant_jrd, first_unrecognised, is_monotonic, jrd, match_objects,
@@ -138,7 +139,11 @@ class LadderStage:
         self.crop_gt = crop_gt
 
     def code_image(self, ref: dict) -> dict[str, Any]:
-        return self.code_record(load_record(ref, min_side=self.min_side))
+        try:
+            record = load_record(ref, min_side=self.min_side)
+        except StorageUnavailable as exc:   # the labelling unit fails on it (and is retried), not this pipeline
+            return {"storage_fault": str(exc)}
+        return self.code_record(record)
 
     def code_record(self, record: dict) -> dict[str, Any]:
         """``{"record", "coded": {ladder: [(bytes, decoded, level params), ...]}}``."""
@@ -259,6 +264,8 @@ class LabelStage(UnitStage):
         rows, level_rows, object_rows = [], [], []
         for ref in refs:
             entry = coded.get(ref["source_id"], {})
+            if "storage_fault" in entry:
+                raise StorageUnavailable(entry["storage_fault"])
             record = entry.get("record") or {"status": "error", "error": "no ladder output for this image"}
             if record["status"] != "ok":
                 rows.append(self.error_row(ref, record["error"], started))

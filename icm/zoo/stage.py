@@ -4,7 +4,8 @@
 
 ``trained:<label>`` goes to ``<to>/trained/<label>.<ext>`` (with its ``.json`` record when there is
 one), a URL or a local file to ``<to>/<file name>`` — where ``icm.zoo.weights`` looks when
-``$ICM_WEIGHTS_DIR=<to>``. Job configs then name it ``trained:<label>``, ``staged:<file name>`` or
+``$ICM_WEIGHTS_DIR=<to>``, each with its ``<file>.sha256`` (nodes compare their cached copy with it,
+so staging a file again under its name reaches every node). Job configs then name it ``trained:<label>``, ``staged:<file name>`` or
 by its URI (``s3://…/<file name>``); every manifest records its sha256. Hub names (``compressai:mse``, ``torchvision:DEFAULT``, …) resolve per
 model: fetch them once on a machine with a network (they land in ``~/.cache/icm-ray/weights``) and
 stage that file's URL or path.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from icm.data.storage import Storage
-from icm.zoo.weights import resolve
+from icm.zoo.weights import resolve, stage_digest
 
 
 def stage(spec: str, to: str) -> tuple[str, str]:
@@ -25,7 +26,7 @@ def stage(spec: str, to: str) -> tuple[str, str]:
         raise ValueError(f"{spec!r} names random weights: nothing to stage")
     store = Storage(to)
     rel = f"trained/{resolved.path.name}" if spec.startswith("trained:") else resolved.path.name
-    store.write_bytes(rel, resolved.path.read_bytes())
+    stage_digest(store, rel, resolved.path.read_bytes())   # <rel>.sha256: nodes revalidate their copy
     record = resolved.path.with_suffix(".json")
     if spec.startswith("trained:") and record.is_file():
         store.write_bytes(f"trained/{record.name}", record.read_bytes())

@@ -18,7 +18,9 @@ On a cluster, set ``$ICM_WEIGHTS_DIR`` to shared storage (``s3://bucket/weights`
 shared filesystem) and stage each file there once (``python -m icm.zoo.stage <spec> --to <dir>``):
 a worker then copies it from the shared store into its node-local cache (``$ICM_WEIGHTS_CACHE``,
 default ``~/.cache/icm-ray/weights``) the first time it needs it — 64 workers never each download
-it from the internet, and a worker never uploads anything.
+it from the internet, and a worker never uploads anything. Staging writes ``<file>.sha256`` beside
+each file; a node compares it with its cached copy every time it resolves the spec, so a file
+staged again under the same name (a retrained ``trained:<label>``) reaches long-lived nodes too.
 
 An unreachable download fails at once with ``WeightsUnavailable``, naming the spec and how to pass
 a local file. Nothing ever falls back to random weights silently.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import tempfile
@@ -73,43 +76,66 @@ def weights_dir() -> Path:
     return Path(os.environ.get("ICM_WEIGHTS_DIR") or Path.home() / ".cache" / "icm-ray" / "weights")
 
 
-def from_shared(rel: str) -> Path | None:
-    """Copy ``<$ICM_WEIGHTS_DIR>/<rel>`` from object storage into the node cache (atomically, once
-    per node); None when there is no shared store or the file is not staged there."""
-    uri = shared_weights_uri()
-    if uri is None:
-        return None
-    from icm.data.storage import Storage
+def _node_copy(location: str, dest: Path) -> Path | None:
+    """The file at ``location`` (object storage) in this node's cache at ``dest``: copied the
+    first time, and again whenever it was staged anew — the store's ``<file>.sha256`` differs from
+    the cached copy's sha256 (a file staged without one: its size or modification time differs from
+    those recorded at the copy). None when no file is at ``location``."""
+    import pyarrow.fs as pafs
 
-    dest = weights_dir() / rel
-    if dest.is_file():
-        return dest
-    store = Storage(uri)
-    if not store.exists(rel):
-        return None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-        tmp.write(store.read_bytes(rel))
-    os.replace(tmp.name, dest)
-    return dest
+    from icm.data.storage import location_info, read_file
 
-
-def from_uri(uri: str) -> Path:
-    """A weights file in object storage, copied (atomically, once per node) into the node cache."""
-    from icm.data.storage import read_location
-
-    dest = weights_dir() / "uri" / hashlib.sha1(uri.encode()).hexdigest()[:16] / uri.rstrip("/").rsplit("/", 1)[-1]
-    if dest.is_file():
-        return dest
     try:
-        data = read_location(uri)
+        info = location_info(location)
+        if info.type != pafs.FileType.File:
+            return None
+        digest = (read_file(f"{location}.sha256") or b"").decode().strip()
+        stamp = {"size": info.size, "mtime_ns": info.mtime_ns}
+        record = dest.with_name(f"{dest.name}.source.json")
+        if dest.is_file():
+            if digest and sha256_file(dest) == digest:
+                return dest
+            if not digest and record.is_file() and json.loads(record.read_text()) == stamp:
+                return dest
+        data = read_file(location)
     except OSError as exc:
-        raise WeightsUnavailable(f"cannot read weights {uri}: {exc}; check the URI and the node's credentials") from exc
+        raise WeightsUnavailable(f"cannot read weights {location}: {exc}; check the URI and the node's "
+                                 "credentials") from exc
+    if data is None or (digest and hashlib.sha256(data).hexdigest() != digest):
+        raise WeightsUnavailable(f"weights {location} changed while being read, or do not match their .sha256 "
+                                 "(being staged again?); rerun, or stage them again with python -m icm.zoo.stage")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
         tmp.write(data)
     os.replace(tmp.name, dest)
+    record.write_text(json.dumps(stamp))
     return dest
+
+
+def from_shared(rel: str) -> Path | None:
+    """``<$ICM_WEIGHTS_DIR>/<rel>`` from object storage in the node cache (copied once, and again
+    when staged anew); None when there is no shared store or the file is not staged there."""
+    uri = shared_weights_uri()
+    if uri is None:
+        return None
+    from icm.data.storage import join_location
+
+    return _node_copy(join_location(uri, rel), weights_dir() / rel)
+
+
+def from_uri(uri: str) -> Path:
+    """A weights file in object storage, in the node cache (copied once, and again when staged anew)."""
+    dest = weights_dir() / "uri" / hashlib.sha1(uri.encode()).hexdigest()[:16] / uri.rstrip("/").rsplit("/", 1)[-1]
+    path = _node_copy(uri, dest)
+    if path is None:
+        raise WeightsUnavailable(f"cannot read weights {uri}: no such file; check the URI")
+    return path
+
+
+def stage_digest(store, rel: str, data: bytes) -> None:
+    """Write ``rel`` and then ``rel.sha256`` (which nodes compare their cached copy with) to ``store``."""
+    store.write_bytes(rel, data)
+    store.write_text(f"{rel}.sha256", hashlib.sha256(data).hexdigest())
 
 
 def trained_dir() -> Path:
@@ -132,7 +158,7 @@ def publish_trained(label: str, data: bytes, suffix: str, info: dict) -> Path:
         from icm.data.storage import Storage
 
         store = Storage(uri)
-        store.write_bytes(f"trained/{label}{suffix}", data)
+        stage_digest(store, f"trained/{label}{suffix}", data)
         store.write_text(f"trained/{label}.json", record)
     return dest
 
@@ -191,9 +217,9 @@ def resolve(spec: str | None, hub: Callable[[str], str] | None = None, family: s
         return ResolvedWeights(spec, local, None, sha256_file(local))
     if spec.startswith("trained:"):
         label = spec.partition(":")[2]
-        for suffix in (".pt", ".pth"):
-            path = trained_dir() / f"{label}{suffix}"
-            if path.is_file() or (path := from_shared(f"trained/{label}{suffix}")) is not None:
+        for suffix in (".pt", ".pth"):   # the shared store first: a copy cached here may be stale
+            path = from_shared(f"trained/{label}{suffix}")
+            if path is not None or (path := trained_dir() / f"{label}{suffix}").is_file():
                 return ResolvedWeights(spec, path, None, sha256_file(path))
         where = f"{trained_dir()} or {shared_weights_uri()}/trained" if shared_weights_uri() else str(trained_dir())
         raise WeightsUnavailable(
@@ -201,8 +227,8 @@ def resolve(spec: str | None, hub: Callable[[str], str] | None = None, family: s
             "(python pipelines/train_detectors.py), stage it (python -m icm.zoo.stage), or pass a local file")
     if spec.startswith("staged:"):
         rel = spec.partition(":")[2]
-        path = weights_dir() / rel
-        if path.is_file() or (path := from_shared(rel)) is not None:
+        path = from_shared(rel)
+        if path is not None or (path := weights_dir() / rel).is_file():
             return ResolvedWeights(spec, path, None, sha256_file(path))
         raise WeightsUnavailable(f"weights {spec!r}: {rel} is not under {shared_weights_uri() or weights_dir()}; "
                                  "stage it there with python -m icm.zoo.stage <file> --to <ICM_WEIGHTS_DIR>")

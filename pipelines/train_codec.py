@@ -12,21 +12,25 @@ The exported model (``out_dir/model.pth`` + ``model.json``) loads back with ``ic
 
 from __future__ import annotations
 
-from common import parse_args, resolve_config, start_ray, write_resolved, write_summary
+from common import check_weights, parse_args, resolve_config, start_ray, weights_misfit, write_resolved, write_summary
 
 from icm.config import ConfigError
 from icm.data.storage import Storage
 from icm.train.codec_job import check_config, train_codec_job, training_images
+from icm.zoo.weights import WeightsUnavailable
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = Storage(cfg["out_dir"]).display()
+    check_weights(cfg)   # every weights spec resolved and read safely before anything is built
     write_resolved(cfg, out_dir)
     try:
-        check_config(cfg)
+        check_config(cfg)   # builds the codec the workers will train: its weights must fit it
         refs, targets, matched, classes = training_images(cfg)
     except ConfigError as exc:
         raise SystemExit(str(exc)) from exc
+    except (WeightsUnavailable, RuntimeError) as exc:
+        raise SystemExit(weights_misfit("codec", cfg["codec"], exc)) from None
     start_ray(cfg, address)
     try:
         summary = train_codec_job(cfg, refs, targets, matched, classes)

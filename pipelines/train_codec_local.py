@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from common import resolve_config, write_resolved
 
+from icm import console
 from icm.data.storage import Storage
 from icm.train.codec import decode_and_crop, train_codec_loop
 from icm.train.codec_job import check_config, export_model, loop_config, training_images
@@ -32,9 +33,10 @@ class CroppingSession(LocalSession):
     """Each epoch: the references in a seeded new order, decoded and freshly cropped (as the Ray
     job's ``decode_and_crop`` stage does, in one process)."""
 
-    def __init__(self, refs: list[dict], targets: dict[str, str], crop: int, seed: int, checkpoint_dir, device):
-        super().__init__({}, checkpoint_dir, device)
-        self.refs, self.targets, self.crop, self.seed = refs, targets, crop, seed
+    def __init__(self, refs: list[dict], targets: dict[str, str], crop: int, seed: int, checkpoint_dir, device,
+                 line: console.Progress):
+        super().__init__({}, checkpoint_dir, device, progress=line.update)
+        self.refs, self.targets, self.crop, self.seed, self.line = refs, targets, crop, seed, line
 
     def records(self, split: str, epoch: int):
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.refs))
@@ -47,7 +49,7 @@ class CroppingSession(LocalSession):
     def report(self, metrics, state=None):
         super().report(metrics, state)
         shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "bpp_loss", "psnr", "samples_per_s") if k in metrics)
-        print(f"[icm] step {metrics['step']}: {shown}{' (checkpoint)' if state else ''}", flush=True)
+        self.line.update(int(metrics["step"]), note=shown + (" (checkpoint)" if state else ""))
 
 
 def train_local(cfg: dict, device: str) -> dict:
@@ -64,9 +66,10 @@ def train_local(cfg: dict, device: str) -> dict:
     else:
         print("[icm] tensorboard is not installed: no TensorBoard logs (metrics still go to summary.json)", flush=True)
     checkpoints = storage.local_path(f"local/{cfg['name']}")
-    session = CroppingSession(refs, targets, int(cfg["crop"]), int(cfg.get("seed", 0)), checkpoints, device)
     start = time.time()
-    train_codec_loop(loop_cfg, session)
+    with console.Progress(f"training {cfg['name']}", int(cfg["steps"]), "steps") as line:
+        session = CroppingSession(refs, targets, int(cfg["crop"]), int(cfg.get("seed", 0)), checkpoints, device, line)
+        train_codec_loop(loop_cfg, session)
     state = torch.load(Path(checkpoints) / "state.pt", map_location="cpu", weights_only=True)
     info = export_model(state, cfg, storage, runner=f"train_codec_local ({torch.device(device).type})")
     summary = {"job": "train_codec_local", "codec": cfg["codec"]["name"], "device": str(device),
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None)
     parser.add_argument("--out", default=None, help="output directory (overrides out_dir)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--verbose", action="store_true", help="show everything libraries print")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args()
     summary = train_local(resolve_config(args), args.device)

@@ -19,18 +19,23 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "pipelines"), str(REPO / "tuning")]
 
-from common import guard_params, parse_args, resolve_config, start_ray, write_resolved, write_summary  # noqa: E402,I001
+from common import (check_weights, guard_params, parse_args, resolve_config, start_ray,  # noqa: E402,I001
+                    write_resolved, write_summary)
 from rd_report import report  # noqa: E402
 
+from icm import console  # noqa: E402
 from icm.config import deep_merge, load_config  # noqa: E402
 from icm.data.ray_io import run_on_worker  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
+from icm.maa.stage import build_from_spec  # noqa: E402
 from icm.metrics.codec_eval import evaluate_locally  # noqa: E402
+from icm.train.ray_trainer import per_rate_point_asha, trial_progress  # noqa: E402
 from icm.train.rd_sweep import (compressai_curve, evaluation_images, evaluation_params, point_metrics,  # noqa: E402
                                 rd_trial, trial_id)
 
@@ -78,8 +83,6 @@ def tuner(cfg: dict, experiment: str):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     scheduler = None
     if cfg.get("scheduler"):
-        from icm.train.ray_trainer import per_rate_point_asha
-
         scheduler = per_rate_point_asha(cfg["scheduler"], int(cfg["train"]["steps"]))
     return tune.Tuner(
         trainable,
@@ -88,7 +91,10 @@ def tuner(cfg: dict, experiment: str):
         tune_config=tune.TuneConfig(max_concurrent_trials=int(resources.get("max_concurrent_trials", 1)),
                                     scheduler=scheduler),
         run_config=tune.RunConfig(name=cfg["name"], storage_path=experiment,
-                                  failure_config=tune.FailureConfig(max_failures=int(resources.get("max_failures", 1)))))
+                                  failure_config=tune.FailureConfig(max_failures=int(resources.get("max_failures", 1))),
+                                  callbacks=[trial_progress(f"sweep {cfg['name']}", len(cfg["rate_points"])
+                                                            * len(cfg["variants"]), int(cfg["train"]["steps"]))],
+                                  verbose=None if console.is_verbose() else 0))   # 0: our line, not Tune's tables
 
 
 def resolve_train(cfg: dict) -> None:
@@ -102,6 +108,10 @@ def resolve_train(cfg: dict) -> None:
 def run(cfg: dict, address: str | None = None) -> dict:
     resolve_train(cfg)
     check_sweep(cfg)
+    _, eval_classes = evaluation_images(cfg)
+    canvas = int(cfg["evaluate"].get("canvas", 512))
+    check_weights(cfg, [(f"evaluate.detectors[{i}]", spec, partial(build_from_spec, spec, eval_classes, canvas))
+                        for i, spec in enumerate(cfg["evaluate"].get("detectors") or [])])
     store = Storage(cfg["out_dir"])
     cfg["out_dir"] = store.display()      # trials write there: an absolute path or a URI
     guard_params(cfg["out_dir"], {k: cfg.get(k) for k in SWEEP_KEYS} | {"name": cfg["name"]})

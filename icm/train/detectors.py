@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -134,6 +134,7 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
             if len(images) == batch_size:
                 losses.append(step_on(images, targets))
                 step += 1
+                session.progress(step, total_steps or step)
                 images, targets = [], []
         if epoch == epochs - 1 and int(config.get("precise_bn_batches", 16)) > 0:
             calib, images, targets = [], [], []
@@ -235,8 +236,9 @@ def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
             opt.step()
             sched.step()
             step += 1
+            session.progress(step, steps)
             correct, seen = correct + int((logits.argmax(1) == y).sum()), seen + len(y)
-            losses.append(float(loss))
+            losses.append(loss.item())
             if step >= steps:
                 break
         save = session.rank == 0
@@ -249,13 +251,31 @@ def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
         epoch += 1
 
 
-def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str | Path) -> Path:
+def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str | Path,
+               progress: Callable[[int, int], None] | None = None) -> Path:
     """Train a YOLO detector with ultralytics' own trainer (offline: no plots, no AMP check
     download); returns the path of its best ``.pt``. Resumes an interrupted run of the same name.
     ``init``: a ``.pt`` to start from (fine-tuning another domain's detector) instead of random
     weights; ``train_args``: further ``model.train`` arguments, overriding these defaults (``warmup_epochs``,
-    ``optimizer``, ``val: false`` to validate after the last epoch only, …)."""
+    ``optimizer``, ``val: false`` to validate after the last epoch only, …). ``progress(done,
+    total)`` gets the training batches done after each one (ultralytics' own bars are off unless
+    ``YOLO_VERBOSE``)."""
     from ultralytics import YOLO
+
+    def with_progress(model):
+        if progress is not None:
+            done = [0]
+
+            def epoch_start(trainer):
+                done[0] = trainer.epoch * len(trainer.train_loader)
+
+            def batch_end(trainer):
+                done[0] += 1
+                progress(done[0], trainer.epochs * len(trainer.train_loader))
+
+            model.add_callback("on_train_epoch_start", epoch_start)
+            model.add_callback("on_train_batch_end", batch_end)
+        return model
 
     project_dir = Path(project_dir)
     name = config.get("run_name", config["name"])
@@ -264,10 +284,10 @@ def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str |
     if best.is_file() and (project_dir / name / "DONE").is_file():
         return best
     if last.is_file():
-        model = YOLO(str(last))
+        model = with_progress(YOLO(str(last)))
         model.train(resume=True)
     else:
-        model = YOLO(str(config["init"]) if config.get("init") else f"{config['name']}.yaml")
+        model = with_progress(YOLO(str(config["init"]) if config.get("init") else f"{config['name']}.yaml"))
         args = dict(data=str(data_yaml), epochs=int(config["epochs"]), imgsz=int(config["canvas"]),
                     batch=int(config.get("batch_size", 16)), device=config.get("device", "cpu"),
                     workers=int(config.get("workers", 0)), project=str(project_dir), name=name, exist_ok=True,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -25,6 +25,9 @@ class Session(Protocol):
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None = None) -> None: ...
 
     def restore(self) -> dict[str, Any] | None: ...
+
+    def progress(self, done: int, total: int) -> None:
+        """Steps done of ``total``, for the runner's progress line (called after every step)."""
 
 
 def save_state(state: dict[str, Any], directory: str | Path) -> Path:
@@ -48,11 +51,16 @@ class LocalSession:
     world_size = 1
 
     def __init__(self, datasets: dict[str, list[dict]], checkpoint_dir: str | Path,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None):
         self.datasets = datasets
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device)
         self.reports: list[dict[str, float]] = []
+        self._progress = progress
+
+    def progress(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress(done, total)
 
     def records(self, split: str, epoch: int) -> Iterator[dict]:
         yield from self.datasets[split]

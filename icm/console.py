@@ -110,6 +110,7 @@ class Progress:
         self.note = note
         self.started = time.monotonic()
         self._printed_at: float | None = None
+        self._last_state: tuple | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._emit(force=True)
@@ -151,9 +152,13 @@ class Progress:
                 self.stream.flush()
                 self._printed_at = now
         elif force or final or self._printed_at is None or now - self._printed_at >= self.every_s:
-            self.stream.write(self.line() + "\n")
+            line = self.line()
+            if final and self._last_state == (self.done, self.total, self.note):
+                return   # the last periodic line already said it
+            self.stream.write(line + "\n")
             self.stream.flush()
             self._printed_at = now
+        self._last_state = (self.done, self.total, self.note)
 
     def close(self) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from functools import partial
 from common import (check_weights, exit_status, guard_params, model_specs, parse_args, resolve_config, run_resumable,
                     start_ray, write_resolved, write_summary)
 
+from icm import console
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.writers import decode_png
@@ -52,13 +53,16 @@ def evaluate(cfg: dict, reader, storage: Storage, manifest: list[dict]) -> list[
             "class_names": r["class_names"]} for r in originals]
     device = resolve_device(cfg.get("device"))
     rows = []
-    for spec in cfg["evaluate"]["detectors"]:
-        det = build_from_spec(spec, reader.classes, cfg["canvas"]).to(device)
-        a = evaluate_detector(det, originals, cfg["canvas"], class_map=spec.get("class_map"), device=device)
-        b = evaluate_detector(det, maa, cfg["canvas"], class_map=spec.get("class_map"), device=device)
-        rows.append({"detector": detector_label(spec), "in_maa_set": detector_label(spec) in seen,
-                     "loss_original": round(a["loss"], 4), "loss_maa": round(b["loss"], 4),
-                     "map50_original": round(a["map50"], 4), "map50_maa": round(b["map50"], 4)})
+    with console.Progress(f"evaluation on {len(originals)} original and MAA images", len(cfg["evaluate"]["detectors"]),
+                          "detectors") as line:
+        for spec in cfg["evaluate"]["detectors"]:
+            det = build_from_spec(spec, reader.classes, cfg["canvas"]).to(device)
+            a = evaluate_detector(det, originals, cfg["canvas"], class_map=spec.get("class_map"), device=device)
+            b = evaluate_detector(det, maa, cfg["canvas"], class_map=spec.get("class_map"), device=device)
+            rows.append({"detector": detector_label(spec), "in_maa_set": detector_label(spec) in seen,
+                         "loss_original": round(a["loss"], 4), "loss_maa": round(b["loss"], 4),
+                         "map50_original": round(a["map50"], 4), "map50_maa": round(b["map50"], 4)})
+            line.advance(note=detector_label(spec))
     print(f"\n{'detector':<22}{'role':<11}{'loss orig':>10}{'loss MAA':>10}{'mAP@.5 orig':>13}{'mAP@.5 MAA':>12}")
     for r in rows:
         role = "seen" if r["in_maa_set"] else "HELD OUT"

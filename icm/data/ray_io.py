@@ -39,6 +39,12 @@ DASHBOARD_ENV = "ICM_RAY_DASHBOARD"
 # Ray Data's own console lines that the project's progress line replaces (exact messages).
 RAY_DATA_QUIET = ("Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
                   "True`.",)
+# Ray's warning, on every local ray.init, that token authentication is on (the driver's own
+# dashboard lines say so, with how to open it).
+RAY_AUTH_ENABLED = ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. "
+                    "For more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html",)
+# Ray's line with the dashboard's URL (in terminal colours, whatever stdout is), as Ray 2.60 formats it.
+RAY_STARTED_AT = ("Started a local Ray instance. View the dashboard at %s%s%s %s%s",)
 DASHBOARD_PAGES = ("Jobs: this run, its logs and status · Train: each training run (one per trial in a sweep), its "
                    "workers, metrics and checkpoints · Data: per-stage progress of the job's datasets")
 
@@ -49,10 +55,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     address (``$ICM_RAY_NODE_IP``, default 127.0.0.2 on Linux: Ray rewrites 127.0.0.1).
 
     A local cluster gets Ray's dashboard on that address at a free port (``dashboard``; default
-    ``$ICM_RAY_DASHBOARD``, else on; tests turn it off) and token authentication — Ray's default for
-    a local ``ray.init``, made explicit so Ray does not warn about it on every run; the driver prints
-    the URL, what to open there and how the dashboard asks for the token. Worker processes get the
-    driver's console settings (``icm.console.worker_env``) through the job's runtime env."""
+    ``$ICM_RAY_DASHBOARD``, else on; tests turn it off) and Ray's default token authentication; the
+    driver prints the URL, what to open there and how the dashboard asks for the token (instead of
+    Ray's warning that token authentication is on, filtered by its exact text). Worker processes
+    get the driver's console settings (``icm.console.worker_env``) through the job's runtime env."""
     import ray
 
     if ray.is_initialized():
@@ -81,7 +87,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         env_vars["RAY_API_SERVER_ADDRESS"] = f"http://{host}:{port}"
     else:
         extra["include_dashboard"] = False
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if quiet:   # the driver's own lines say both, with how to open the dashboard
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            _DropRecords(RAY_AUTH_ENABLED, logging.NOTSET))
+        if dashboard:
+            logging.getLogger("ray._private.worker").addFilter(_DropRecords(RAY_STARTED_AT, logging.NOTSET))
     context = ray.init(num_cpus=num_cpus, runtime_env=_with_env(kwargs.pop("runtime_env", None), env_vars),
                        **extra, **kwargs)
     if dashboard and context.dashboard_url:
@@ -125,8 +135,8 @@ class _DropRecords(logging.Filter):
         super().__init__()
         self.messages, self.min_level = messages, min_level
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= self.min_level and record.getMessage() not in self.messages
+    def filter(self, record: logging.LogRecord) -> bool:   # a message, or the format string it was logged with
+        return record.levelno >= self.min_level and not ({record.msg, record.getMessage()} & set(self.messages))
 
 
 def quiet_ray_data() -> None:

@@ -6,7 +6,8 @@ noise off unless ``--verbose``; errors in full.
   off (``YOLO_VERBOSE=False``, its own switch: ``verbose=False`` on ``train()`` leaves both on),
   third-party warnings that say nothing a user can act on filtered each by its exact message
   (``THIRD_PARTY_WARNINGS``), and the Ray lines listed in ``RAY_LOG_SKIP`` dropped by Ray's own log
-  filter (``RAY_DEDUP_LOGS_SKIP_REGEX``). ``worker_env()`` carries the same settings to Ray's
+  filter (``RAY_DEDUP_LOGS_SKIP_REGEX``); when stdout is not a terminal, Ray's worker prefixes
+  lose their colour codes (``RAY_COLOR_PREFIX=0``). ``worker_env()`` carries the same settings to Ray's
   worker processes (their runtime env). ``--verbose`` sets none of it: everything prints as the
   libraries print it. Warnings, errors and tracebacks from any process are never filtered.
 * ``Progress`` — the project's progress display: done / total, rate, ETA. On a terminal one line
@@ -79,6 +80,8 @@ def configure(verbose: bool) -> None:
     torch, ultralytics or Ray is imported: ultralytics reads ``YOLO_VERBOSE`` and Ray its log
     filter at import."""
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
+    if not sys.stdout.isatty():   # a log file: Ray's "(worker pid=…)" prefixes without terminal colours
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if verbose:
         return
     for key, value in worker_env(False).items():
@@ -110,7 +113,7 @@ class Progress:
         self.note = note
         self.started = time.monotonic()
         self._printed_at: float | None = None
-        self._last_state: tuple | None = None
+        self._printed_state: tuple | None = None
         self._closed = False
         self._lock = threading.Lock()
         self._emit(force=True)
@@ -152,13 +155,11 @@ class Progress:
                 self.stream.flush()
                 self._printed_at = now
         elif force or final or self._printed_at is None or now - self._printed_at >= self.every_s:
-            line = self.line()
-            if final and self._last_state == (self.done, self.total, self.note):
+            if final and self._printed_state == (self.done, self.total, self.note):
                 return   # the last periodic line already said it
-            self.stream.write(line + "\n")
+            self.stream.write(self.line() + "\n")
             self.stream.flush()
-            self._printed_at = now
-        self._last_state = (self.done, self.total, self.note)
+            self._printed_at, self._printed_state = now, (self.done, self.total, self.note)
 
     def close(self) -> None:
         with self._lock:

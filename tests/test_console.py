@@ -120,6 +120,8 @@ def _get(url: str, token: str | None = None) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, ""
+    except OSError as err:       # the job ended and took its dashboard with it
+        return 0, str(err)
 
 
 @pytest.mark.slow

@@ -354,7 +354,8 @@ def render_job(page: Page, job: Job) -> None:
     page.add(f"<section id='{html.escape(_slug(job))}'><h2>{html.escape(title)}"
              f"{' — ' + html.escape(str(detail)) if detail else ''} <small>{html.escape(job.location)}</small></h2>")
     command = rec.get("command")
-    page.add("<p>made by</p><pre class='command'>" + html.escape(command) + "</pre>" if command else
+    where = f", in <code>{html.escape(rec['cwd'])}</code>" if rec.get("cwd") else ""
+    page.add(f"<p>made by{where}</p><pre class='command'>" + html.escape(command) + "</pre>" if command else
              "<p class='missing'>command not recorded (a run from before jobs recorded their command line)</p>")
     rf = _record_file(page, job)
     figures = [rec["figure"]] if isinstance(rec.get("figure"), str) else []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -220,9 +222,20 @@ def exit_status(summary: dict[str, Any]) -> None:
                          "them; rerun the same command to retry them")
 
 
+def job_command() -> str:
+    """The command line that runs this job, as a user would type it again (for the record and the
+    results page): the interpreter, relative to the working directory when inside it, and the arguments."""
+    python = sys.executable
+    if python.startswith(os.getcwd() + os.sep):
+        python = os.path.relpath(python)
+    return shlex.join([python, *sys.argv])
+
+
 def write_summary(out_dir: str | Path, summary: dict[str, Any], title: str) -> str:
     storage = Storage(out_dir)
     path = storage.display("summary.json")
+    summary.setdefault("command", job_command())
+    summary.setdefault("cwd", os.getcwd())
     storage.write_text("summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str))
     print(f"\n== {title} ==")
     for key, value in summary.items():
@@ -230,11 +243,11 @@ def write_summary(out_dir: str | Path, summary: dict[str, Any], title: str) -> s
             print(f"{key}:")
             for k, v in value.items():
                 print(f"  {k:<28} {v}")
-        elif not isinstance(value, list):
+        elif not isinstance(value, list) and key not in ("command", "cwd"):
             print(f"{key:<30} {value}")
     print(f"summary written to {path}")
     return path
 
 
 __all__ = ["REPO", "parse_args", "resolve_config", "check_weights", "model_specs", "weights_misfit", "guard_params", "start_ray", "run_resumable",
-           "write_summary", "write_resolved", "exit_status"]
+           "write_summary", "write_resolved", "exit_status", "job_command"]

@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import resolve_config, write_resolved
+from common import job_command, resolve_config, write_resolved
 
 from icm import console
 from icm.data.storage import Storage
@@ -76,7 +77,8 @@ def train_local(cfg: dict, device: str) -> dict:
                "train_images_listed": len(refs), "machine_targets": f"MAA images for {matched} of {len(refs)}"
                if targets else "the originals", "steps": state["step"],
                "final_metrics": session.reports[-1] if session.reports else {},
-               "train_wall_s": round(time.time() - start, 1), "model": info}
+               "train_wall_s": round(time.time() - start, 1), "model": info, "command": job_command(),
+               "cwd": os.getcwd()}
     storage.write_text("summary.json", json.dumps(summary, indent=2))
     return summary
 

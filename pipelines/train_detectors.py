@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from common import check_weights, parse_args, resolve_config, start_ray, write_resolved
+from common import check_weights, job_command, parse_args, resolve_config, start_ray, write_resolved
 
 from icm.config import canonical_json
 from icm import console
@@ -231,7 +232,9 @@ def main() -> None:
     print(f"training time of these weights: {sum(r['train_s'] for r in table) + sum(b['train_time_s'] for b in backbones):.0f} s "
           f"(this run: {time.time() - started:.0f} s with evaluation); weights under {trained_dir()}")
     Storage(str(out_dir)).write_text("detectors.json", json.dumps({"detectors": table, "cross_domain": cross,
-                                                                       "backbones": backbones}, indent=2))
+                                                                       "backbones": backbones, "command": job_command(),
+                                                                       "cwd": os.getcwd()}, indent=2))
+    print(f"detectors written to {out_dir / 'detectors.json'}")
     below = [r for r in table if r["target"] is not None and r["map50"] < r["target"]]
     if below:
         raise SystemExit("detector(s) below their val mAP@.5 target: " + ", ".join(

@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(PY) pipelines/train_jrd_predictor.py --config pipelines/configs/jrd_predictor.yaml --profile demo
 	$(PY) pipelines/train_codec.py --config pipelines/configs/codec_ugicm.yaml --profile demo
 	$(PY) pipelines/evaluate.py --config pipelines/configs/evaluate.yaml --profile demo
+	$(PY) -m icm.report outputs/demo outputs/train_detectors --out outputs/demo/index.html --title "icm-ray demo"
 
 sweep-demo: $(STAMP)
 	$(PY) pipelines/train_detectors.py --config pipelines/configs/detectors_shapes.yaml

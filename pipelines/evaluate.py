@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import time
 
-from common import (exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
-                    write_summary)
+from functools import partial
+
+from common import (check_weights, exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray,
+                    write_resolved, write_summary)
 
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.ray_io import select_refs
-from icm.maa.stage import detector_label, reachable_classes
-from icm.metrics.codec_eval import EVAL_COLUMNS, EvalStage, rd_figure, rd_points
+from icm.maa.stage import build_from_spec, detector_label, reachable_classes
+from icm.metrics.codec_eval import EVAL_COLUMNS, EvalStage, LearnedPoint, rd_figure, rd_points
 
 EVAL_KEYS = ("codecs", "detectors", "canvas", "score_threshold", "device", "deterministic", "seed")
 
@@ -32,6 +34,11 @@ def run(cfg: dict, address: str | None = None) -> dict:
     params = {k: cfg[k] for k in EVAL_KEYS if k in cfg}
     for spec in params.get("detectors", []):
         reachable_classes(spec, reader.classes)  # a detector that would get no ground truth fails here
+    canvas = int(cfg.get("canvas", 512))
+    check_weights(cfg, [(f"detectors[{i}]", spec, partial(build_from_spec, spec, reader.classes, canvas))
+                        for i, spec in enumerate(cfg.get("detectors") or [])]
+                  + [(f"codecs[{i}]", spec, partial(LearnedPoint, spec, "cpu", reader.classes, canvas))
+                     for i, spec in enumerate(cfg.get("codecs") or []) if "ladder" not in spec])
     guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)

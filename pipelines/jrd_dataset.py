@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from common import (exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
-                    write_summary)
+from common import (check_weights, exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray,
+                    write_resolved, write_summary)
 
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
@@ -24,6 +24,7 @@ from icm.jrd.export import export_authors_layout
 from icm.jrd.report import jrd_figure, jrd_stats, read_objects
 from icm.jrd.stage import (JRD_COLUMNS, LabelStage, LadderStage, build_ladders, label_categories,
                             ladder_failing_everywhere, probe_ladders)
+from icm.maa.stage import build_from_spec
 
 LABEL_KEYS = ("ladders", "detector", "reference", "iou_threshold", "score_threshold", "canvas", "detect_batch",
               "device", "deterministic", "seed")
@@ -40,6 +41,7 @@ def run(cfg: dict, address: str | None = None) -> dict:
     reader = build_reader(cfg["dataset"])
     params = {k: cfg[k] for k in LABEL_KEYS if k in cfg}
     classes, category_ids = label_categories(params, reader)
+    check_weights(cfg, [("detector", cfg["detector"], lambda: build_from_spec(cfg["detector"], classes, cfg["canvas"]))])
     guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 2)})
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)

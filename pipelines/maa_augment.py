@@ -14,15 +14,19 @@ from __future__ import annotations
 import json
 import time
 
-from common import (exit_status, guard_params, parse_args, resolve_config, run_resumable, start_ray, write_resolved,
-                    write_summary)
+from functools import partial
 
+from common import (check_weights, exit_status, guard_params, model_specs, parse_args, resolve_config, run_resumable,
+                    start_ray, write_resolved, write_summary)
+
+from icm import console
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
 from icm.data.writers import decode_png
 from icm.data.ray_io import run_on_worker, select_refs
 from icm.maa.report import manifest_stats, summary_figure
-from icm.maa.stage import MAA_COLUMNS, MAAStage, check_detectors, detector_groups, detector_label, largest_batch
+from icm.maa.stage import (MAA_COLUMNS, MAAStage, build_from_spec, check_detectors, detector_groups, detector_label,
+                           largest_batch)
 from icm.runtime import Precision
 
 METHOD_KEYS = ("method", "canvas", "steps", "outer", "inner_steps", "alpha", "bound", "detectors", "domains",
@@ -40,7 +44,7 @@ def produced_images(storage: Storage, manifest: list[dict], source_ids=None) -> 
 def evaluate(cfg: dict, reader, storage: Storage, manifest: list[dict]) -> list[dict]:
     """Per detector: mean training loss and mAP@.5 on the original vs the MAA images."""
     from icm.detectors.evaluate import evaluate_detector
-    from icm.maa.stage import build_from_spec, resolve_device
+    from icm.maa.stage import resolve_device
 
     seen = {detector_label(s) for g in detector_groups(cfg) for s in g["detectors"]}
     produced = produced_images(storage, manifest)
@@ -49,13 +53,16 @@ def evaluate(cfg: dict, reader, storage: Storage, manifest: list[dict]) -> list[
             "class_names": r["class_names"]} for r in originals]
     device = resolve_device(cfg.get("device"))
     rows = []
-    for spec in cfg["evaluate"]["detectors"]:
-        det = build_from_spec(spec, reader.classes, cfg["canvas"]).to(device)
-        a = evaluate_detector(det, originals, cfg["canvas"], class_map=spec.get("class_map"), device=device)
-        b = evaluate_detector(det, maa, cfg["canvas"], class_map=spec.get("class_map"), device=device)
-        rows.append({"detector": detector_label(spec), "in_maa_set": detector_label(spec) in seen,
-                     "loss_original": round(a["loss"], 4), "loss_maa": round(b["loss"], 4),
-                     "map50_original": round(a["map50"], 4), "map50_maa": round(b["map50"], 4)})
+    with console.Progress(f"evaluation on {len(originals)} original and MAA images", len(cfg["evaluate"]["detectors"]),
+                          "detectors") as line:
+        for spec in cfg["evaluate"]["detectors"]:
+            det = build_from_spec(spec, reader.classes, cfg["canvas"]).to(device)
+            a = evaluate_detector(det, originals, cfg["canvas"], class_map=spec.get("class_map"), device=device)
+            b = evaluate_detector(det, maa, cfg["canvas"], class_map=spec.get("class_map"), device=device)
+            rows.append({"detector": detector_label(spec), "in_maa_set": detector_label(spec) in seen,
+                         "loss_original": round(a["loss"], 4), "loss_maa": round(b["loss"], 4),
+                         "map50_original": round(a["map50"], 4), "map50_maa": round(b["map50"], 4)})
+            line.advance(note=detector_label(spec))
     print(f"\n{'detector':<22}{'role':<11}{'loss orig':>10}{'loss MAA':>10}{'mAP@.5 orig':>13}{'mAP@.5 MAA':>12}")
     for r in rows:
         role = "seen" if r["in_maa_set"] else "HELD OUT"
@@ -98,6 +105,8 @@ def run(cfg: dict, address: str | None = None) -> dict:
     params = {k: cfg[k] for k in METHOD_KEYS if k in cfg}
     params["precision"] = Precision.from_config(cfg.get("precision")).as_dict()   # resolved: the guard compares values
     check_detectors(params, reader.classes)  # fail on a bad method/detector config before starting workers
+    check_weights(cfg, [(key, spec, partial(build_from_spec, spec, reader.classes, cfg["canvas"]))
+                        for key, spec in model_specs({k: cfg.get(k) for k in ("detectors", "domains", "evaluate")})])
     guard_params(out_dir, {**params, "dataset": cfg["dataset"], "batch_size": cfg.get("batch_size", 4)})
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)

@@ -17,20 +17,25 @@ from __future__ import annotations
 import json
 import time
 
-from common import REPO, parse_args, resolve_config, start_ray, write_resolved, write_summary
+from common import (REPO, check_weights, parse_args, resolve_config, start_ray, weights_misfit, write_resolved,
+                    write_summary)
 
 from icm.config import ConfigError, load_section
 from icm.data.storage import Storage
 from icm.train.codec_job import check_config, recipe_digest, train_codec_job, training_images
+from icm.zoo.weights import WeightsUnavailable
 
 
 def run(cfg: dict, address: str | None = None) -> dict:
     out_dir = Storage(cfg["out_dir"]).display()
+    check_weights(cfg)   # every weights spec resolved and read safely before anything is built
     try:
-        check_config(cfg)   # fills in the method's defaults: the resolved config shows them
-        refs, targets, matched, classes = training_images(cfg)
+        check_config(cfg)   # fills in the method's defaults (the resolved config shows them) and builds
+        refs, targets, matched, classes = training_images(cfg)   # the codec: its weights must fit it
     except ConfigError as exc:
         raise SystemExit(str(exc)) from exc
+    except (WeightsUnavailable, RuntimeError) as exc:
+        raise SystemExit(weights_misfit("codec", cfg["codec"], exc)) from None
     write_resolved(cfg, out_dir)
     start_ray(cfg, address)
     try:

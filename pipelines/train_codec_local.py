@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
-from common import resolve_config, write_resolved
+from common import job_command, resolve_config, write_resolved
 
+from icm import console
 from icm.data.storage import Storage
 from icm.train.codec import train_codec_loop
 from icm.train.codec_job import check_config, codec_stream, export_model, loop_config, training_images
-from icm.train.session import LocalSession
+from icm.train.session import LocalSession, metrics_note
 
 
 def train_local(cfg: dict, device: str) -> dict:
@@ -43,16 +45,20 @@ def train_local(cfg: dict, device: str) -> dict:
     else:
         print("[icm] tensorboard is not installed: no TensorBoard logs (metrics still go to summary.json)", flush=True)
     checkpoints = storage.local_path(f"local/{cfg['name']}")
-    session = LocalSession({"train": codec_stream(refs, cfg, targets)}, checkpoints, device, progress=True)
     start = time.time()
-    train_codec_loop(loop_cfg, session)
+    with console.Progress(f"training {cfg['name']}", int(cfg["steps"]), "steps") as line:
+        session = LocalSession({"train": codec_stream(refs, cfg, targets)}, checkpoints, device, progress=line.update,
+                               on_report=lambda metrics, saved: line.update(int(metrics["step"]),
+                                                                           note=metrics_note(metrics, saved)))
+        train_codec_loop(loop_cfg, session)
     state = torch.load(Path(checkpoints) / "state.pt", map_location="cpu", weights_only=True)
     info = export_model(state, cfg, storage, runner=f"train_codec_local ({torch.device(device).type})")
     summary = {"job": "train_codec_local", "codec": cfg["codec"]["name"], "device": str(device),
                "train_images_listed": len(refs), "machine_targets": f"MAA images for {matched} of {len(refs)}"
                if targets else "the originals", "steps": state["step"],
                "final_metrics": session.reports[-1] if session.reports else {},
-               "train_wall_s": round(time.time() - start, 1), "model": info}
+               "train_wall_s": round(time.time() - start, 1), "model": info, "command": job_command(),
+               "cwd": os.getcwd()}
     storage.write_text("summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -63,6 +69,7 @@ def main() -> None:
     parser.add_argument("--profile", default=None)
     parser.add_argument("--out", default=None, help="output directory (overrides out_dir)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--verbose", action="store_true", help="show everything libraries print")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args()
     summary = train_local(resolve_config(args), args.device)

@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 import torchvision
-from common import parse_args, resolve_config, start_ray, write_resolved
+from common import check_weights, job_command, parse_args, resolve_config, start_ray, write_resolved
 
 from icm.config import canonical_json
+from icm import console
+from icm.data.ray_io import live_progress, run_on_worker
 from icm.data.readers import build_reader
 from icm.data.samples import SHAPES_VERSION
 from icm.data.storage import Storage
@@ -55,11 +57,11 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> 
     if spec.get("trainer", "ray") == "ultralytics":
         data_yaml = export_yolo({"train": train_reader, "val": build_reader(_dataset_spec(cfg, spec, "val"))},
                                 out_dir / "yolo-data" / spec["domain"])
-        task = ray.remote(num_cpus=workers.get("cpus_per_worker", 1), num_gpus=1 if workers.get("use_gpu") else 0)(
-            train_yolo)
         device = "0" if workers.get("use_gpu") else "cpu"
-        best = ray.get(task.remote({**loop_cfg, "run_name": run, "device": device}, str(data_yaml),
-                                   str((out_dir / "ultralytics").resolve())))
+        with live_progress(f"training {spec['label']}", "batches") as progress:
+            best = run_on_worker(train_yolo, {**loop_cfg, "run_name": run, "device": device}, str(data_yaml),
+                                 str((out_dir / "ultralytics").resolve()), progress,
+                                 num_gpus=1 if workers.get("use_gpu") else 0, num_cpus=workers.get("cpus_per_worker", 1))
         # ultralytics' results.csv: one row per epoch, ``time`` = seconds since the run began
         # (resumes included)
         rows = (Path(best).parents[1] / "results.csv").read_text().strip().splitlines()
@@ -73,7 +75,7 @@ def train_one(cfg: dict, spec: dict, out_dir: Path, workers: dict, run: str) -> 
         result = fit(train_detector_loop, loop_cfg, name=run, storage_path=out_dir / "ray-train",
                      streams={"train": record_stream(refs, int(loop_cfg["seed"]))},
                      num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
-                     cpus_per_worker=workers.get("cpus_per_worker", 1))
+                     cpus_per_worker=workers.get("cpus_per_worker", 1), label=spec["label"])
         if result.error:
             raise SystemExit(f"training {run} failed: {result.error}")
         state = final_state(result)
@@ -131,7 +133,7 @@ def train_backbone(cfg: dict, spec: dict, out_dir: Path, workers: dict) -> dict:
     start = time.time()
     result = fit(train_backbone_loop, loop_cfg, name=f"{label}-{key[:12]}", storage_path=out_dir / "ray-train",
                  streams={"train": stream}, num_workers=workers.get("num_workers", 1), use_gpu=workers.get("use_gpu", False),
-                 cpus_per_worker=workers.get("cpus_per_worker", 1))
+                 cpus_per_worker=workers.get("cpus_per_worker", 1), label=label)
     final = final_state(result)
     elapsed = max(time.time() - start, float(final.get("train_s", 0.0)))   # as for detectors (main)
     state = final["model"]
@@ -165,10 +167,28 @@ def evaluate_on(cfg: dict, spec: dict, weights: str, domain: str) -> dict:
     return evaluate_detector(det, list(val.records()), canvas)
 
 
+def check_starting_weights(cfg: dict) -> None:
+    """The weights detectors start from (``init``, ``model_kwargs.backbone_weights``), checked on
+    the driver before anything trains, except those this job trains itself first."""
+    produced = {f"trained:{spec['label']}" for spec in (cfg.get("backbones") or []) + cfg["detectors"]}
+    models = []
+    for i, spec in enumerate(cfg["detectors"]):
+        canvas = int(spec.get("canvas", cfg["canvas"]))
+
+        def build(spec=spec, canvas=canvas):
+            classes = build_reader(_dataset_spec(cfg, spec, "train")).classes
+            return build_detector(spec["name"], classes, weights=spec.get("init", "random"), image_size=canvas,
+                                  **(spec.get("model_kwargs") or {}))
+
+        models.append((f"detectors[{i}]", spec, build))
+    check_weights(cfg, models, produced)
+
+
 def main() -> None:
     args = parse_args(__doc__, "pipelines/configs/detectors_shapes.yaml")
     cfg = resolve_config(args)
     out_dir = Path(cfg["out_dir"]).resolve()
+    check_starting_weights(cfg)
     write_resolved(cfg, out_dir)
     start_ray(cfg, args.address)
     workers = cfg.get("workers", {})
@@ -199,9 +219,12 @@ def main() -> None:
     domains = sorted({spec["domain"] for spec in cfg["detectors"]})
     cross = {}
     if cfg.get("cross_domain") and len(domains) > 1:   # each detector on every domain's val split
-        for row, spec in zip(table, cfg["detectors"]):
-            cross[row["label"]] = {d: (row["map50"] if d == spec["domain"] else
-                                       evaluate_on(cfg, spec, row["weights"], d)["map50"]) for d in domains}
+        with console.Progress("cross-domain evaluation", len(table) * (len(domains) - 1), "evaluations") as line:
+            for row, spec in zip(table, cfg["detectors"]):
+                cross[row["label"]] = {spec["domain"]: row["map50"]}
+                for d in (d for d in domains if d != spec["domain"]):
+                    cross[row["label"]][d] = evaluate_on(cfg, spec, row["weights"], d)["map50"]
+                    line.advance(note=row["label"])
     for info in backbones:
         print(f"backbone {info['label']}: val crop accuracy {info['val']['crop_accuracy']:.3f}, "
               f"{info['train_time_s']:.0f} s")
@@ -215,7 +238,9 @@ def main() -> None:
     print(f"training time of these weights: {sum(r['train_s'] for r in table) + sum(b['train_time_s'] for b in backbones):.0f} s "
           f"(this run: {time.time() - started:.0f} s with evaluation); weights under {trained_dir()}")
     Storage(str(out_dir)).write_text("detectors.json", json.dumps({"detectors": table, "cross_domain": cross,
-                                                                       "backbones": backbones}, indent=2))
+                                                                       "backbones": backbones, "command": job_command(),
+                                                                       "cwd": os.getcwd()}, indent=2))
+    print(f"detectors written to {out_dir / 'detectors.json'}")
     below = [r for r in table if r["target"] is not None and r["map50"] < r["target"]]
     if below:
         raise SystemExit("detector(s) below their val mAP@.5 target: " + ", ".join(

@@ -20,10 +20,11 @@ from __future__ import annotations
 import io
 import json
 import time
+from functools import partial
 
 import numpy as np
 import torch
-from common import parse_args, resolve_config, start_ray, write_resolved, write_summary
+from common import check_weights, parse_args, resolve_config, start_ray, write_resolved, write_summary
 
 from icm.data.readers import build_reader
 from icm.data.storage import Storage
@@ -114,9 +115,11 @@ def guided_from_run(run_dir: str, ladder_name: str, objects: list[dict], share: 
 def run(cfg: dict, address: str | None = None) -> dict:
     storage = Storage(cfg["out_dir"])
     out_dir = storage.display()
-    write_resolved(cfg, out_dir)
     source = cfg["source"]
     canvas = int(cfg.get("canvas", 640))
+    check_weights(cfg, [("backbone_weights", {"weights": cfg.get("backbone_weights", "random")},
+                         partial(build_predictor, cfg.get("backbone_weights", "random"), canvas))])
+    write_resolved(cfg, out_dir)
     split_of = None if source.get("export_dir") else run_splits(
         source["run_dir"], source["ladder"], source.get("fractions") or {"train": 0.8, "val": 0.1, "test": 0.1},
         int(source.get("seed", 0)))

@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "pipelines"))
+os.environ.setdefault("ICM_RAY_DASHBOARD", "0")   # drivers the tests start keep Ray's dashboard off
 
 import oracle_detectors  # noqa: E402,F401 - registers the "oracle" detector
 

@@ -350,6 +350,21 @@ def test_train_and_evaluate_drivers(ray_cluster, small_shapes, tmp_path, monkeyp
                     ("jpeg", 0, "single"), ("jpeg", 1, "single")}
     assert (tmp_path / "eval" / "rd.png").is_file()
     _check_against_direct_calls(tmp_path / "eval", loaded, result, {**shapes, "split": "val"})
+    _page_shows_both_records(tmp_path)
+
+
+def _page_shows_both_records(root):
+    """One results page over both jobs' folders, against their summary.json."""
+    from page_checks import check_page
+
+    from icm.report import write_report
+
+    shown = check_page(write_report([str(root)]))
+    trained, evaluated = (json.loads((root / d / "summary.json").read_text()) for d in ("train", "eval"))
+    assert {f"/final_metrics/{k}" for k, v in trained["final_metrics"].items() if isinstance(v, (int, float))} \
+        <= shown[str((root / "train" / "summary.json").resolve())]
+    assert {f"/rd_points/{i}/{k}" for i in range(len(evaluated["rd_points"])) for k in ("bpp", "map50/y")} \
+        <= shown[str((root / "eval" / "summary.json").resolve())]
 
 
 def _check_against_direct_calls(out_dir, model, result, dataset):

@@ -593,6 +593,18 @@ def _jrd_cfg(list_file, out):
             "export": {"fractions": {"train": 0.6, "val": 0.2, "test": 0.2}, "include_unrecognised": True}}
 
 
+def _page_shows_the_record(out_dir):
+    """The job's results page (python -m icm.report OUT_DIR) against its summary.json."""
+    from page_checks import check_page
+
+    from icm.report import write_report
+
+    record = json.loads((out_dir / "summary.json").read_text())
+    shown = check_page(write_report([str(out_dir)]))[str((out_dir / "summary.json").resolve())]
+    for ladder in record["per_ladder"]:
+        assert {f"/per_ladder/{ladder}/{k}" for k in ("objects", "recognised_pristine", "mean_jrd")} <= shown
+
+
 @pytest.mark.slow
 def test_jrd_pipeline_export_resume_bad_input(ray_cluster, small_shapes, tmp_path):
     import jrd_dataset
@@ -624,6 +636,7 @@ def test_jrd_pipeline_export_resume_bad_input(ray_cluster, small_shapes, tmp_pat
     infos = json.loads((export / "objects_infos.json").read_text())
     assert set(infos) == set(json.loads((export / "JRD_info.json").read_text()))
     assert all(0 <= v["CategoryId"] < 4 for v in infos.values())
+    _page_shows_the_record(full)
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)

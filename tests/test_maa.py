@@ -334,6 +334,7 @@ def test_pipeline_resume_bad_input_through_ray(ray_cluster, tmp_path):
     assert big["resized"] and json.loads(big["placement"])["width"] == 140
     assert json.loads(manifest[0]["models"])[0]["sha256"] == "random:0"
     assert {json.loads(r["runtime"])["threads"] for r in manifest if r["status"] == "ok"} == {1}   # 0.5 CPU each
+    _page_shows_the_record(full)
 
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)
@@ -348,6 +349,22 @@ def test_pipeline_resume_bad_input_through_ray(ray_cluster, tmp_path):
         if r["output_path"]:
             assert (full / r["output_path"]).read_bytes() == (resumed / r["output_path"]).read_bytes()
     assert comparable(full / "manifest.parquet").equals(comparable(resumed / "manifest.parquet"))
+
+
+def _page_shows_the_record(out_dir):
+    """The job's results page (python -m icm.report OUT_DIR) against its summary.json."""
+    from page_checks import check_page, page_commands
+
+    from icm.report import write_report
+
+    page = write_report([str(out_dir)])
+    assert page == (out_dir / "index.html").resolve()
+    record = json.loads((out_dir / "summary.json").read_text())
+    shown = check_page(page)[str((out_dir / "summary.json").resolve())]
+    assert {"/images/done", "/images/failed", "/max_linf_255"} <= shown
+    assert {f"/mean_loss_change/{d}" for d in record["mean_loss_change"]} <= shown
+    assert page_commands(page) == [record["command"]]
+    assert "summary.png" in page.read_text()                           # its figure, linked in place
 
 
 def test_map_bound_holds_per_pixel(tmp_path):

@@ -1,4 +1,5 @@
-"""Weights specs: random (seeded), local files (weights_only), URLs failing fast, hub names."""
+"""Weights specs: random (seeded), local files (weights_only), URLs failing fast, hub names; a job's bad
+weights (missing, unknown, code-carrying, misfitting) refused on the driver in one line."""
 
 import socket
 import threading
@@ -163,3 +164,81 @@ def test_clip_random_and_local(tmp_path):
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(clip.encode_image(x), again.encode_image(x))
+
+
+class RunsCode:
+    """A checkpoint that would run a shell command when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _one_line_refusal(err, *must):
+    text = str(err.value.code if isinstance(err.value, SystemExit) else err.value)
+    assert "\n" not in text and "weights_only=False" not in text, text
+    for part in must:
+        assert part in text, (part, text)
+    return text
+
+
+@pytest.mark.parametrize("pickled_with", ["torch.save", "pickle"])
+def test_code_carrying_checkpoint_is_refused_on_the_driver_in_one_line(tmp_path, pickled_with):
+    """Through the evaluation job's and a training job's own paths: refused before any worker
+    (or Ray) starts, in one line naming the config key, the file and the fix; the payload never runs."""
+    import pickle
+
+    import evaluate
+    import train_codec
+
+    marker = tmp_path / "payload-ran"
+    bad = tmp_path / "codec.pth"
+    if pickled_with == "torch.save":
+        torch.save({"state_dict": RunsCode(marker)}, bad)
+    else:
+        bad.write_bytes(pickle.dumps({"state_dict": RunsCode(marker)}, protocol=2))
+    shapes = {"type": "shapes", "domain": "photo", "n_train": 24, "n_val": 12, "seed": 7}
+    codec = {"name": "ugicm:bmshj2018-hyperprior", "quality": 1, "channels": [16, 24], "cond_dim": 32}
+    eval_cfg = {"dataset": {**shapes, "split": "val"}, "out_dir": str(tmp_path / "eval"),
+                "codecs": [{"label": "ug", **codec, "weights": str(bad)}],
+                "detectors": [{"label": "y", "name": "yolov8n", "weights": "random:5"}], "canvas": 128}
+    with pytest.raises(SystemExit) as err:
+        evaluate.run(eval_cfg)
+    _one_line_refusal(err, "codecs[0].weights", str(bad), "posix.system", "torch.save(model.state_dict()")
+    train_cfg = {"name": "t", "dataset": {**shapes, "split": "train"}, "out_dir": str(tmp_path / "train"), "crop": 64,
+                 "codec": {**codec, "weights": "random:0", "base_weights": str(bad)},
+                 "loss": {"type": "ugicm", "lmbda": 0.01, "lmbda_machine": 0.005, "lmbda_clip": 0}, "steps": 2}
+    with pytest.raises(SystemExit) as err:
+        train_codec.run(train_cfg)
+    _one_line_refusal(err, "codec.base_weights", str(bad), "posix.system")
+    assert not marker.exists()
+    assert not (tmp_path / "eval" / "job_params.json").exists()      # refused before the job started
+
+
+def test_missing_unknown_and_misfitting_weights_fail_on_the_driver(tmp_path, monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("ICM_WEIGHTS_DIR", str(tmp_path / "weights"))
+    shapes = {"type": "shapes", "domain": "photo", "n_train": 24, "n_val": 12, "seed": 7}
+    jpeg = {"label": "jpeg", "ladder": {"type": "jpeg", "qualities": [50]}}
+
+    def run_with(detector):
+        cfg = {"dataset": {**shapes, "split": "val"}, "out_dir": str(tmp_path / "eval"), "codecs": [jpeg],
+               "detectors": [{"label": "y", "weights": "random:1", "name": "yolov8n"}, detector], "canvas": 128}
+        with pytest.raises(SystemExit) as err:
+            evaluate.run(cfg)
+        return err
+
+    _one_line_refusal(run_with({"label": "z", "name": "yolov8n", "weights": "trained:no-such-label"}),
+                      "detectors[1].weights", "no-such-label", "train it first")
+    _one_line_refusal(run_with({"label": "z", "name": "yolov8n", "weights": str(tmp_path / "nowhere.pt")}),
+                      "detectors[1].weights", "nowhere.pt", "check the path")
+    yolo = build_detector("yolov8n", ["circle", "square", "triangle", "cross"], weights="random:4")
+    torch.save(yolo.state_dict(), tmp_path / "v8.pth")
+    text = _one_line_refusal(run_with({"label": "z", "name": "yolo11n", "weights": str(tmp_path / "v8.pth")}),
+                             "detectors[1]", "v8.pth", "yolo11n", "detectors[1].name")
+    assert "size mismatch" in text, text      # yolo11n is not yolov8n: torch names the layers

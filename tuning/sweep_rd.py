@@ -19,19 +19,24 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "pipelines"), str(REPO / "tuning")]
 
-from common import guard_params, parse_args, resolve_config, start_ray, write_resolved, write_summary  # noqa: E402,I001
+from common import (check_weights, guard_params, parse_args, resolve_config, start_ray,  # noqa: E402,I001
+                    write_resolved, write_summary)
 from rd_report import report  # noqa: E402
 import train_codec  # noqa: E402
 
+from icm import console  # noqa: E402
 from icm.config import load_section  # noqa: E402
 from icm.data.ray_io import run_on_worker  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
+from icm.maa.stage import build_from_spec  # noqa: E402
 from icm.metrics.codec_eval import evaluate_locally  # noqa: E402
+from icm.train.ray_trainer import per_rate_point_asha, trial_progress  # noqa: E402
 from icm.train.rd_sweep import (bootstrap_bd_markdown, bootstrap_bd_table, compressai_curve,  # noqa: E402
                                 evaluation_images, evaluation_params, point_metrics, rd_trial, trial_id)
 
@@ -79,8 +84,6 @@ def tuner(cfg: dict, experiment: str):
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     scheduler = None
     if cfg.get("scheduler"):
-        from icm.train.ray_trainer import per_rate_point_asha
-
         scheduler = per_rate_point_asha(cfg["scheduler"], int(cfg["train"]["steps"]))
     return tune.Tuner(
         trainable,
@@ -89,7 +92,10 @@ def tuner(cfg: dict, experiment: str):
         tune_config=tune.TuneConfig(max_concurrent_trials=int(resources.get("max_concurrent_trials", 1)),
                                     scheduler=scheduler),
         run_config=tune.RunConfig(name=cfg["name"], storage_path=experiment,
-                                  failure_config=tune.FailureConfig(max_failures=int(resources.get("max_failures", 1)))))
+                                  failure_config=tune.FailureConfig(max_failures=int(resources.get("max_failures", 1))),
+                                  callbacks=[trial_progress(f"sweep {cfg['name']}", len(cfg["rate_points"])
+                                                            * len(cfg["variants"]), int(cfg["train"]["steps"]))],
+                                  verbose=None if console.is_verbose() else 0))   # 0: our line, not Tune's tables
 
 
 def resolve_train(cfg: dict) -> None:
@@ -101,6 +107,10 @@ def resolve_train(cfg: dict) -> None:
 def run(cfg: dict, address: str | None = None) -> dict:
     resolve_train(cfg)
     check_sweep(cfg)
+    _, eval_classes = evaluation_images(cfg)
+    canvas = int(cfg["evaluate"].get("canvas", 512))
+    check_weights(cfg, [(f"evaluate.detectors[{i}]", spec, partial(build_from_spec, spec, eval_classes, canvas))
+                        for i, spec in enumerate(cfg["evaluate"].get("detectors") or [])])
     base = None
     if cfg.get("base_codec"):   # every rate point fine-tunes from one base codec, trained once per recipe
         base = train_codec.train_once(cfg["base_codec"], address, cfg.get("ray") or {}, what="base codec")

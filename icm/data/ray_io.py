@@ -7,45 +7,229 @@
   row): a resumed job, a raised ``limit`` or files added to the dataset never skip or redo an
   image. Unit ids are hashes of their members, so they never collide with earlier units.
 * ``init_ray`` — connect to a cluster (``address`` / ``RAY_ADDRESS``, as under ``ray job
-  submit``) or start a local one bound to a loopback address.
+  submit``) or start a local one bound to a loopback address, with Ray's dashboard on that address
+  (its URL and how to open it printed), workers given the console settings of ``icm.console``.
 * ``run_units`` — a stage over the units on an actor pool; ``actors: auto`` is Ray Data's
   autoscaling pool, bounded by what the cluster has or can scale to (``pool_bounds``).
+* ``live_progress`` — a progress line on the driver fed by Ray workers (training steps).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
+import socket
 import sys
+import threading
+import time
 from collections import Counter
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
+from icm import console
 from icm.data.readers import Reader
 from icm.data.records import load_record
 
 DEFAULT_LOCAL_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
 
 
+DASHBOARD_ENV = "ICM_RAY_DASHBOARD"
+# Ray Data's own console lines that the project's progress line replaces (exact messages).
+RAY_DATA_QUIET = ("Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = "
+                  "True`.",)
+# Ray's warning, on every local ray.init, that token authentication is on (the driver's own
+# dashboard lines say so, with how to open it).
+RAY_AUTH_ENABLED = ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. "
+                    "For more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html",)
+# Ray's line with the dashboard's URL (in terminal colours, whatever stdout is), as Ray 2.60 formats it.
+RAY_STARTED_AT = ("Started a local Ray instance. View the dashboard at %s%s%s %s%s",)
+DASHBOARD_PAGES = ("Jobs: this run, its logs and status · Train: each training run (one per trial in a sweep), its "
+                   "workers, metrics and checkpoints · Data: per-stage progress of the job's datasets")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             node_ip_address: str | None = None, **kwargs) -> None:
+             node_ip_address: str | None = None, dashboard: bool | None = None, **kwargs) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local cluster on a loopback
-    address (``$ICM_RAY_NODE_IP``, default 127.0.0.2 on Linux: Ray rewrites 127.0.0.1)."""
+    address (``$ICM_RAY_NODE_IP``, default 127.0.0.2 on Linux: Ray rewrites 127.0.0.1).
+
+    A local cluster gets Ray's dashboard on that address at a free port (``dashboard``; default
+    ``$ICM_RAY_DASHBOARD``, else on; tests turn it off) and Ray's default token authentication; the
+    driver prints the URL, what to open there and how the dashboard asks for the token (instead of
+    Ray's warning that token authentication is on, filtered by its exact text). Worker processes
+    get the driver's console settings (``icm.console.worker_env``) through the job's runtime env."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet = not console.is_verbose()
+    if quiet:
+        quiet_ray_data()
+    env_vars = console.worker_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        context = ray.init(address=address, runtime_env=_with_env(kwargs.pop("runtime_env", None), env_vars),
+                           **kwargs)
+        if context.dashboard_url:
+            print(f"[icm] Ray dashboard of the cluster: http://{context.dashboard_url} — {DASHBOARD_PAGES}", flush=True)
         return
     node_ip = node_ip_address or os.environ.get("ICM_RAY_NODE_IP") or DEFAULT_LOCAL_NODE_IP
-    extra = {"_node_ip_address": node_ip} if node_ip else {}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **extra, **kwargs)
+    extra: dict[str, Any] = {"_node_ip_address": node_ip} if node_ip else {}
+    if dashboard is None:
+        dashboard = os.environ.get(DASHBOARD_ENV, "1").lower() not in ("0", "false", "no", "off")
+    if dashboard:
+        host = node_ip or "127.0.0.1"
+        port = free_port(host)
+        extra |= {"include_dashboard": True, "dashboard_host": host, "dashboard_port": port}
+        # Ray Train's state-API calls from its actors go to this cluster's dashboard, not to
+        # whichever Ray instance they would find first on a machine running several
+        env_vars["RAY_API_SERVER_ADDRESS"] = f"http://{host}:{port}"
+    else:
+        extra["include_dashboard"] = False
+    if quiet:   # the driver's own lines say both, with how to open the dashboard
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+            _DropRecords(RAY_AUTH_ENABLED, logging.NOTSET))
+        if dashboard:
+            logging.getLogger("ray._private.worker").addFilter(_DropRecords(RAY_STARTED_AT, logging.NOTSET))
+    context = ray.init(num_cpus=num_cpus, runtime_env=_with_env(kwargs.pop("runtime_env", None), env_vars),
+                       **extra, **kwargs)
+    if dashboard and context.dashboard_url:
+        print(dashboard_help(f"http://{context.dashboard_url}"), flush=True)
+
+
+def dashboard_help(url: str) -> str:
+    """What the driver prints about a local cluster's dashboard."""
+    token = ("$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN")
+             else os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join("~", ".ray", "auth_token"))
+    return (f"[icm] Ray dashboard: {url} — {DASHBOARD_PAGES}\n"
+            f"[icm]   it asks for this cluster's token: paste the output of `ray get-auth-token` (the token in "
+            f"{token}); API clients send it as 'Authorization: Bearer <token>'")
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (the OS picks it; never a fixed one: other clusters may
+    run on this machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _with_env(runtime_env: dict | None, env_vars: dict[str, str]) -> dict:
+    """``runtime_env`` plus ``env_vars``, leaving out keys a submitted job's own runtime env sets
+    (Ray refuses to merge the two when they share a key)."""
+    import json
+
+    runtime_env = dict(runtime_env or {})
+    taken = set(runtime_env.get("env_vars") or {})
+    submitted = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")   # the job's config, under `ray job submit`
+    if submitted:
+        taken |= set((json.loads(submitted).get("runtime_env") or {}).get("env_vars") or {})
+    runtime_env["env_vars"] = {**{k: v for k, v in env_vars.items() if k not in taken},
+                               **(runtime_env.get("env_vars") or {})}
+    return runtime_env
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, messages: tuple[str, ...], min_level: int):
+        super().__init__()
+        self.messages, self.min_level = messages, min_level
+
+    def filter(self, record: logging.LogRecord) -> bool:   # a message, or the format string it was logged with
+        return record.levelno >= self.min_level and not ({record.msg, record.getMessage()} & set(self.messages))
+
+
+def quiet_ray_data() -> None:
+    """Ray Data without its console progress (the project's own line counts images and units;
+    Ray Data's counts rows of one operator, and logs 8 lines every 10 s when stdout is not a
+    terminal) and without its INFO chatter on the console; its warnings and errors still print,
+    and its log files (``logs/ray-data``, the dashboard's Data page) keep everything."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_DropRecords(RAY_DATA_QUIET, logging.WARNING))
+
+
+class ProgressBoard:
+    """Where Ray workers post ``(done, total)`` for the driver to show (a Ray actor)."""
+
+    def __init__(self):
+        self.state: tuple[int, int] | None = None
+
+    def update(self, done: int, total: int) -> None:
+        self.state = (int(done), int(total))
+
+    def read(self) -> tuple[int, int] | None:
+        return self.state
+
+
+class ProgressReporter:
+    """``reporter(done, total)`` from a worker: posts to the driver's board at most every
+    ``every_s`` seconds (and always the last step); picklable, so it travels in a task's or a
+    training loop's arguments."""
+
+    def __init__(self, board, every_s: float = 1.0):
+        self.board, self.every_s = board, every_s
+        self._sent_at = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - self._sent_at >= self.every_s:
+            self._sent_at = now
+            self.board.update.remote(done, total)
+
+    def __getstate__(self):
+        return {"board": self.board, "every_s": self.every_s}
+
+    def __setstate__(self, state):
+        self.__init__(state["board"], state["every_s"])
+
+
+@contextmanager
+def live_progress(label: str, unit: str, poll_s: float = 1.0) -> Iterator[ProgressReporter]:
+    """A progress line on the driver (``icm.console.Progress``) fed by Ray workers: yields the
+    reporter to hand to them; the line appears with their first report and ends with the block."""
+    import ray
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    stop = threading.Event()
+    shown: list[console.Progress] = []
+
+    def show() -> None:
+        state = ray.get(board.read.remote())
+        if state is None:
+            return
+        if not shown:
+            shown.append(console.Progress(label, state[1], unit, start=state[0]))
+        shown[0].update(*state)
+
+    def poll() -> None:
+        while not stop.wait(poll_s):
+            try:
+                show()
+            except ray.exceptions.RayError:
+                return
+
+    thread = threading.Thread(target=poll, name="icm-progress", daemon=True)
+    thread.start()
+    try:
+        yield ProgressReporter(board)
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            show()
+        except ray.exceptions.RayError:
+            pass
+        if shown:
+            shown[0].close()
+        ray.kill(board)
 
 
 PACKAGES = ("icm", "icm.codecs", "icm.data", "icm.detectors", "icm.jrd", "icm.losses", "icm.maa", "icm.metrics",
@@ -353,7 +537,7 @@ def _describe_pool(name: str, bounds: dict[str, int], per_actor: dict[str, float
 
 def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[str, Any], *,
               workers: dict[str, Any] | None = None, pre_stage: dict[str, Any] | None = None,
-              cluster: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              cluster: dict[str, Any] | None = None, label: str | None = None) -> list[dict[str, Any]]:
     """Run ``stage_cls`` (a callable class built once per actor) over ``units`` on an actor pool.
 
     ``workers`` (a job's ``workers:`` section): ``actors`` (a number, or ``auto``: autoscaled up to
@@ -367,7 +551,8 @@ def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[s
     writes its outputs and manifest shard itself, and returns ``{"unit_id", "rows_json",
     "failure"}`` (``failure`` non-empty when the unit failed as a whole and wrote no shard). The
     driver only sees the small per-unit results. Ray Data restarts actors that die and retries
-    their unit; a unit's outputs are written atomically, so a retry leaves no half files. A stage
+    their unit; a unit's outputs are written atomically, so a retry leaves no half files. The
+    driver shows images and units done as units finish (``label`` names the line). A stage
     with ``overlap_io`` on a GPU runs two units at once per actor (``icm.data.units``).
 
     Every slot takes one unit at a time (no queue per actor) and the pool grows when all slots are
@@ -377,8 +562,6 @@ def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[s
     """
     import dataclasses
     import json
-
-    import ray
 
     if not units:
         return []
@@ -408,8 +591,12 @@ def run_units(units: list[dict[str, Any]], stage_cls: type, stage_kwargs: dict[s
         compute=_pool_strategy(bounds, calls), num_gpus=per_actor["GPU"] or None, num_cpus=per_actor["CPU"])
     out.context.autoscaling_config = dataclasses.replace(out.context.autoscaling_config,
                                                          actor_pool_util_upscaling_threshold=1.0)
+    images = {u["unit_id"]: len(u["refs"]) for u in units}
     results = []
-    for row in out.iter_rows():
-        results.append({"unit_id": str(row["unit_id"]), "rows": json.loads(str(row["rows_json"])),
-                        "failure": str(row["failure"])})
+    with console.Progress(label or stage_cls.__name__, sum(images.values()), "images",
+                          note=f"0/{len(units)} units") as progress:
+        for row in out.iter_rows():
+            results.append({"unit_id": str(row["unit_id"]), "rows": json.loads(str(row["rows_json"])),
+                            "failure": str(row["failure"])})
+            progress.advance(images.get(results[-1]["unit_id"], 0), note=f"{len(results)}/{len(units)} units")
     return results

@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_map
 
 from icm.detectors.base import Detector, loss_branch, sum_terms
 from icm.zoo.registry import attach_provenance, register
-from icm.zoo.weights import WeightsUnavailable, load_state_dict, resolve, seeded
+from icm.zoo.weights import SAFE_CHECKPOINT_FIX, WeightsUnavailable, load_state_dict, refusal_reason, resolve, seeded
 
 YOLO_NAMES = ("yolov3", "yolov3-tiny", "yolov5n", "yolov5s", "yolov8n", "yolov8s", "yolov8m",
               "yolo11n", "yolo11s")
@@ -265,11 +265,21 @@ def _yolo_hub(spec: str) -> str:
     return ASSETS_URL.format(spec.partition(":")[2])
 
 
-def _load_ultralytics(path) -> dict[str, torch.Tensor]:
-    """An ultralytics ``.pt`` through its own safe loader (weights_only with an allow-list)."""
+ULTRALYTICS_CLASSES = ("ultralytics.", "torch.", "collections.", "builtins.", "pathlib.")   # its loader's allow-list, roughly
+
+
+def load_ultralytics(path) -> dict[str, torch.Tensor]:
+    """An ultralytics ``.pt`` through its own safe loader (weights_only with an allow-list of
+    ultralytics' and torch's module classes: nothing else in the file is built or run)."""
+    import pickle
+
     from ultralytics.nn.tasks import torch_safe_load
 
-    ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    try:
+        ckpt, _ = torch_safe_load(str(path), safe_only=True)
+    except (TypeError, pickle.UnpicklingError) as exc:
+        raise WeightsUnavailable(f"cannot load ultralytics checkpoint {path} with its safe loader: "
+                                 f"{refusal_reason(path, exc, ULTRALYTICS_CLASSES)}; {SAFE_CHECKPOINT_FIX}") from None
     module = ckpt.get("ema") or ckpt.get("model")
     if module is None:
         raise WeightsUnavailable(f"{path} holds no ultralytics model ('ema' or 'model')")
@@ -284,7 +294,7 @@ def build_yolo(name: str, classes: list[str], weights: str = "random", **_) -> Y
     with seeded(resolved.seed):
         det = YoloDetector(cfg, classes)
     if resolved.path is not None:
-        state = (_load_ultralytics(resolved.path) if resolved.path.suffix == ".pt"
+        state = (load_ultralytics(resolved.path) if resolved.path.suffix == ".pt"
                  else load_state_dict(resolved.path))
         target = det if any(k.startswith("model.model.") for k in state) else det.model
         missing, unexpected = target.load_state_dict(state, strict=False)

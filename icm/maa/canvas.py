@@ -39,8 +39,9 @@ class Placement:
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 → 3xHxW float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    """HxWx3 uint8 → 3xHxW float in [0, 1]. The float copy is made by NumPy: images from Ray
+    Data and from decoded bytes are read-only arrays, which torch will not wrap."""
+    return torch.from_numpy(np.asarray(image).astype(np.float32)).permute(2, 0, 1) / 255.0
 
 
 def letterbox(image: torch.Tensor, size: int, fill: float = GRAY) -> tuple[torch.Tensor, torch.Tensor, Placement]:

@@ -352,6 +352,7 @@ def train_codec_loop(config: dict[str, Any], session: Session) -> torch.nn.Modul
             if aux_opt is not None:
                 aux_opt.step()
             step += 1
+            session.progress(step, steps)
             schedule.step(step, float(terms["loss"].detach()))
             window.append({k: float(v.detach()) for k, v in terms.items()}
                           | {"aux_loss": float(aux.detach()), "lr": lr})

@@ -8,7 +8,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -128,6 +128,7 @@ def train_detector_loop(config: dict[str, Any], session: Session) -> None:
             sched.step()
             losses.append(loss.item() / len(samples))
             step += 1
+            session.progress(step, total_steps or step)
         if epoch == epochs - 1 and int(config.get("precise_bn_batches", 16)) > 0:
             calib, images, targets = [], [], []
             for rec in session.records("train", epoch):
@@ -214,7 +215,7 @@ def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
     classes = list(config["classes"])
     net = torchvision.models.get_model(config["name"], weights=None, num_classes=len(classes) + 1)
     module = session.prepare(net)
-    steps, batch_size, side = int(config["steps"]), int(config.get("batch_size", 64)), int(config.get("crop", 64))
+    steps, batch_size = int(config["steps"]), int(config.get("batch_size", 64))
     lr = float(config.get("lr", 2e-3))
     opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
@@ -241,8 +242,9 @@ def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
             opt.step()
             sched.step()
             step += 1
+            session.progress(step, steps)
             correct, seen = correct + int((logits.argmax(1) == y).sum()), seen + len(y)
-            losses.append(float(loss))
+            losses.append(loss.item())
             if step >= steps:
                 break
         save = session.rank == 0
@@ -255,13 +257,31 @@ def train_backbone_loop(config: dict[str, Any], session: Session) -> None:
         epoch += 1
 
 
-def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str | Path) -> Path:
+def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str | Path,
+               progress: Callable[[int, int], None] | None = None) -> Path:
     """Train a YOLO detector with ultralytics' own trainer (offline: no plots, no AMP check
     download); returns the path of its best ``.pt``. Resumes an interrupted run of the same name.
     ``init``: a ``.pt`` to start from (fine-tuning another domain's detector) instead of random
     weights; ``train_args``: further ``model.train`` arguments, overriding these defaults (``warmup_epochs``,
-    ``optimizer``, ``val: false`` to validate after the last epoch only, …)."""
+    ``optimizer``, ``val: false`` to validate after the last epoch only, …). ``progress(done,
+    total)`` gets the training batches done after each one (ultralytics' own bars are off unless
+    ``YOLO_VERBOSE``)."""
     from ultralytics import YOLO
+
+    def with_progress(model):
+        if progress is not None:
+            done = [0]
+
+            def epoch_start(trainer):
+                done[0] = trainer.epoch * len(trainer.train_loader)
+
+            def batch_end(trainer):
+                done[0] += 1
+                progress(done[0], trainer.epochs * len(trainer.train_loader))
+
+            model.add_callback("on_train_epoch_start", epoch_start)
+            model.add_callback("on_train_batch_end", batch_end)
+        return model
 
     project_dir = Path(project_dir)
     name = config.get("run_name", config["name"])
@@ -270,10 +290,10 @@ def train_yolo(config: dict[str, Any], data_yaml: str | Path, project_dir: str |
     if best.is_file() and (project_dir / name / "DONE").is_file():
         return best
     if last.is_file():
-        model = YOLO(str(last))
+        model = with_progress(YOLO(str(last)))
         model.train(resume=True)
     else:
-        model = YOLO(str(config["init"]) if config.get("init") else f"{config['name']}.yaml")
+        model = with_progress(YOLO(str(config["init"]) if config.get("init") else f"{config['name']}.yaml"))
         args = dict(data=str(data_yaml), epochs=int(config["epochs"]), imgsz=int(config["canvas"]),
                     batch=int(config.get("batch_size", 16)), device=config.get("device", "cpu"),
                     workers=int(config.get("workers", 0)), project=str(project_dir), name=name, exist_ok=True,

@@ -65,6 +65,7 @@ def train_jrd_loop(config: dict[str, Any], session: Session) -> torch.nn.Module:
             opt.step()
             schedule.step()
             step += 1
+            session.progress(step, steps)
             window.append({"loss": float(loss.detach()),
                            "accuracy": float((logits.argmax(1) == labels).float().mean())})
             last = step >= steps

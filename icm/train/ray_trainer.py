@@ -23,9 +23,11 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from icm import console
+from icm.data.ray_io import live_progress
 from icm.train.session import StreamSession, load_state, progress_line, save_state
 from icm.train.stream import Stream, WindowRows, window_parts, worker_windows
 
@@ -37,8 +39,9 @@ class RayTrainSession(StreamSession):
     are read in the worker itself. Workers agree through ``torch.distributed`` on when an epoch
     ends and on the positions a checkpoint saves."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, progress=None):
         ctx = ray.train.get_context()
+        self._progress = progress if ctx.get_world_rank() == 0 else None   # the driver's progress line
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -72,6 +75,10 @@ class RayTrainSession(StreamSession):
         out = [None] * self.world_size
         torch.distributed.all_gather_object(out, obj)
         return out
+
+    def progress(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress(done, total)
 
     def prepare(self, module):
         # Moves to the worker's device; wraps in DDP when there is more than one worker.
@@ -114,22 +121,26 @@ def ray_data_rows(stream: Stream, epoch: int, rank: int, world_size: int, start:
             yield int(w), int(k), pickle.loads(row)
 
 
-def _run_loop(loop: Callable[[dict, Any], None]):
+def _run_loop(loop: Callable[[dict, Any], None], progress=None):
     def train_fn(config: dict) -> None:
-        loop(config, RayTrainSession(config))
+        loop(config, RayTrainSession(config, progress))
     return train_fn
 
 
 def fit(loop: Callable[[dict, Any], None], loop_config: dict, *, name: str, storage_path: str | Path,
         streams: dict[str, Stream] | None = None, num_workers: int = 1, use_gpu: bool = False,
-        cpus_per_worker: float = 1, max_failures: int = 2, keep_checkpoints: int = 2, report_to_tune: bool = False):
+        cpus_per_worker: float = 1, max_failures: int = 2, keep_checkpoints: int = 2, report_to_tune: bool = False,
+        label: str | None = None):
     """Run ``loop`` on Ray Train; rerunning with the same ``name``/``storage_path`` resumes, and
     a worker failure restarts the workers from the latest checkpoint (``max_failures`` times) —
     both at the saved stream positions. ``streams``: split → ``Stream`` (its items travel once
     through the object store). ``storage_path`` is a local/shared directory or a URI (``s3://…``)
     every worker can reach. ``report_to_tune``: the run is a Ray Tune trial's (Train V2 inside a
     function trainable, as Ray 2.60 documents it); every report is forwarded to the trial (ASHA
-    reads them)."""
+    reads them), and the sweep's driver shows the progress (``TrialProgress``). Otherwise the
+    driver shows the loop's steps (``session.progress``) on one line named ``label`` (default
+    ``name``). Ray Train's own INFO lines stay in its log files and the dashboard unless
+    ``--verbose``."""
     callbacks = []
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -138,15 +149,23 @@ def fit(loop: Callable[[dict, Any], None], loop_config: dict, *, name: str, stor
     config = dict(loop_config)
     if streams:
         config["streams"] = {split: replace(s, items=ray.put(list(s.items))) for split, s in streams.items()}
-    trainer = TorchTrainer(
-        _run_loop(loop), train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage_path) if "://" in str(storage_path)
-                             else str(Path(storage_path).resolve()),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints), callbacks=callbacks))
-    return trainer.fit()
+
+    def run(progress=None):
+        trainer = TorchTrainer(
+            _run_loop(loop, progress), train_loop_config=config,
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=RunConfig(name=name, storage_path=str(storage_path) if "://" in str(storage_path)
+                                 else str(Path(storage_path).resolve()),
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints), callbacks=callbacks,
+                                 logging_config=LoggingConfig(log_level="INFO" if console.is_verbose() else "WARNING")))
+        return trainer.fit()
+
+    if report_to_tune:
+        return run()
+    with live_progress(f"training {label or name}", "steps") as progress:
+        return run(progress)
 
 
 def report_trial(metrics: dict) -> None:
@@ -202,3 +221,43 @@ def per_rate_point_asha(cfg: dict, max_steps: int):
             self._asha(trial).on_trial_error(tune_controller, trial)
 
     return PerRatePointScheduler()
+
+
+def trial_progress(label: str, trials: int, steps_per_trial: int):
+    """A Ray Tune callback (run on the sweep's driver) that shows the sweep on one line: training
+    steps over all trials (each trial's reports carry its ``step``), and trials finished."""
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.steps: dict[str, int] = {}
+            self.finished: set[str] = set()
+            self.line: console.Progress | None = None
+
+        def _show(self) -> None:
+            done = sum(self.steps.values())
+            note = f"{len(self.finished)}/{trials} trials finished"
+            if self.line is None:
+                self.line = console.Progress(label, trials * steps_per_trial, "steps", start=done, note=note)
+            self.line.update(done, note=note)
+
+        def on_trial_result(self, iteration, trials_, trial, result, **info):
+            self.steps[trial.trial_id] = min(int(result.get("step", 0)), steps_per_trial)
+            self._show()
+
+        def on_trial_complete(self, iteration, trials_, trial, **info):
+            self.steps[trial.trial_id] = steps_per_trial
+            self.finished.add(trial.trial_id)
+            self._show()
+
+        def on_experiment_end(self, trials_, **info):
+            if self.line is not None:
+                self.line.close()
+
+        def __getstate__(self):   # Tune stores its run config with the experiment; the line is this process's
+            return {"steps": self.steps, "finished": self.finished}
+
+        def __setstate__(self, state):
+            self.__dict__.update(state, line=None)
+
+    return TrialProgress()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -32,6 +32,9 @@ class Session(Protocol):
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None = None) -> None: ...
 
     def restore(self) -> dict[str, Any] | None: ...
+
+    def progress(self, done: int, total: int) -> None:
+        """Steps done of ``total``, for the runner's progress line (called after every step)."""
 
 
 def save_state(state: dict[str, Any], directory: str | Path) -> Path:
@@ -143,15 +146,22 @@ class StreamSession:
 
 class LocalSession(StreamSession):
     """One process, checkpoints under ``checkpoint_dir``. ``datasets``: per split, a ``Stream``
-    or a list of ready rows (read in their order every epoch)."""
+    or a list of ready rows (read in their order every epoch). ``progress(done, total)`` is called
+    after every step and ``on_report(metrics, checkpointed)`` at every report (a console line)."""
 
     def __init__(self, datasets: dict[str, list[dict] | Stream], checkpoint_dir: str | Path,
-                 device: str | torch.device = "cpu", progress: bool = False):
+                 device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
+                 on_report: Callable[[dict, bool], None] | None = None):
         super().__init__({k: v if isinstance(v, Stream) else Stream(items=v, shuffle=False) for k, v in datasets.items()})
         self.checkpoint_dir = Path(checkpoint_dir)
         self.device = torch.device(device)
-        self.progress = progress
         self.reports: list[dict[str, float]] = []
+        self._progress = progress
+        self._on_report = on_report
+
+    def progress(self, done: int, total: int) -> None:
+        if self._progress is not None:
+            self._progress(done, total)
 
     def prepare(self, module):
         return module.to(self.device)
@@ -160,14 +170,19 @@ class LocalSession(StreamSession):
         self.reports.append(dict(metrics))
         if state is not None:
             save_state(state, self.checkpoint_dir)
-        if self.progress:
-            print(progress_line(metrics, state is not None), flush=True)
+        if self._on_report is not None:
+            self._on_report(metrics, state is not None)
 
     def _load(self):
         return load_state(self.checkpoint_dir) if (self.checkpoint_dir / "state.pt").is_file() else None
 
 
-def progress_line(metrics: dict, checkpoint: bool) -> str:
+def metrics_note(metrics: dict, checkpoint: bool) -> str:
+    """A report's headline figures, as a log line or a progress line shows them."""
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "bpp_loss", "psnr", "accuracy", "samples_per_s",
                                                           "pairs_per_s") if k in metrics)
-    return f"[icm] step {metrics.get('step')}: {shown}{' (checkpoint)' if checkpoint else ''}"
+    return shown + (" (checkpoint)" if checkpoint else "")
+
+
+def progress_line(metrics: dict, checkpoint: bool) -> str:
+    return f"[icm] step {metrics.get('step')}: {metrics_note(metrics, checkpoint)}"

@@ -32,6 +32,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -252,19 +253,61 @@ def weights_fingerprint(spec: str | None) -> str:
     spec names (``random:<seed>`` for random weights). A hub name (``torchvision:DEFAULT``) is
     its own fingerprint: a published checkpoint does not change under its name."""
     spec = "random" if spec is None else str(spec)
-    hub_name = ":" in spec and "://" not in spec and not spec.startswith(("/", ".", "~", "trained:", "staged:",
-                                                                           "random"))
-    if hub_name and not Path(spec).is_file():
+    if is_hub_name(spec):
         return spec
     return resolve(spec).sha256
 
 
+def is_hub_name(spec: str) -> bool:
+    """A published checkpoint named by its hub (``torchvision:DEFAULT``, ``compressai:mse``, …)."""
+    return (":" in spec and "://" not in spec and not spec.startswith(("/", ".", "~", "trained:", "staged:", "random"))
+            and not Path(spec).is_file())
+
+
+def names_a_file(spec: str | None) -> bool:
+    """Weights a file holds: not ``random[:seed]``, not a hub name."""
+    spec = "random" if spec is None else str(spec)
+    return not (spec == "random" or spec.startswith("random:") or is_hub_name(spec))
+
+
+SAFE_CHECKPOINT_FIX = ("use weights saved with torch.save(model.state_dict(), path) from a source you trust "
+                       "(a training run's own export, a published checkpoint)")
+
+
+def refusal_reason(path: str | Path, exc: Exception, allowed: tuple[str, ...] = ()) -> str:
+    """Why a ``weights_only`` load refused ``path``, in one line (``allowed``: prefixes of the
+    globals the loader accepts). torch's own message advises loading again with
+    ``weights_only=False``, which would run whatever the file holds: never passed on."""
+    try:   # a torch.save archive: list what its pickle would import, without running it
+        unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+                  if not g.startswith(allowed or ("\0",))]
+    except Exception:  # noqa: BLE001 - not a torch.save archive; read the unpickler's own words
+        unsafe = []
+    if unsafe:
+        return (f"it holds objects a weights file never needs ({', '.join(unsafe[:4])}{', …' if len(unsafe) > 4 else ''})"
+                " — a pickle that would build them, or run code, on loading; it was refused unread")
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"its pickle would import {found[1]} on loading (code, not weights); it was refused unread")
+    found = re.search(r"Unsupported operand (\d+)", text)
+    if found:
+        return f"it is not a checkpoint torch.save wrote (a raw pickle: opcode {found[1]} refused); it was refused unread"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line
+             and "torch.load" not in line]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint safely (``weights_only=True``) and unwrap the usual containers."""
+    """Load a checkpoint safely (``weights_only=True``: nothing in the file runs) and unwrap the
+    usual containers."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise WeightsUnavailable(f"cannot load checkpoint {path} with weights_only=True: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise WeightsUnavailable(f"checkpoint {path} does not exist") from exc
+    except Exception as exc:  # noqa: BLE001 - re-raised with the file named and the reason in one line
+        raise WeightsUnavailable(f"cannot load checkpoint {path} (read with weights_only=True): "
+                                 f"{refusal_reason(path, exc)}; {SAFE_CHECKPOINT_FIX}") from None
     for key in ("state_dict", "model_state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -272,6 +315,25 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise WeightsUnavailable(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def check_readable(path: str | Path) -> None:
+    """Read a weights file as the zoo's builders read it, running nothing in it: an ultralytics
+    ``.pt`` (a pickle of ultralytics' own module classes) through ultralytics' safe loader,
+    anything else as a state dict with ``weights_only=True``. A file that holds code, or is no
+    checkpoint at all, raises ``WeightsUnavailable`` with a one-line reason and the fix."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - not a torch.save archive: load_state_dict says why
+            unsafe = []
+        if unsafe and any(name.startswith("ultralytics.") for name in unsafe):
+            from icm.detectors.yolo import load_ultralytics
+
+            load_ultralytics(path)
+            return
+    load_state_dict(path)
 
 
 @contextmanager

@@ -71,6 +71,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if quiet:
         quiet_ray_data()
     env_vars = console.worker_env()
+    # The dashboard's Train page lists runs only when Ray Train's state actor tracks them (off by
+    # default in Ray 2.60: the page then answers 500 "Train state data is not available"). The
+    # trainer reads it where it is built: this driver, or a Tune trial's worker.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    env_vars["RAY_TRAIN_ENABLE_STATE_TRACKING"] = os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"]
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         context = ray.init(address=address, runtime_env=_with_env(kwargs.pop("runtime_env", None), env_vars),

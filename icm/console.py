@@ -44,6 +44,10 @@ RAY_LOG_SKIP = (
     "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable. "
     "Continuing to monitor.",
 )
+# ... and lines whose text varies, by the fixed start Ray gives them: Ray Train V2 logs every
+# report at INFO through a logger named by its file path (outside the "ray.train" logger that
+# LoggingConfig sets to WARNING).
+RAY_LOG_SKIP_PATTERNS = (re.escape("Reporting training result ") + r"\d+: TrainingReport\(",)
 RAY_SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
 
 
@@ -52,7 +56,7 @@ def is_verbose() -> bool:
 
 
 def ray_log_skip_regex() -> str:
-    return "|".join(re.escape(line) for line in RAY_LOG_SKIP)
+    return "|".join([re.escape(line) for line in RAY_LOG_SKIP] + list(RAY_LOG_SKIP_PATTERNS))
 
 
 def _python_warnings_option() -> str:

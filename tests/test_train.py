@@ -375,8 +375,9 @@ def test_train_backbone_then_a_detector_on_it_through_ray_train(ray_cluster, sma
 
     # the shared cluster's workers started before this test set ICM_WEIGHTS_DIR: they get the file itself
     detector["model_kwargs"]["backbone_weights"] = str(weights)
-    data, suffix, train_s = train_detectors.train_one(cfg, detector, tmp_path / "out", cfg["workers"], run="cn-run")
-    assert suffix == ".pth" and train_s > 0
+    data, suffix, train_s, resumed_at = train_detectors.train_one(cfg, detector, tmp_path / "out", cfg["workers"],
+                                                                  run="cn-run")
+    assert suffix == ".pth" and train_s > 0 and resumed_at == []
     (tmp_path / "cn.pth").write_bytes(data)
     trained = build_detector("centernet_resnet18", ["circle", "square", "triangle", "cross"],
                              weights=str(tmp_path / "cn.pth"), backbone_weights="trained:bb")

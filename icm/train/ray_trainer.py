@@ -27,7 +27,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from icm import console
-from icm.data.ray_io import live_progress
+from icm.data.ray_io import live_progress, quiet_ray_data
 from icm.train.session import StreamSession, load_state, progress_line, save_state
 from icm.train.stream import Stream, WindowRows, window_parts, worker_windows
 
@@ -49,6 +49,8 @@ class RayTrainSession(StreamSession):
             from icm.maa.stage import resolve_device
 
             resolve_device("auto")   # raises, naming the driver/build mismatch
+        if not console.is_verbose():   # the streams' per-worker Ray Data pipelines: no INFO lines on the console
+            quiet_ray_data()
         streams = {split: replace(s, items=ray.get(s.items)) if isinstance(s.items, ray.ObjectRef) else s
                    for split, s in (config.get("streams") or {}).items()}
         super().__init__(streams)
@@ -223,7 +225,7 @@ def per_rate_point_asha(cfg: dict, max_steps: int):
     return PerRatePointScheduler()
 
 
-def trial_progress(label: str, trials: int, steps_per_trial: int):
+def trial_progress(label: str, trial_count: int, steps_per_trial: int):
     """A Ray Tune callback (run on the sweep's driver) that shows the sweep on one line: training
     steps over all trials (each trial's reports carry its ``step``), and trials finished."""
     from ray import tune
@@ -236,21 +238,21 @@ def trial_progress(label: str, trials: int, steps_per_trial: int):
 
         def _show(self) -> None:
             done = sum(self.steps.values())
-            note = f"{len(self.finished)}/{trials} trials finished"
+            note = f"{len(self.finished)}/{trial_count} trials finished"
             if self.line is None:
-                self.line = console.Progress(label, trials * steps_per_trial, "steps", start=done, note=note)
+                self.line = console.Progress(label, trial_count * steps_per_trial, "steps", start=done, note=note)
             self.line.update(done, note=note)
 
-        def on_trial_result(self, iteration, trials_, trial, result, **info):
+        def on_trial_result(self, iteration, trials, trial, result, **info):   # Tune passes these by name
             self.steps[trial.trial_id] = min(int(result.get("step", 0)), steps_per_trial)
             self._show()
 
-        def on_trial_complete(self, iteration, trials_, trial, **info):
+        def on_trial_complete(self, iteration, trials, trial, **info):
             self.steps[trial.trial_id] = steps_per_trial
             self.finished.add(trial.trial_id)
             self._show()
 
-        def on_experiment_end(self, trials_, **info):
+        def on_experiment_end(self, trials, **info):
             if self.line is not None:
                 self.line.close()
 

@@ -44,7 +44,7 @@ MODULES = {
     "icm/data/units.py": ["tests/test_data.py", "tests/test_resume.py", "-k", "relpath or unit_stage_retries"],
     "icm/metrics/rd.py": ["tests/test_metrics.py", "-k", "bd_"],
     "icm/metrics/detection.py": ["tests/test_metrics.py", "tests/test_bootstrap.py", "-k",
-                                 "coco_map or matches_pycocotools"],
+                                 "coco_map or coco_conversions or matches_pycocotools"],
     "icm/metrics/bootstrap.py": ["tests/test_bootstrap.py"],
 }
 

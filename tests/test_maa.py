@@ -78,15 +78,18 @@ def test_meta_round_commits_exactly_the_held_out_step():
 def test_linf_and_map_bounds_by_hand():
     from icm.maa.bounds import MapBound, build_bound
 
-    original = torch.tensor([0.0, 0.02, 0.5, 0.99, 1.0])
-    adv = torch.tensor([-0.5, 0.2, 0.45, 0.9, 1.3])
-    torch.testing.assert_close(LinfBound(0.03).project(adv, original), torch.tensor([0.0, 0.05, 0.47, 0.96, 1.0]))
-    lower, upper = torch.tensor([0.0, 0.1, 0.46, 0.95, 0.9]), torch.tensor([0.1, 0.15, 0.6, 1.0, 1.2])
+    original = torch.tensor([0.0, 0.02, 0.5, 0.99, 1.0, 0.3])
+    adv = torch.tensor([-0.5, 0.2, 0.45, 0.9, 1.3, -0.3])
+    torch.testing.assert_close(LinfBound(0.03).project(adv, original),
+                               torch.tensor([0.0, 0.05, 0.47, 0.96, 1.0, 0.27]))
+    # a lower map below 0 (as a user may write it) still gives a pixel in [0, 1]
+    lower, upper = torch.tensor([0.0, 0.1, 0.46, 0.95, 0.9, -0.2]), torch.tensor([0.1, 0.15, 0.6, 1.0, 1.2, 0.4])
     torch.testing.assert_close(MapBound().project(adv, original, lower, upper),
-                               torch.tensor([0.0, 0.15, 0.46, 0.95, 1.0]))
-    with pytest.raises(ValueError, match="lower and upper maps"):
+                               torch.tensor([0.0, 0.15, 0.46, 0.95, 1.0, 0.0]))
+    missing = r"^bound 'map' needs per-pixel lower and upper maps for every image$"
+    with pytest.raises(ValueError, match=missing):
         MapBound().project(adv, original, lower, None)
-    with pytest.raises(ValueError, match="lower and upper maps"):
+    with pytest.raises(ValueError, match=missing):
         MapBound().project(adv, original, None, upper)
     spec = {"type": "linf", "eps": 0.1}
     assert build_bound(spec).eps == 0.1 and spec == {"type": "linf", "eps": 0.1}   # the spec is left as it was

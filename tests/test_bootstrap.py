@@ -108,3 +108,72 @@ def test_paired_comparison_finds_a_real_difference_and_its_interval_covers_it(sm
     lo, hi = result["delta_map50_ci"][0]
     assert lo <= result["delta_map50"][0] <= hi
     assert interval([1.0, float("nan"), 2.0, 3.0], 0.5) == [1.5, 2.5]
+
+
+class LevelPlusOffsets:
+    """Stands in for ``ImageMatches`` (only ``ap50`` is called): a rate point's mAP@.5 on the picked
+    images is its level plus the mean of their per-image offsets, so every figure is known by hand."""
+
+    def __init__(self, level, offsets):
+        self.level, self.offsets = level, np.asarray(offsets, float)
+
+    def ap50(self, image_indices=None):
+        picks = np.arange(len(self.offsets)) if image_indices is None else np.asarray(image_indices)
+        return self.level + float(self.offsets[picks].mean())
+
+
+def test_bd_rate_against_anchor_by_hand():
+    from icm.metrics.bootstrap import bd_rate_against_anchor
+
+    spread = np.array([0.5, 1.0, 1.5])            # each image's bpp relative to the point's mean
+    offsets = np.array([-1.0, 0.0, 1.0])          # each image's quality relative to the point's mean
+
+    def curve(rates, qualities):
+        return [{"bpp": r * spread, "psnr": q + offsets, "matches": {"d": LevelPlusOffsets(q / 100, offsets / 100)}}
+                for r, q in zip(rates, qualities)]
+
+    rates, qualities = [0.2, 0.4, 0.8, 1.6], [28.0, 31.0, 34.0, 37.0]
+    anchor, cheaper = curve(rates, qualities), curve([0.9 * r for r in rates], qualities)
+    draws = np.array([[0, 0, 0], [2, 2, 2], [0, 1, 1], [0, 1, 2]])
+    for axis in ("psnr", "d"):
+        got = bd_rate_against_anchor(anchor, cheaper, axis, draws)
+        assert got["axis"] == axis and got["reason"] == "" and got["defined_share"] == 1.0
+        # 10 % fewer bits at every quality, on all images and on every resample
+        assert got["bd_rate"] == pytest.approx(-10.0, abs=0.05)
+        assert got["ci"] == pytest.approx([-10.0, -10.0], abs=0.05)
+        assert got["anchor_bpp"] == pytest.approx(rates) and got["test_bpp"] == pytest.approx([0.18, 0.36, 0.72, 1.44])
+        scale = 1 if axis == "psnr" else 1 / 100
+        assert got["anchor_quality"] == pytest.approx([q * scale for q in qualities])
+        assert got["test_quality"] == pytest.approx([q * scale for q in qualities])
+    # quality that stalls: no BD-rate, and none on any resample
+    stalled = bd_rate_against_anchor(anchor, curve(rates, [28.0, 31.0, 31.0, 37.0]), "psnr", draws)
+    assert stalled["bd_rate"] == "n/a" and stalled["reason"].startswith("quality does not rise strictly")
+    assert stalled["ci"] is None and stalled["defined_share"] == 0.0
+    # no resamples: the figure on all images, no interval
+    none = bd_rate_against_anchor(anchor, cheaper, "psnr", np.zeros((0, 3), int))
+    assert none["ci"] is None and none["defined_share"] == 0.0 and none["bd_rate"] == pytest.approx(-10.0, abs=0.05)
+
+
+def test_paired_point_deltas_by_hand():
+    from icm.metrics.bootstrap import paired_point_deltas
+
+    ref = {"bpp": np.array([0.1, 0.2, 0.3]), "psnr": np.array([30.0, 31.0, 35.0]),
+           "matches": {"d": LevelPlusOffsets(0.5, [0.0, 0.1, 0.2])}}
+    test = {"bpp": np.array([0.12, 0.24, 0.36]), "psnr": np.array([31.0, 31.0, 36.0]),
+            "matches": {"d": LevelPlusOffsets(0.6, [0.0, -0.1, 0.2])}}
+    draws = np.array([[0, 0, 0], [1, 1, 1], [2, 2, 2], [0, 1, 2]])
+    got = paired_point_deltas(ref, test, ["d"], draws)
+    assert got["bpp_ref"] == pytest.approx(0.2) and got["bpp_test"] == pytest.approx(0.24)
+    assert got["psnr_ref"] == pytest.approx(32.0) and got["psnr_test"] == pytest.approx(98 / 3)
+    assert got["map50_ref"] == {"d": pytest.approx(0.6)} and got["map50_test"] == {"d": pytest.approx(0.6 + 0.1 / 3)}
+    # per image, test − ref: PSNR +1, 0, +1 dB; mAP@.5 +0.1, −0.1, +0.1; bpp +20 % everywhere
+    assert got["delta_psnr"] == pytest.approx(2 / 3) and got["delta_map50/d"] == pytest.approx(1 / 30)
+    assert got["delta_bpp_percent"] == pytest.approx(20.0)
+    per_draw_psnr, per_draw_map = [1.0, 0.0, 1.0, 2 / 3], [0.1, -0.1, 0.1, 1 / 30]
+    assert got["delta_psnr_ci"] == pytest.approx([np.percentile(per_draw_psnr, 2.5), np.percentile(per_draw_psnr, 97.5)])
+    assert got["delta_map50/d_ci"] == pytest.approx([np.percentile(per_draw_map, 2.5), np.percentile(per_draw_map, 97.5)])
+    assert got["delta_bpp_percent_ci"] == pytest.approx([20.0, 20.0])
+    assert set(got) == {"bpp_ref", "bpp_test", "psnr_ref", "psnr_test", "map50_ref", "map50_test",
+                        *(f"delta_{k}{ci}" for k in ("map50/d", "psnr", "bpp_percent") for ci in ("", "_ci"))}
+    half = paired_point_deltas(ref, test, ["d"], draws, confidence=0.5)
+    assert half["delta_psnr_ci"] == pytest.approx([np.percentile(per_draw_psnr, 25), np.percentile(per_draw_psnr, 75)])

@@ -51,7 +51,12 @@ MODULES = {
 # mutant id → why it cannot change behaviour (judged on the commit named in bench/RESULTS.md)
 SORT_KIND = ("only rows with equal source_id can come out in another order, and a manifest has one row per "
              "source_id (comparable's contract)")
+COCO_INFO = ("the dataset's 'info' entry: pycocotools 2.0.11 (pinned) reads it only in loadRes, as "
+             ".get('info', {}), and in COCO.info(), which is never called; absent, None or {} gives the same result")
 EQUIVALENT: dict[str, str] = {
+    "icm.metrics.detection.x_coco_map__mutmut_1": "redirect_stdout(None) silences pycocotools' prints as the "
+                                                  "StringIO does (print() writes nothing when sys.stdout is None)",
+    **{f"icm.metrics.detection.x_coco_map__mutmut_{n}": COCO_INFO for n in (4, 5, 6, 7, 9, 10, 11)},
     **{f"icm.data.manifest.x_comparable__mutmut_{n}": SORT_KIND for n in (10, 12, 15, 16)},
     **{f"icm.data.manifest.xǁManifestStoreǁdone_source_ids__mutmut_{n}": "reads every column instead of "
        "source_id only: the same set of ids (a cost, not a behaviour)" for n in (2, 4)},

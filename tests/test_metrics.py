@@ -92,9 +92,11 @@ def test_coco_conversions_by_hand():
         {"image_id": 1, "category_id": 2, "bbox": [10.0, 20.0, 40.0, 40.0], "score": 0.5},
         {"image_id": 3, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 8.0], "score": 0.25}]
     result = coco_map(records_to_coco_gt(records, ["a", "b"]), detections_to_coco(predictions))
-    # class a: its one object found (AP 1); class b: one of two (precision 1 to recall 0.5: 51 of
-    # COCO's 101 recall points)
+    # class a: its one object found at IoU 18.75 / 29.25 = 0.64 (AP 1 at IoU .5, .55, .6; 0 from .65
+    # on); class b: one of two, exactly (precision 1 to recall 0.5: 51 of COCO's 101 recall points)
     assert set(result) == {"map", "map50", "map75"} and result["map50"] == pytest.approx((1 + 51 / 101) / 2)
+    assert result["map75"] == pytest.approx((0 + 51 / 101) / 2)
+    assert result["map"] == pytest.approx((3 / 10 + 51 / 101) / 2)
 
 
 def test_bd_rate_known_answer_and_na():

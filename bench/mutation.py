@@ -53,7 +53,20 @@ SORT_KIND = ("only rows with equal source_id can come out in another order, and 
              "source_id (comparable's contract)")
 COCO_INFO = ("the dataset's 'info' entry: pycocotools 2.0.11 (pinned) reads it only in loadRes, as "
              ".get('info', {}), and in COCO.info(), which is never called; absent, None or {} gives the same result")
+ALIGN_DEFAULT = "align_corners None or left out is F.interpolate's default, False for bilinear"
 EQUIVALENT: dict[str, str] = {
+    "icm.maa.canvas.x_letterbox__mutmut_14": "always the downscaling branch: at scale 1.0 it rounds to (h, w) "
+                                             "again, and an image of its own size is not resampled",
+    "icm.maa.canvas.x_letterbox__mutmut_17": "scale is min(1, ·) and never 2.0: the branch taken computes "
+                                             "round(h·1.0), round(w·1.0) = (h, w), the same placement",
+    "icm.maa.canvas.x_letterbox__mutmut_33": "resamples an image to its own size, the identity (each output "
+                                             "pixel's kernel falls on its own pixel only; the test's torch.equal "
+                                             "on unresized images holds with it): a cost, not a behaviour",
+    "icm.maa.canvas.x_letterbox__mutmut_36": "the lower clamp after antialiased bilinear downscaling: its kernel's "
+                                             "weights are non-negative, so values ≥ 0 stay ≥ 0 (only the upper "
+                                             "bound can be crossed, by rounding: tested on a white image)",
+    **{f"icm.maa.canvas.x_letterbox__mutmut_{n}": ALIGN_DEFAULT for n in (44, 49)},
+    **{f"icm.maa.canvas.x_paste_back__mutmut_{n}": ALIGN_DEFAULT for n in (11, 15)},
     "icm.metrics.detection.x_coco_map__mutmut_1": "redirect_stdout(None) silences pycocotools' prints as the "
                                                   "StringIO does (print() writes nothing when sys.stdout is None)",
     **{f"icm.metrics.detection.x_coco_map__mutmut_{n}": COCO_INFO for n in (4, 5, 6, 7, 9, 10, 11)},

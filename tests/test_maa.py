@@ -138,10 +138,18 @@ def test_aafg_is_masked_sign_descent_projected_each_step():
     # a mean loss falls under each descent step: every unmasked pixel goes down by α
     one = aafg(x, mask, [Member("r", SeedRecorder(), targets)], lambda a: a, steps=1, alpha=ALPHA)
     torch.testing.assert_close(one, (x - ALPHA * mask).clamp(0, 1))
+    # the manifest's losses: one call per image, each with its own seed at step 0
+    rec = SeedRecorder()
+    losses = per_image_losses(Member("r", rec, targets, seeds=[5, 7]), x)
+    assert losses == pytest.approx([float(x[0].mean()), float(x[1].mean())], rel=1e-6)
+    assert rec.seen == [[5 * 1_000_003], [7 * 1_000_003]]
+    rec = SeedRecorder()
+    per_image_losses(Member("r", rec, targets), x)
+    assert rec.seen == [[0], [0]]
 
 
 def test_meta_aafg_rounds_and_their_steps():
-    """Two groups, T = 2, one inner step: each round's inner steps use the other group, the
+    """Two groups, T = 2, two inner steps: each round's inner steps use the other group, the
     commit the held-out one, at steps (t·groups + h)·(inner + 1) + k."""
     from icm.maa.methods import meta_aafg
 
@@ -149,9 +157,10 @@ def test_meta_aafg_rounds_and_their_steps():
     targets = [{"boxes": torch.zeros(0, 4), "labels": torch.tensor([0])}]
     recorders = [SeedRecorder(), SeedRecorder()]
     groups = [[Member(f"g{i}", r, targets)] for i, r in enumerate(recorders)]
-    out = meta_aafg(x, mask, groups, lambda a: a, outer=2, inner_steps=1, alpha=ALPHA)
-    assert [s for (s,) in recorders[0].seen] == [1, 2, 5, 6]
-    assert [s for (s,) in recorders[1].seen] == [0, 3, 4, 7]
+    out = meta_aafg(x, mask, groups, lambda a: a, outer=2, inner_steps=2, alpha=ALPHA)
+    # rounds start at steps 0, 3, 6, 9: inner steps at +0, +1 on the other group, the commit at +2
+    assert [s for (s,) in recorders[0].seen] == [2, 3, 4, 8, 9, 10]
+    assert [s for (s,) in recorders[1].seen] == [0, 1, 5, 6, 7, 11]
     torch.testing.assert_close(out, (x - 4 * ALPHA * mask).clamp(0, 1))     # 2 outer × 2 committed steps
     with pytest.raises(ValueError, match="at least 2 groups"):
         meta_aafg(x, mask, groups[:1], lambda a: a)

@@ -53,8 +53,16 @@ SORT_KIND = ("only rows with equal source_id can come out in another order, and 
              "source_id (comparable's contract)")
 COCO_INFO = ("the dataset's 'info' entry: pycocotools 2.0.11 (pinned) reads it only in loadRes, as "
              ".get('info', {}), and in COCO.info(), which is never called; absent, None or {} gives the same result")
+UNREAD_FAILURE = ("the loop runs 1 + unit_retries ≥ 1 times and every failed attempt sets failure before it is "
+                  "returned; the initial value is never returned")
 ALIGN_DEFAULT = "align_corners None or left out is F.interpolate's default, False for bilinear"
 EQUIVALENT: dict[str, str] = {
+    "icm.data.units.x_output_relpath__mutmut_17": "the `or \"_\"` fallback is unreachable: parts are non-empty "
+                                                  "(empty ones are dropped) and the substitution replaces unsafe runs "
+                                                  "by \"_\", never deletes, so it is never empty",
+    "icm.data.units.xǁUnitStageǁ__init____mutmut_28": "_writes starts as None instead of []: _run_unit sets it to [] "
+                                                      "before each process_unit, the only caller of write_later",
+    **{f"icm.data.units.xǁUnitStageǁ_run_unit__mutmut_{n}": UNREAD_FAILURE for n in (1, 2)},
     "icm.maa.canvas.x_letterbox__mutmut_14": "always the downscaling branch: at scale 1.0 it rounds to (h, w) "
                                              "again, and an image of its own size is not resampled",
     "icm.maa.canvas.x_letterbox__mutmut_17": "scale is min(1, ·) and never 2.0: the branch taken computes "

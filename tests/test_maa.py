@@ -146,6 +146,10 @@ def test_aafg_is_masked_sign_descent_projected_each_step():
     rec = SeedRecorder()
     per_image_losses(Member("r", rec, targets), x)
     assert rec.seen == [[0], [0]]
+    # the authors' defaults: 10 steps of α = 2/255
+    rec = SeedRecorder()
+    torch.testing.assert_close(aafg(x, mask, [Member("r", rec, targets)], lambda a: a), (x - 20 / 255 * mask).clamp(0, 1))
+    assert [s for s, _ in rec.seen] == list(range(10))
 
 
 def test_meta_aafg_rounds_and_their_steps():
@@ -164,6 +168,11 @@ def test_meta_aafg_rounds_and_their_steps():
     torch.testing.assert_close(out, (x - 4 * ALPHA * mask).clamp(0, 1))     # 2 outer × 2 committed steps
     with pytest.raises(ValueError, match="at least 2 groups"):
         meta_aafg(x, mask, groups[:1], lambda a: a)
+    # the authors' defaults: T = 10 rounds per group, 8 inner steps, α = 2/255 (20 commits)
+    recorders = [SeedRecorder(), SeedRecorder()]
+    out = meta_aafg(x, mask, [[Member(f"g{i}", r, targets)] for i, r in enumerate(recorders)], lambda a: a)
+    assert [len(r.seen) for r in recorders] == [10 * (8 + 1)] * 2
+    torch.testing.assert_close(out, (x - 20 * 2 / 255 * mask).clamp(0, 1))
 
 
 def test_aafg_lowers_loss_keeps_bound_and_padding():

@@ -115,6 +115,18 @@ class SeedRecorder(Detector):
         return {"mean": images.mean(dim=(1, 2, 3)).sum()}
 
 
+class LeftHalfDarkness(Detector):
+    """Loss = minus the mean of the image's left 16 columns: descent brightens them, leaves the rest."""
+
+    family = "left-half"
+
+    def __init__(self):
+        super().__init__(["x"])
+
+    def loss(self, images, targets):
+        return {"dark": -images[..., :16].mean(dim=(1, 2, 3)).sum()}
+
+
 def test_aafg_is_masked_sign_descent_projected_each_step():
     x, mask, _ = _canvases([(20, 24), (24, 16)], 32)
     det = TinyDetector(1).freeze()
@@ -132,12 +144,20 @@ def test_aafg_is_masked_sign_descent_projected_each_step():
 
     # seeds: image seed s at step k samples with (s·1000003 + k) mod 2^31; no seeds: the step
     rec = SeedRecorder()
-    aafg(x, mask, [Member("r", rec, targets, seeds=[5, 2 ** 31 - 1])], lambda a: a, steps=2)
-    assert rec.seen == [[5 * 1_000_003, (2 ** 31 - 1) * 1_000_003 % 2 ** 31],
-                        [5 * 1_000_003 + 1, ((2 ** 31 - 1) * 1_000_003 + 1) % 2 ** 31]]
+    aafg(x, mask, [Member("r", rec, targets, seeds=[3000, 2 ** 31 - 1])], lambda a: a, steps=2)
+    # 3000·1000003 = 3 000 009 000 wraps once past 2^31 (and is below 2^32)
+    assert rec.seen == [[852_525_352, (2 ** 31 - 1) * 1_000_003 % 2 ** 31],
+                        [852_525_353, ((2 ** 31 - 1) * 1_000_003 + 1) % 2 ** 31]]
     # a mean loss falls under each descent step: every unmasked pixel goes down by α
     one = aafg(x, mask, [Member("r", SeedRecorder(), targets)], lambda a: a, steps=1, alpha=ALPHA)
     torch.testing.assert_close(one, (x - ALPHA * mask).clamp(0, 1))
+    # ascent where the loss says so, and no step where it has no gradient: a loss on the left half
+    # only, that wants it brighter; pixels near white stop at 1
+    up = aafg(x, mask, [Member("u", LeftHalfDarkness(), targets)], lambda a: a, steps=1, alpha=ALPHA)
+    left = (x + ALPHA * mask)[..., :16]
+    assert (left > 1).any()
+    torch.testing.assert_close(up[..., :16], left.clamp(0, 1))
+    assert torch.equal(up[..., 16:], x[..., 16:])
     # the manifest's losses: one call per image, each with its own seed at step 0
     rec = SeedRecorder()
     losses = per_image_losses(Member("r", rec, targets, seeds=[5, 7]), x)

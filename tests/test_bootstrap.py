@@ -1,5 +1,6 @@
-"""mAP on the shapes set against pycocotools called directly, and the bootstrap's resampled mAP
-against pycocotools on the explicitly resampled image set."""
+"""mAP on the shapes set against pycocotools called directly; the bootstrap's resampled mAP against
+pycocotools on the explicitly resampled image set (ground truth without pixels: matching needs
+none), and its comparisons of curves and points by hand."""
 
 import json
 from pathlib import Path
@@ -37,11 +38,26 @@ def _noisy_detections(records, seed=0):
     return out
 
 
+def _records(n=24, seed=7):
+    """Ground truth of ``n`` images, as data-layer records without pixels (matching needs none):
+    one to four objects of the shapes classes, 10–40 px, in 100–160 px images."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        w, h = (int(v) for v in rng.integers(100, 161, 2))
+        k = int(rng.integers(1, 5))
+        size = rng.uniform(10, 40, (k, 2))
+        x1, y1 = rng.uniform(0, w - size[:, 0]), rng.uniform(0, h - size[:, 1])
+        out.append({"width": w, "height": h, "boxes": np.stack([x1, y1, x1 + size[:, 0], y1 + size[:, 1]], 1),
+                    "class_ids": [int(c) for c in rng.integers(0, len(SHAPE_CLASSES), k)]})
+    return out
+
+
 def test_map_on_the_shapes_set_matches_pycocotools_on_its_annotation_file(small_shapes):
     reader = shapes_reader("photo", "val", root=small_shapes.parent, n_train=24, n_val=12, seed=7)
     records = list(reader.records())
     predictions = _noisy_detections(records)
-    ours = coco_map(records_to_coco_gt(records, reader.classes), detections_to_coco(predictions))
+    ours = coco_map(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(predictions))
 
     ann_file = small_shapes / "photo/annotations/instances_val.json"
     ann = json.loads(ann_file.read_text())
@@ -62,25 +78,44 @@ def test_map_on_the_shapes_set_matches_pycocotools_on_its_annotation_file(small_
     assert abs(ours["map"] - evaluator.stats[0]) < 1e-9
 
 
-def test_resampled_map50_equals_pycocotools_on_the_resampled_set(small_shapes):
-    reader = shapes_reader("photo", "train", root=small_shapes.parent, n_train=24, n_val=12, seed=7)
-    records = list(reader.records())
+def test_resampled_map50_equals_pycocotools_on_the_resampled_set():
+    records = _records()
     predictions = _noisy_detections(records, seed=1)
-    matches = ImageMatches(records_to_coco_gt(records, reader.classes), detections_to_coco(predictions))
-    full = coco_map(records_to_coco_gt(records, reader.classes), detections_to_coco(predictions))["map50"]
-    assert abs(matches.ap50() - full) < 1e-9
+    # scores rounded to 0.1: many ties, ranked as pycocotools ranks them (stable, image order)
+    tied = [dict(p, scores=np.round(p["scores"], 1)) for p in predictions]
+    # the first image's true detections below 100 confident false ones of their class: the
+    # 100-detection cut per image and class decides what counts
+    crowded = [dict(p) for p in predictions]
+    first = crowded[0]
+    cls = int(first["labels"][0])
+    first.update(boxes=np.concatenate([first["boxes"], np.tile([[0.0, 0.0, 2.0, 2.0]], (100, 1))]),
+                 scores=np.concatenate([first["scores"], np.full(100, 0.995)]),
+                 labels=np.concatenate([first["labels"], np.full(100, cls)]))
     rng = np.random.default_rng(3)
-    for _ in range(3):
-        picks = rng.integers(0, len(records), len(records))     # with repeats
-        direct = coco_map(records_to_coco_gt([records[i] for i in picks], reader.classes),
-                          detections_to_coco([predictions[i] for i in picks]))["map50"]
-        assert abs(matches.ap50(picks) - direct) < 1e-9
+    draws = [rng.integers(0, len(records), len(records)) for _ in range(3)]     # with repeats
+    for preds in (predictions, tied, crowded):
+        matches = ImageMatches(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(preds))
+        full = coco_map(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(preds))["map50"]
+        assert 0.05 < full < 0.95 and abs(matches.ap50() - full) < 1e-9
+        for picks in draws:
+            direct = coco_map(records_to_coco_gt([records[i] for i in picks], SHAPE_CLASSES),
+                              detections_to_coco([preds[i] for i in picks]))["map50"]
+            assert abs(matches.ap50(picks) - direct) < 1e-9
+    assert ImageMatches(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(crowded)).ap50() < \
+        ImageMatches(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(predictions)).ap50()
+    # a crowd region is no object to find (pycocotools ignores it); no detections at all score 0
+    gt = records_to_coco_gt(records, SHAPE_CLASSES)
+    gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": 2, "category_id": 1,
+                              "bbox": [0.0, 0.0, 50.0, 50.0], "area": 2500.0, "iscrowd": 1})
+    with_crowd = ImageMatches(gt, detections_to_coco(predictions))
+    assert abs(with_crowd.ap50() - coco_map(gt, detections_to_coco(predictions))["map50"]) < 1e-9
+    assert with_crowd.gt_count.sum() == sum(len(r["class_ids"]) for r in records)
+    assert ImageMatches(gt, []).ap50() == 0.0 == ImageMatches(gt, []).ap50([0, 0, 1])
 
 
-def test_paired_comparison_finds_a_real_difference_and_its_interval_covers_it(small_shapes):
-    reader = shapes_reader("photo", "train", root=small_shapes.parent, n_train=24, n_val=12, seed=7)
-    records = list(reader.records())
-    gt = records_to_coco_gt(records, reader.classes)
+def test_paired_comparison_finds_a_real_difference_and_its_interval_covers_it():
+    records = _records()
+    gt = records_to_coco_gt(records, SHAPE_CLASSES)
     n = len(records)
     good = [ImageMatches(gt, detections_to_coco(_noisy_detections(records, seed=s))) for s in (10, 11)]
     bad = []

@@ -48,6 +48,10 @@ MODULES = {
     "icm/metrics/bootstrap.py": ["tests/test_bootstrap.py", "-k", "not shapes_set"],
 }
 
+# libraries the modules import lazily (inside functions): imported once by the fork server that
+# mutmut forks each mutant's test run from, instead of once per mutant (seconds each on a busy machine)
+PRELOAD = ("bjontegaard", "scipy.interpolate", "pycocotools.coco", "pycocotools.cocoeval")
+
 # mutant id → why it cannot change behaviour (judged on the commit named in bench/RESULTS.md)
 SORT_KIND = ("only rows with equal source_id can come out in another order, and a manifest has one row per "
              "source_id (comparable's contract)")
@@ -98,6 +102,9 @@ def prepare(module: str, work: Path) -> None:
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, work / rel)
     selection = json.dumps(MODULES[module])
+    with open(work / "tests" / "conftest.py", "a") as f:   # the copy's: loaded when the fork server collects
+        f.write("\n# bench/mutation.py: lazy imports done once, in mutmut's fork server\n"
+                + "".join(f"import {name}  # noqa: E402,F401\n" for name in PRELOAD))
     with open(work / "pyproject.toml", "a") as f:
         f.write(f"""
 [tool.mutmut]

@@ -61,6 +61,11 @@ UNREAD_FAILURE = ("the loop runs 1 + unit_retries ≥ 1 times and every failed a
                   "returned; the initial value is never returned")
 ALIGN_DEFAULT = "align_corners None or left out is F.interpolate's default, False for bilinear"
 EQUIVALENT: dict[str, str] = {
+    **{f"icm.metrics.rd.x_bd_metrics__mutmut_{n}": "log10 of an empty curve's rates is an empty array, the same as "
+       "the array itself (and such a curve already carries its reason)" for n in (34, 37)},
+    "icm.metrics.rd.x_bd_metrics__mutmut_87": "bjontegaard tests require_matching_points for truth only: None is False",
+    **{f"icm.metrics.rd.x_bd_metrics__mutmut_{n}": "bjontegaard's min_overlap (default 0.75, or 1) only decides "
+       "whether it warns, and the warnings are silenced; the overlap is checked here before the call" for n in (95, 97)},
     "icm.data.units.x_output_relpath__mutmut_17": "the `or \"_\"` fallback is unreachable: parts are non-empty "
                                                   "(empty ones are dropped) and the substitution replaces unsafe runs "
                                                   "by \"_\", never deletes, so it is never empty",

@@ -60,7 +60,20 @@ COCO_INFO = ("the dataset's 'info' entry: pycocotools 2.0.11 (pinned) reads it o
 UNREAD_FAILURE = ("the loop runs 1 + unit_retries ≥ 1 times and every failed attempt sets failure before it is "
                   "returned; the initial value is never returned")
 ALIGN_DEFAULT = "align_corners None or left out is F.interpolate's default, False for bilinear"
+ANY_NEGATIVE = "numpy 1.26 (pinned) reads any negative size in reshape as the unknown one: reshape(-2) is reshape(-1)"
+LABEL_DTYPE = ("class ids are only compared for equality, which numpy does by value across integer, float and bool "
+               "dtypes: the same matches without the int64 conversion")
+BELOW_THRESHOLD = ("a placeholder IoU of -2 instead of -1 (not eligible / already claimed) is below every IoU threshold "
+                   "(> -1) either way, and the reported IoU and score treat both as 'none' (< 0)")
 EQUIVALENT: dict[str, str] = {
+    **{f"icm.jrd.labelling.x_match_objects__mutmut_{n}": ANY_NEGATIVE for n in (36, 44, 52)},
+    **{f"icm.jrd.labelling.x_match_objects__mutmut_{n}": LABEL_DTYPE for n in (32, 34, 40, 42)},
+    **{f"icm.jrd.labelling.x_match_objects__mutmut_{n}": BELOW_THRESHOLD for n in (85, 101)},
+    "icm.jrd.labelling.x_match_objects__mutmut_92": "numpy reads the sort kind case-insensitively: 'STABLE' is the "
+                                                    "same stable sort",
+    **{f"icm.jrd.labelling.x_error_tolerant_jrd__mutmut_{n}": "labels kept in their own dtype: np.diff compares bool "
+       "labels with not_equal, sums count them, and == 0 compares by value, so 0/1 labels as int, float or bool give "
+       "the same JRD (boolean labels are tested)" for n in (5, 7)},
     **{f"icm.metrics.rd.x_bd_metrics__mutmut_{n}": "log10 of an empty curve's rates is an empty array, the same as "
        "the array itself (and such a curve already carries its reason)" for n in (34, 37)},
     "icm.metrics.rd.x_bd_metrics__mutmut_87": "bjontegaard tests require_matching_points for truth only: None is False",

@@ -163,9 +163,9 @@ def test_bd_rate_against_anchor_by_hand():
     spread = np.array([0.5, 1.0, 1.5])            # each image's bpp relative to the point's mean
     offsets = np.array([-1.0, 0.0, 1.0])          # each image's quality relative to the point's mean
 
-    def curve(rates, qualities):
-        return [{"bpp": r * spread, "psnr": q + offsets, "matches": {"d": LevelPlusOffsets(q / 100, offsets / 100)}}
-                for r, q in zip(rates, qualities)]
+    def curve(rates, qualities, lift=np.zeros(3)):
+        return [{"bpp": r * spread, "psnr": q + offsets + lift,
+                 "matches": {"d": LevelPlusOffsets(q / 100, (offsets + lift) / 100)}} for r, q in zip(rates, qualities)]
 
     rates, qualities = [0.2, 0.4, 0.8, 1.6], [28.0, 31.0, 34.0, 37.0]
     anchor, cheaper = curve(rates, qualities), curve([0.9 * r for r in rates], qualities)
@@ -180,6 +180,16 @@ def test_bd_rate_against_anchor_by_hand():
         scale = 1 if axis == "psnr" else 1 / 100
         assert got["anchor_quality"] == pytest.approx([q * scale for q in qualities])
         assert got["test_quality"] == pytest.approx([q * scale for q in qualities])
+    # the second and third images 1 dB (or 0.01 mAP) better at 10 % fewer bits, the first only cheaper:
+    # quality rises 3 dB per doubling of rate, so 1 dB is worth 2^(-1/3) of the rate. Each draw
+    # of one image repeated gives that image's own BD-rate
+    better = curve([0.9 * r for r in rates], qualities, lift=np.array([0.0, 1.0, 1.0]))
+    alone = [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
+    per_draw = [-10.0, 100 * (0.9 * 2 ** (-1 / 3) - 1), 100 * (0.9 * 2 ** (-1 / 3) - 1)]
+    for axis in ("psnr", "d"):
+        got = bd_rate_against_anchor(anchor, better, axis, np.array(alone), confidence=0.5)
+        assert got["ci"] == pytest.approx([np.percentile(per_draw, 25), np.percentile(per_draw, 75)], abs=0.05)
+        assert got["bd_rate"] < -20          # on all images: 2/3 dB better on average, and cheaper
     # quality that stalls: no BD-rate, and none on any resample
     stalled = bd_rate_against_anchor(anchor, curve(rates, [28.0, 31.0, 31.0, 37.0]), "psnr", draws)
     assert stalled["bd_rate"] == "n/a" and stalled["reason"].startswith("quality does not rise strictly")

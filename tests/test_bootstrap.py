@@ -222,3 +222,52 @@ def test_paired_point_deltas_by_hand():
                         *(f"delta_{k}{ci}" for k in ("map50/d", "psnr", "bpp_percent") for ci in ("", "_ci"))}
     half = paired_point_deltas(ref, test, ["d"], draws, confidence=0.5)
     assert half["delta_psnr_ci"] == pytest.approx([np.percentile(per_draw_psnr, 25), np.percentile(per_draw_psnr, 75)])
+
+
+def test_paired_curve_comparison_by_hand():
+    """A reference curve, a test curve 10 % cheaper with the second and third images 0.01 mAP
+    better, and one at 100× the rate (no common rate range: no BD-mAP). mAP rises 0.03 per doubling
+    of rate, so 10 % fewer bits are worth 0.03·log2(1/0.9) mAP and 0.01 mAP 2^(-1/3) of the rate."""
+    spread, offsets = np.array([0.5, 1.0, 1.5]), np.array([-0.01, 0.0, 0.01])
+    rates, levels = np.array([0.2, 0.4, 0.8, 1.6]), np.array([0.28, 0.31, 0.34, 0.37])
+
+    def curve(scale, lift):
+        return [{"bpp": r * scale * spread, "matches": {"d": LevelPlusOffsets(q, offsets + lift)}}
+                for r, q in zip(rates, levels)]
+
+    lift = np.array([0.0, 0.01, 0.01])
+    curves = {"ref": curve(1, 0), "test": curve(0.9, lift), "apart": curve(100, 0)}
+    draws = np.array([[0, 0, 0], [1, 1, 1], [2, 2, 2]])            # each draw: one image, three times
+    cheaper = 0.03 * np.log2(1 / 0.9)
+
+    got = paired_curve_comparison(curves, [("ref", "test")], "d", draws, confidence=0.5)
+    assert {k: got[k] for k in ("detector", "pairs", "draws")} == {"detector": "d", "pairs": [["ref", "test"]], "draws": 3}
+    assert got["delta_map50"] == pytest.approx([0.02 / 3] * 4)
+    np.testing.assert_allclose(got["delta_map50_ci"], [[np.percentile(lift, 25), np.percentile(lift, 75)]] * 4)
+    assert got["delta_bpp"] == pytest.approx(list(-0.1 * rates))
+    np.testing.assert_allclose(got["delta_bpp_ci"], [[np.percentile(-0.1 * r * spread, 25),
+                                                       np.percentile(-0.1 * r * spread, 75)] for r in rates])
+    assert got["bd_map50"] == pytest.approx(cheaper + 0.02 / 3, abs=1e-6)
+    assert got["bd_map50_ci"] == pytest.approx([np.percentile(cheaper + lift, 25), np.percentile(cheaper + lift, 75)],
+                                               abs=1e-6)
+    per_image_rate = [-10.0, 100 * (0.9 * 2 ** (-1 / 3) - 1), 100 * (0.9 * 2 ** (-1 / 3) - 1)]
+    assert got["bd_rate"] == pytest.approx(100 * (0.9 * 2 ** (-2 / 9) - 1), abs=0.01)
+    assert got["bd_rate_ci"] == pytest.approx([np.percentile(per_image_rate, 25), np.percentile(per_image_rate, 75)],
+                                              abs=0.01)
+    assert got["bd_map50_defined_share"] == got["bd_rate_defined_share"] == 1.0
+    (pair,) = got["per_pair"]
+    assert pair == {"pair": ["ref", "test"], "bd_map50": pytest.approx(cheaper + 0.02 / 3, abs=1e-6), "bd_reason": "",
+                    "ref_map50": pytest.approx(list(levels)), "test_map50": pytest.approx(list(levels + 0.02 / 3)),
+                    "ref_bpp": pytest.approx(list(rates)), "test_bpp": pytest.approx(list(0.9 * rates))}
+
+    # two pairs (seeds): the means over them; BD-mAP over the pairs where it is defined
+    both = paired_curve_comparison(curves, [("ref", "test"), ("ref", "apart")], "d", draws, confidence=0.5)
+    assert both["delta_map50"] == pytest.approx([0.01 / 3] * 4)
+    assert both["bd_map50"] == pytest.approx(got["bd_map50"], abs=1e-9)
+    assert both["bd_rate"] == pytest.approx((got["bd_rate"] + 100 * (100 - 1)) / 2, rel=1e-6)   # 100× the bits
+    assert both["per_pair"][1]["bd_map50"] == "n/a"
+    assert both["per_pair"][1]["bd_reason"] == "the curves do not overlap on the log-rate axis"
+    # no pair with a BD-mAP: "n/a", no interval, defined on no resample
+    apart = paired_curve_comparison(curves, [("ref", "apart")], "d", draws)
+    assert apart["bd_map50"] == "n/a" and apart["bd_map50_ci"] is None and apart["bd_map50_defined_share"] == 0.0
+    assert apart["bd_rate"] == pytest.approx(9900, rel=1e-6) and apart["bd_rate_defined_share"] == 1.0

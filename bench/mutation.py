@@ -65,7 +65,49 @@ LABEL_DTYPE = ("class ids are only compared for equality, which numpy does by va
                "dtypes: the same matches without the int64 conversion")
 BELOW_THRESHOLD = ("a placeholder IoU of -2 instead of -1 (not eligible / already claimed) is below every IoU threshold "
                    "(> -1) either way, and the reported IoU and score treat both as 'none' (< 0)")
+ALL_IMAGES = ("None for the image indices means all images here too: numpy's x[None] keeps every value (a new axis "
+              "the mean ignores) and ap50(None) takes every image")
+AS_FLOAT = "the values are Python or NumPy floats (and NaN): the array is float64 with or without the dtype"
 EQUIVALENT: dict[str, str] = {
+    "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_8": "redirect_stdout(None) silences pycocotools' prints "
+                                                              "as the StringIO does",
+    **{f"icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_{n}": COCO_INFO for n in (11, 12, 13, 14, 16, 17, 18)},
+    "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_37": "the upper area bound 1e10 + 1 instead of 1e10 px²: "
+                                                               "only an object of area in (1e10, 1e10 + 1] (an image "
+                                                               "of 100 000² px) would differ; pycocotools' 'all' is 1e10 too",
+    "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_38": "the area range's label is read only by summarize(), "
+                                                               "which is not called",
+    "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_42": "pycocotools' evaluateImg already cuts each image's "
+                                                               "detections at maxDets = max_dets: the second cut "
+                                                               "([:max_dets] vs [:None]) removes nothing",
+    **{f"icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_{n}": "counts in float64 instead of int64: the same "
+       "integers (summed, tested against 0, divided)" for n in (45, 47)},
+    **{f"icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_{n}": "the default of a missing iscrowd: every "
+       "annotation COCOeval accepts has one (evaluateImg reads o['iscrowd']), and without detections every AP is 0 "
+       "whatever the counts" for n in (54, 56, 59)},
+    "icm.metrics.bootstrap.xǁImageMatchesǁap50__mutmut_22": "found is empty only when there are no detections at all "
+                                                           "(pycocotools makes an entry for every image and class with "
+                                                           "ground truth); then every AP is 0 and stopping at the first "
+                                                           "gives the same mean, 0",
+    "icm.metrics.bootstrap.xǁImageMatchesǁap50__mutmut_35": "numpy reads the sort kind case-insensitively",
+    **{f"icm.metrics.bootstrap.xǁImageMatchesǁap50__mutmut_{n}": "astype(None) is astype(float64)" for n in (53, 58)},
+    **{f"icm.metrics.bootstrap.xǁImageMatchesǁap50__mutmut_{n}": "the guard against 0/0 as -spacing(1) or spacing(2): "
+       "a precision changes by < 1e-15 relative (and -0.0 == 0.0 where tp + fp = 0): float rounding, not a result"
+       for n in (73, 76)},
+    **{f"icm.metrics.bootstrap.xǁImageMatchesǁap50__mutmut_{n}": "searchsorted's side 'left' is its default, and numpy "
+       "reads it case-insensitively" for n in (87, 89)},
+    "icm.metrics.bootstrap.xǁImageMatchesǁap50__mutmut_103": "where is len − 1 only when the last detection raised "
+       "recall, i.e. is a true positive, and a true positive never has a lower precision than the detection before it "
+       "(tp/(n−1) ≤ (tp+1)/n): after the running maximum both entries are equal",
+    **{f"icm.metrics.bootstrap.x_interval__mutmut_{n}": "an int or float array: np.percentile returns the same "
+       "float64 values" for n in (4, 6)},
+    **{f"icm.metrics.bootstrap.x_bd_rate_against_anchor__mutmut_{n}": ALL_IMAGES for n in (22, 25)},
+    **{f"icm.metrics.bootstrap.x_bd_rate_against_anchor__mutmut_{n}": AS_FLOAT for n in (45, 47)},
+    **{f"icm.metrics.bootstrap.x_paired_point_deltas__mutmut_{n}": ALL_IMAGES for n in (36, 39)},
+    "icm.metrics.bootstrap.x_paired_curve_comparison__mutmut_66": ALL_IMAGES,
+    **{f"icm.metrics.bootstrap.x_paired_curve_comparison__mutmut_{n}": "np.nanmean of values that are all NaN is NaN "
+       "as well (with a RuntimeWarning): the guard only avoids the warning" for n in (72, 80)},
+    **{f"icm.metrics.bootstrap.x_paired_curve_comparison__mutmut_{n}": AS_FLOAT for n in (105, 107)},
     **{f"icm.jrd.labelling.x_match_objects__mutmut_{n}": ANY_NEGATIVE for n in (36, 44, 52)},
     **{f"icm.jrd.labelling.x_match_objects__mutmut_{n}": LABEL_DTYPE for n in (32, 34, 40, 42)},
     **{f"icm.jrd.labelling.x_match_objects__mutmut_{n}": BELOW_THRESHOLD for n in (85, 101)},

@@ -93,6 +93,7 @@ def test_resampled_map50_equals_pycocotools_on_the_resampled_set():
                  labels=np.concatenate([first["labels"], np.full(100, cls)]))
     rng = np.random.default_rng(3)
     draws = [rng.integers(0, len(records), len(records)) for _ in range(3)]     # with repeats
+    draws += [[i] for i in range(6)]     # single images: classes with one object, one detection, or none
     for preds in (predictions, tied, crowded):
         matches = ImageMatches(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(preds))
         full = coco_map(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(preds))["map50"]
@@ -103,13 +104,24 @@ def test_resampled_map50_equals_pycocotools_on_the_resampled_set():
             assert abs(matches.ap50(picks) - direct) < 1e-9
     assert ImageMatches(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(crowded)).ap50() < \
         ImageMatches(records_to_coco_gt(records, SHAPE_CLASSES), detections_to_coco(predictions)).ap50()
-    # a crowd region is no object to find (pycocotools ignores it); no detections at all score 0
-    gt = records_to_coco_gt(records, SHAPE_CLASSES)
-    gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": 2, "category_id": 1,
-                              "bbox": [0.0, 0.0, 50.0, 50.0], "area": 2500.0, "iscrowd": 1})
-    with_crowd = ImageMatches(gt, detections_to_coco(predictions))
-    assert abs(with_crowd.ap50() - coco_map(gt, detections_to_coco(predictions))["map50"]) < 1e-9
-    assert with_crowd.gt_count.sum() == sum(len(r["class_ids"]) for r in records)
+    # a crowd region is no object to find, and a detection inside it no false one (pycocotools
+    # ignores both); an object under one pixel in area still counts; an image with no objects
+    # has no AP to average (0, as pycocotools' -1 is reported); no detections at all score 0
+    gt = records_to_coco_gt(records + [{"width": 50, "height": 50, "boxes": np.zeros((0, 4)), "class_ids": []}],
+                            SHAPE_CLASSES)
+    gt["annotations"] += [
+        {"id": len(gt["annotations"]) + 1, "image_id": 2, "category_id": 1, "bbox": [0.0, 0.0, 50.0, 50.0],
+         "area": 2500.0, "iscrowd": 1},
+        {"id": len(gt["annotations"]) + 2, "image_id": 3, "category_id": 2, "bbox": [60.0, 60.0, 0.5, 0.5],
+         "area": 0.25, "iscrowd": 0}]
+    results = detections_to_coco(predictions) + [
+        {"image_id": 2, "category_id": 1, "bbox": [5.0, 5.0, 20.0, 20.0], "score": 0.999},
+        {"image_id": 3, "category_id": 2, "bbox": [60.0, 60.0, 0.5, 0.5], "score": 0.999},
+        {"image_id": len(records) + 1, "category_id": 3, "bbox": [1.0, 1.0, 20.0, 20.0], "score": 0.5}]
+    special = ImageMatches(gt, results)
+    assert abs(special.ap50() - coco_map(gt, results)["map50"]) < 1e-9
+    assert special.gt_count.sum() == sum(len(r["class_ids"]) for r in records) + 1
+    assert special.ap50([len(records)]) == 0.0
     assert ImageMatches(gt, []).ap50() == 0.0 == ImageMatches(gt, []).ap50([0, 0, 1])
 
 
@@ -143,6 +155,8 @@ def test_paired_comparison_finds_a_real_difference_and_its_interval_covers_it():
     lo, hi = result["delta_map50_ci"][0]
     assert lo <= result["delta_map50"][0] <= hi
     assert interval([1.0, float("nan"), 2.0, 3.0], 0.5) == [1.5, 2.5]
+    assert interval([1, 2, 3, 4, 5]) == pytest.approx([1.1, 4.9])      # 95 %: the 2.5th and 97.5th percentiles
+    assert interval([float("nan"), "n/a"]) is None
 
 
 class LevelPlusOffsets:

@@ -268,6 +268,56 @@ def test_unit_stage_retries_a_failed_unit_and_writes_its_shard_last(tmp_path, ca
         {"unit_json": np.array([json.dumps({"unit_id": "unit-c", "refs": refs})])})
     assert json.loads(failed["rows_json"][0]) == [] and failed["failure"].tolist() == ["OSError: disk gone"]
 
+    class Unserialisable(Flaky):
+        def process_unit(self, refs):
+            return [self.row(refs[0], status="ok", started_at=0.0, handle=object())]
+
+    with pytest.raises(TypeError, match="^not JSON serialisable: object$"):
+        Unserialisable(tmp_path / "odd", failures=0)({"unit_json": np.array([json.dumps(unit)])})
+
+    # defaults: seed 0, one retry, no runtime; the decode (prepare_unit) is handed to process_unit,
+    # queued writes go to the stage's storage after process_unit, outside the compute lock, before
+    # the shard; extra columns keep the stage's schema; a stage's own runtime goes into its rows
+    events = []
+
+    class Overlapped(UnitStage):
+        extra_schema = pa.schema([("score", pa.float32())])
+        runtime = {"device": "cpu"}
+
+        def prepare_unit(self, unit):
+            events.append(("prepare", unit["unit_id"], self._compute.locked()))
+            return [len(r["source_id"]) for r in unit["refs"]]
+
+        def process_unit(self, refs):
+            events.append(("process", self.prepared, self._compute.locked()))
+            if len(events) == 2:
+                raise OSError("first attempt lost")
+            data = b"bytes of " + refs[0]["source_id"].encode()
+            self.write_later(lambda: events.append(("write", self.storage.write_bytes("out/a.bin", data),
+                                                    self._compute.locked(), sorted(self.store.done_units()))))
+            return [self.row(r, status="ok", started_at=time.time(), score=0.5) for r in refs]
+
+    assert UnitStage(tmp_path / "fresh", {}).failure == ""
+    stage = Overlapped(tmp_path / "overlapped", {})
+    assert stage.prepared is None
+    rows = stage.run_unit({"unit_id": "unit-o", "refs": refs[:2]})
+    assert events[:3] == [("prepare", "unit-o", False), ("process", [3, 3], True), ("prepare", "unit-o", False)]
+    assert events[3] == ("process", [3, 3], True) and events[4][2:] == (False, [])     # the write: unlocked, no shard yet
+    assert (tmp_path / "overlapped/out/a.bin").read_bytes() == b"bytes of d/1" and stage.prepared is None
+    assert [(r["seed"], r["runtime"]) for r in rows] == [(0, '{"device":"cpu"}')] * 2
+    assert all(0 <= r["duration_s"] < 60 for r in rows)
+    shard = pq.read_table(tmp_path / "overlapped/manifest/unit-o.parquet")
+    assert shard.schema.field("score").type == pa.float32() and shard.column("score").to_pylist() == [0.5, 0.5]
+    assert Flaky(tmp_path / "plain", failures=0).run_unit(unit)[0]["runtime"] == ""
+    attempts = []
+
+    class AlwaysFails(UnitStage):
+        def process_unit(self, refs):
+            attempts.append(1)
+            raise OSError("still gone")
+
+    assert AlwaysFails(tmp_path / "fails", {}).run_unit(unit) is None and len(attempts) == 2   # one retry
+
 
 def test_manifest_reader_keeps_ids_and_root(tmp_path):
     write_png(tmp_path / "out/images/a.png", _rgb())

@@ -16,7 +16,7 @@ from icm.data.ray_io import work_units
 from icm.data.readers import FolderReader
 from icm.detectors.base import Detector
 from icm.maa import LinfBound, Member, aafg, letterbox, meta_round, paste_back, per_image_losses
-from icm.maa.canvas import boxes_from_canvas, boxes_to_canvas, to_tensor
+from icm.maa.canvas import boxes_from_canvas, boxes_to_canvas, crop, to_tensor
 from icm.maa.stage import MAAStage
 from icm.zoo import build_detector
 
@@ -78,15 +78,18 @@ def test_meta_round_commits_exactly_the_held_out_step():
 def test_linf_and_map_bounds_by_hand():
     from icm.maa.bounds import MapBound, build_bound
 
-    original = torch.tensor([0.0, 0.02, 0.5, 0.99, 1.0])
-    adv = torch.tensor([-0.5, 0.2, 0.45, 0.9, 1.3])
-    torch.testing.assert_close(LinfBound(0.03).project(adv, original), torch.tensor([0.0, 0.05, 0.47, 0.96, 1.0]))
-    lower, upper = torch.tensor([0.0, 0.1, 0.46, 0.95, 0.9]), torch.tensor([0.1, 0.15, 0.6, 1.0, 1.2])
+    original = torch.tensor([0.0, 0.02, 0.5, 0.99, 1.0, 0.3])
+    adv = torch.tensor([-0.5, 0.2, 0.45, 0.9, 1.3, -0.3])
+    torch.testing.assert_close(LinfBound(0.03).project(adv, original),
+                               torch.tensor([0.0, 0.05, 0.47, 0.96, 1.0, 0.27]))
+    # a lower map below 0 (as a user may write it) still gives a pixel in [0, 1]
+    lower, upper = torch.tensor([0.0, 0.1, 0.46, 0.95, 0.9, -0.2]), torch.tensor([0.1, 0.15, 0.6, 1.0, 1.2, 0.4])
     torch.testing.assert_close(MapBound().project(adv, original, lower, upper),
-                               torch.tensor([0.0, 0.15, 0.46, 0.95, 1.0]))
-    with pytest.raises(ValueError, match="lower and upper maps"):
+                               torch.tensor([0.0, 0.15, 0.46, 0.95, 1.0, 0.0]))
+    missing = r"^bound 'map' needs per-pixel lower and upper maps for every image$"
+    with pytest.raises(ValueError, match=missing):
         MapBound().project(adv, original, lower, None)
-    with pytest.raises(ValueError, match="lower and upper maps"):
+    with pytest.raises(ValueError, match=missing):
         MapBound().project(adv, original, None, upper)
     spec = {"type": "linf", "eps": 0.1}
     assert build_bound(spec).eps == 0.1 and spec == {"type": "linf", "eps": 0.1}   # the spec is left as it was
@@ -112,6 +115,18 @@ class SeedRecorder(Detector):
         return {"mean": images.mean(dim=(1, 2, 3)).sum()}
 
 
+class LeftHalfDarkness(Detector):
+    """Loss = minus the mean of the image's left 16 columns: descent brightens them, leaves the rest."""
+
+    family = "left-half"
+
+    def __init__(self):
+        super().__init__(["x"])
+
+    def loss(self, images, targets):
+        return {"dark": -images[..., :16].mean(dim=(1, 2, 3)).sum()}
+
+
 def test_aafg_is_masked_sign_descent_projected_each_step():
     x, mask, _ = _canvases([(20, 24), (24, 16)], 32)
     det = TinyDetector(1).freeze()
@@ -129,16 +144,36 @@ def test_aafg_is_masked_sign_descent_projected_each_step():
 
     # seeds: image seed s at step k samples with (s·1000003 + k) mod 2^31; no seeds: the step
     rec = SeedRecorder()
-    aafg(x, mask, [Member("r", rec, targets, seeds=[5, 2 ** 31 - 1])], lambda a: a, steps=2)
-    assert rec.seen == [[5 * 1_000_003, (2 ** 31 - 1) * 1_000_003 % 2 ** 31],
-                        [5 * 1_000_003 + 1, ((2 ** 31 - 1) * 1_000_003 + 1) % 2 ** 31]]
+    aafg(x, mask, [Member("r", rec, targets, seeds=[3000, 2 ** 31 - 1])], lambda a: a, steps=2)
+    # 3000·1000003 = 3 000 009 000 wraps once past 2^31 (and is below 2^32)
+    assert rec.seen == [[852_525_352, (2 ** 31 - 1) * 1_000_003 % 2 ** 31],
+                        [852_525_353, ((2 ** 31 - 1) * 1_000_003 + 1) % 2 ** 31]]
     # a mean loss falls under each descent step: every unmasked pixel goes down by α
     one = aafg(x, mask, [Member("r", SeedRecorder(), targets)], lambda a: a, steps=1, alpha=ALPHA)
     torch.testing.assert_close(one, (x - ALPHA * mask).clamp(0, 1))
+    # ascent where the loss says so, and no step where it has no gradient: a loss on the left half
+    # only, that wants it brighter; pixels near white stop at 1
+    up = aafg(x, mask, [Member("u", LeftHalfDarkness(), targets)], lambda a: a, steps=1, alpha=ALPHA)
+    left = (x + ALPHA * mask)[..., :16]
+    assert (left > 1).any()
+    torch.testing.assert_close(up[..., :16], left.clamp(0, 1))
+    assert torch.equal(up[..., 16:], x[..., 16:])
+    # the manifest's losses: one call per image, each with its own seed at step 0
+    rec = SeedRecorder()
+    losses = per_image_losses(Member("r", rec, targets, seeds=[5, 7]), x)
+    assert losses == pytest.approx([float(x[0].mean()), float(x[1].mean())], rel=1e-6)
+    assert rec.seen == [[5 * 1_000_003], [7 * 1_000_003]]
+    rec = SeedRecorder()
+    per_image_losses(Member("r", rec, targets), x)
+    assert rec.seen == [[0], [0]]
+    # the authors' defaults: 10 steps of α = 2/255
+    rec = SeedRecorder()
+    torch.testing.assert_close(aafg(x, mask, [Member("r", rec, targets)], lambda a: a), (x - 20 / 255 * mask).clamp(0, 1))
+    assert [s for s, _ in rec.seen] == list(range(10))
 
 
 def test_meta_aafg_rounds_and_their_steps():
-    """Two groups, T = 2, one inner step: each round's inner steps use the other group, the
+    """Two groups, T = 2, two inner steps: each round's inner steps use the other group, the
     commit the held-out one, at steps (t·groups + h)·(inner + 1) + k."""
     from icm.maa.methods import meta_aafg
 
@@ -146,12 +181,18 @@ def test_meta_aafg_rounds_and_their_steps():
     targets = [{"boxes": torch.zeros(0, 4), "labels": torch.tensor([0])}]
     recorders = [SeedRecorder(), SeedRecorder()]
     groups = [[Member(f"g{i}", r, targets)] for i, r in enumerate(recorders)]
-    out = meta_aafg(x, mask, groups, lambda a: a, outer=2, inner_steps=1, alpha=ALPHA)
-    assert [s for (s,) in recorders[0].seen] == [1, 2, 5, 6]
-    assert [s for (s,) in recorders[1].seen] == [0, 3, 4, 7]
+    out = meta_aafg(x, mask, groups, lambda a: a, outer=2, inner_steps=2, alpha=ALPHA)
+    # rounds start at steps 0, 3, 6, 9: inner steps at +0, +1 on the other group, the commit at +2
+    assert [s for (s,) in recorders[0].seen] == [2, 3, 4, 8, 9, 10]
+    assert [s for (s,) in recorders[1].seen] == [0, 1, 5, 6, 7, 11]
     torch.testing.assert_close(out, (x - 4 * ALPHA * mask).clamp(0, 1))     # 2 outer × 2 committed steps
     with pytest.raises(ValueError, match="at least 2 groups"):
         meta_aafg(x, mask, groups[:1], lambda a: a)
+    # the authors' defaults: T = 10 rounds per group, 8 inner steps, α = 2/255 (20 commits)
+    recorders = [SeedRecorder(), SeedRecorder()]
+    out = meta_aafg(x, mask, [[Member(f"g{i}", r, targets)] for i, r in enumerate(recorders)], lambda a: a)
+    assert [len(r.seen) for r in recorders] == [10 * (8 + 1)] * 2
+    torch.testing.assert_close(out, (x - 20 * 2 / 255 * mask).clamp(0, 1))
 
 
 def test_aafg_lowers_loss_keeps_bound_and_padding():
@@ -169,33 +210,59 @@ def test_aafg_lowers_loss_keeps_bound_and_padding():
 
 
 def test_letterbox_and_boxes_round_trip_on_images_larger_than_the_canvas():
-    """Placement by hand: a tall and a wide image, both larger than the 64 px canvas, and a small
-    one pasted unresized; boxes go onto the canvas and back to the image's own pixels."""
+    """Placement by hand: a tall and a wide image, both larger than the 64 px canvas, a small one
+    pasted unresized, and two one pixel thin; boxes go onto the canvas and back to the image's own
+    pixels."""
     cases = [  # (h, w) → (top, left, placed_h, placed_w), a box on the image, the same box on the canvas
         ((150, 90), (0, 13, 64, 38), [9.0, 30.0, 45.0, 120.0], [9 * 38 / 90 + 13, 30 * 64 / 150, 45 * 38 / 90 + 13,
                                                                  120 * 64 / 150]),
         ((90, 150), (13, 0, 38, 64), [30.0, 9.0, 120.0, 45.0], [30 * 64 / 150, 9 * 38 / 90 + 13, 120 * 64 / 150,
                                                                  45 * 38 / 90 + 13]),
         ((40, 56), (12, 4, 40, 56), [3.0, 5.0, 50.0, 33.0], [7.0, 17.0, 54.0, 45.0]),
+        ((2, 200), (31, 0, 1, 64), [50.0, 0.0, 150.0, 2.0], [16.0, 31.0, 48.0, 32.0]),    # 2·0.32 rounds to 1 row
+        ((200, 2), (0, 31, 64, 1), [0.0, 50.0, 2.0, 150.0], [31.0, 16.0, 32.0, 48.0]),
     ]
     for (h, w), (top, left, ph, pw), box, on_canvas in cases:
-        image = to_tensor(np.random.default_rng(h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+        pixels = np.random.default_rng(h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        image = to_tensor(pixels)
         canvas, mask, p = letterbox(image, 64)
         assert (p.height, p.width, p.top, p.left, p.placed_h, p.placed_w) == (h, w, top, left, ph, pw)
-        assert p.resized == (h > 64 or w > 64) and canvas.shape == (3, 64, 64)
+        resized = h > 64 or w > 64
+        assert p.to_dict() == {"top": top, "left": left, "placed_h": ph, "placed_w": pw, "height": h, "width": w,
+                               "resized": resized}
+        assert p.resized == resized and canvas.shape == (3, 64, 64) and canvas.dtype == mask.dtype == torch.float32
         inside = torch.zeros(64, 64, dtype=torch.bool)
         inside[top:top + ph, left:left + pw] = True
-        assert torch.equal(mask[0] == 1, inside)
+        assert torch.equal(mask[0] == 1, inside) and torch.all(mask[0][~inside] == 0)
         assert torch.all(canvas[:, ~inside] == 128 / 255)               # the gray padding
-        if not p.resized:
-            assert torch.equal(canvas[:, top:top + h, left:left + w], image)
-        got = boxes_to_canvas(np.asarray([box]), p)
-        torch.testing.assert_close(got, torch.tensor([on_canvas]), rtol=0, atol=1e-4)
-        back = boxes_from_canvas(torch.tensor([on_canvas]), p)
-        torch.testing.assert_close(back, torch.tensor([box]), rtol=0, atol=1e-4)
+        assert crop(canvas, p).shape == (3, ph, pw)
+        if resized and min(ph, pw) > 1:   # downscaled with antialiasing, as PIL's bilinear resize does (to
+            # its 8-bit rounding; at a one-pixel output the two place their single sample apart)
+            pil = np.asarray(Image.fromarray(pixels).resize((pw, ph), Image.BILINEAR), np.float32) / 255
+            torch.testing.assert_close(crop(canvas, p), torch.from_numpy(pil).permute(2, 0, 1), rtol=0, atol=1 / 255)
+        elif not resized:
+            assert torch.equal(crop(canvas, p), image)
+        two = np.asarray([box, [0.0, 0.0, 0.0, 0.0]])                   # several boxes at once, and none
+        got = boxes_to_canvas(two, p)
+        torch.testing.assert_close(got, torch.tensor([on_canvas, [left, top, left, top]], dtype=torch.float32),
+                                   rtol=0, atol=1e-4)
+        back = boxes_from_canvas(got, p)
+        torch.testing.assert_close(back, torch.tensor(two, dtype=torch.float32), rtol=0, atol=1e-4)
+        assert boxes_to_canvas(np.zeros((0, 4)), p).shape == boxes_from_canvas(torch.zeros(0, 4), p).shape == (0, 4)
         # a box over the whole canvas is clipped to the image: the padding holds no image pixels
         torch.testing.assert_close(boxes_from_canvas(torch.tensor([[0.0, 0.0, 64.0, 64.0]]), p),
                                    torch.tensor([[0.0, 0.0, float(w), float(h)]]), rtol=0, atol=1e-4)
+    # 8-bit values to [0, 1] floats, from read-only arrays too (Ray Data gives those)
+    values = np.array([[[0, 128, 255]]], np.uint8)
+    values.flags.writeable = False
+    as_float = to_tensor(values)
+    assert as_float.dtype == torch.float32 and as_float.shape == (3, 1, 1)
+    assert as_float.flatten().tolist() == [0.0, np.float32(128 / 255), 1.0]
+    # a white image downscaled stays within [0, 1] (the resampling overshoots 1 by rounding)
+    white, _, _ = letterbox(torch.ones(3, 150, 90), 64)
+    assert white.max() == 1.0
+    canvas64, mask64, _ = letterbox(torch.ones(3, 20, 30, dtype=torch.float64), 64)    # the image's dtype is kept
+    assert canvas64.dtype == mask64.dtype == torch.float64
 
 
 def test_paste_back_keeps_bound_when_downscaled():
@@ -206,6 +273,25 @@ def test_paste_back_keeps_bound_when_downscaled():
     out = paste_back(original, adv, canvas, placement)
     assert out.shape == original.shape
     assert (out - original).abs().max() <= EPS + 1e-6
+    # by hand: a 2×4 image on a 2 px canvas sits in the top row (1×2); the canvas perturbation
+    # (+0.08, −0.04) is upsampled to 4 columns at half-pixel centres (0.08, 0.05, −0.01, −0.04),
+    # added to the original and clamped to [0, 1]
+    small = torch.tensor([[0.5, 0.5, 0.5, 0.02], [0.95, 0.5, 0.5, 0.5]]).expand(3, 2, 4)
+    clean, _, p = letterbox(small, 2)
+    assert (p.top, p.left, p.placed_h, p.placed_w) == (0, 0, 1, 2)
+    perturbed = clean.clone()
+    perturbed[:, 0, 0] += 0.08
+    perturbed[:, 0, 1] -= 0.04
+    expected = torch.tensor([[0.58, 0.55, 0.49, 0.0], [1.0, 0.55, 0.49, 0.46]]).expand(3, 2, 4)
+    torch.testing.assert_close(paste_back(small, perturbed, clean, p), expected, rtol=0, atol=1e-6)
+    # unresized: the perturbation lands where the image sits on the canvas
+    image = torch.full((3, 3, 2), 0.5)
+    clean, _, p = letterbox(image, 5)
+    perturbed = clean.clone()
+    perturbed[:, p.top, p.left] += 0.1
+    out = paste_back(image, perturbed, clean, p)
+    assert (p.top, p.left) == (1, 1) and out[:, 0, 0].tolist() == pytest.approx([0.6] * 3)
+    assert torch.equal(out.flatten(1)[:, 1:], image.flatten(1)[:, 1:])
 
 
 def _folder(tmp_path, sizes):

@@ -92,9 +92,11 @@ def test_coco_conversions_by_hand():
         {"image_id": 1, "category_id": 2, "bbox": [10.0, 20.0, 40.0, 40.0], "score": 0.5},
         {"image_id": 3, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 8.0], "score": 0.25}]
     result = coco_map(records_to_coco_gt(records, ["a", "b"]), detections_to_coco(predictions))
-    # class a: its one object found (AP 1); class b: one of two (precision 1 to recall 0.5: 51 of
-    # COCO's 101 recall points)
+    # class a: its one object found at IoU 18.75 / 29.25 = 0.64 (AP 1 at IoU .5, .55, .6; 0 from .65
+    # on); class b: one of two, exactly (precision 1 to recall 0.5: 51 of COCO's 101 recall points)
     assert set(result) == {"map", "map50", "map75"} and result["map50"] == pytest.approx((1 + 51 / 101) / 2)
+    assert result["map75"] == pytest.approx((0 + 51 / 101) / 2)
+    assert result["map"] == pytest.approx((3 / 10 + 51 / 101) / 2)
 
 
 def test_bd_rate_known_answer_and_na():
@@ -151,7 +153,7 @@ def test_bd_metrics_edges():
     assert isinstance(small_steps["bd_rate_percent"], float) and small_steps["bd_quality"] == pytest.approx(
         0.04 / 3, abs=0.005)
     # unusable points (None as a lossless PSNR is written, ±inf, NaN, rate ≤ 0) are left out
-    messy = bd_metrics(rate + [float("inf"), 0.5, 0.7, -1.0], quality + [40.0, None, float("nan"), 30.0],
+    messy = bd_metrics(rate + [float("inf"), 0.5, 0.7, -1.0, None], quality + [40.0, None, float("nan"), 30.0, 33.0],
                        [0.2, 0.4, 0.8, 1.6, 0.9], quality + [float("inf")])
     assert messy["points"] == [4, 4] and messy["bd_rate_percent"] == pytest.approx(0.0, abs=1e-9)
     # one rate for every point: no log-rate range to integrate over
@@ -210,10 +212,15 @@ def test_bd_table_on_the_published_kodak_curves_matches_bjontegaard():
 def test_bd_metrics_say_why_instead_of_nan():
     rate, quality = [0.2, 0.4, 0.8, 1.6], [28.0, 31.0, 34.0, 37.0]
     apart = bd_metrics(rate, quality, [3.0, 6.0], [40.0, 42.0])          # no overlap on either axis
-    for key in ("bd_rate_percent", "bd_quality"):
-        assert apart[key] == "n/a" and "do not overlap" in apart[f"{key}_reason"] and apart[f"{key}_overlap"] == 0
-    little = bd_metrics(rate, quality, [1.2, 2.4], [36.0, 38.5])         # overlaps a sliver
-    assert little["bd_rate_percent"] == "n/a" and "below 75%" in little["bd_rate_percent_reason"]
+    for key, axis in (("bd_rate_percent", "quality"), ("bd_quality", "log-rate")):
+        assert apart[key] == "n/a" and apart[f"{key}_overlap"] == 0
+        assert apart[f"{key}_reason"] == f"the curves do not overlap on the {axis} axis"
+    little = bd_metrics(rate, quality, [1.2, 2.4], [36.0, 38.5])         # overlaps a sliver: 1 of 10.5 dB
+    assert little["bd_rate_percent"] == "n/a"
+    assert little["bd_rate_percent_reason"] == "the curves overlap on 10% of the quality range, below 75%"
+    # qualities whose range overflows a float: the package gives NaN, reported with the reason
+    huge = bd_metrics([1, 2], [-1.7e308, 1.7e308], [1, 2], [-1.6e308, 1.75e308])
+    assert huge["bd_rate_percent"] == "n/a" and huge["bd_rate_percent_reason"] == "the interpolation gave nan"
     assert 0 < little["bd_rate_percent_overlap"] < 0.75
     one = bd_metrics(rate, quality, [0.5], [32.0])
     assert one["bd_rate_percent"] == "n/a" and "at least 2" in one["bd_rate_percent_reason"]

@@ -75,8 +75,8 @@ EQUIVALENT: dict[str, str] = {
     "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_37": "the upper area bound 1e10 + 1 instead of 1e10 px²: "
                                                                "only an object of area in (1e10, 1e10 + 1] (an image "
                                                                "of 100 000² px) would differ; pycocotools' 'all' is 1e10 too",
-    "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_38": "the area range's label is read only by summarize(), "
-                                                               "which is not called",
+    **{f"icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_{n}": "the area range's label is read only by "
+       "summarize(), which is not called" for n in (38, 39)},
     "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_42": "pycocotools' evaluateImg already cuts each image's "
                                                                "detections at maxDets = max_dets: the second cut "
                                                                "([:max_dets] vs [:None]) removes nothing",

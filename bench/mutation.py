@@ -69,14 +69,18 @@ ALL_IMAGES = ("None for the image indices means all images here too: numpy's x[N
               "the mean ignores) and ap50(None) takes every image")
 AS_FLOAT = "the values are Python or NumPy floats (and NaN): the array is float64 with or without the dtype"
 EQUIVALENT: dict[str, str] = {
+    **{f"icm.data.manifest.x_status_counts__mutmut_{n}": "reads every column instead of status, source_id and error: "
+       "the same counts and first error (a cost, not a behaviour)" for n in (6, 9)},
+    **{f"icm.data.manifest.x_status_counts__mutmut_{n}": "keeps more than the first error row (slice(0, None) or "
+       "(0, 2)); only errors[0] is read" for n in (22, 24, 35)},
     "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_8": "redirect_stdout(None) silences pycocotools' prints "
                                                               "as the StringIO does",
     **{f"icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_{n}": COCO_INFO for n in (11, 12, 13, 14, 16, 17, 18)},
     "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_37": "the upper area bound 1e10 + 1 instead of 1e10 px²: "
                                                                "only an object of area in (1e10, 1e10 + 1] (an image "
                                                                "of 100 000² px) would differ; pycocotools' 'all' is 1e10 too",
-    "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_38": "the area range's label is read only by summarize(), "
-                                                               "which is not called",
+    **{f"icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_{n}": "the area range's label is read only by "
+       "summarize(), which is not called" for n in (38, 39)},
     "icm.metrics.bootstrap.xǁImageMatchesǁ__init____mutmut_42": "pycocotools' evaluateImg already cuts each image's "
                                                                "detections at maxDets = max_dets: the second cut "
                                                                "([:max_dets] vs [:None]) removes nothing",

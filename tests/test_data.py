@@ -492,3 +492,21 @@ def test_image_ref_to_dict_is_asdict():
     assert as_dict == asdict(ref) and list(as_dict) == list(asdict(ref))
     as_dict["boxes"][0][0] = 9.0
     assert ref.boxes[0][0] == 1.0                 # copies, as asdict makes
+
+
+def test_manifest_status_counts_and_first_error(tmp_path):
+    from icm.data.manifest import status_counts
+
+    def row(sid, status, error=""):
+        return manifest_row(source_id=sid, source_path="", status=status, error=error, params={}, models=[], seed=0,
+                            started_at=0, duration_s=0)
+
+    store = ManifestStore(tmp_path / "out")
+    store.write_unit("u0", [row("d/1", "ok"), row("d/2", "error", "decode failed"), row("d/3", "error", "empty file"),
+                            row("d/4", "ok"), row("d/5", "ok")])
+    (tmp_path / "out" / "manifest" / "notes.txt").write_text("not a shard")     # only .parquet files are shards
+    assert store.done_units() == {"u0"}
+    assert status_counts(store.consolidate()) == ({"ok": 3, "error": 2}, "d/2: decode failed")
+    clean = ManifestStore(tmp_path / "clean")
+    clean.write_unit("u0", [row("d/1", "ok")])
+    assert status_counts(clean.consolidate()) == ({"ok": 1}, "")

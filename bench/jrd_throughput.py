@@ -1,16 +1,18 @@
 """OW-JRD throughput in (object, level) labels per second: a sequential loop (the two stages called
 one after the other in one process, one torch thread) running the detector on one decoded level at
 a time (`detect_batch=1`, the per-level baseline) and on batches of levels (`detect_batch` of the
-config), and the Ray pipeline (coding actors streaming into detector actors) with 1 and 2
-detector workers on the same ``--cpus`` cores. Same images, ladders and detector, and the same
+config), and the Ray pipeline with 1 and 2 detector workers on the same ``--cpus`` cores: as the
+job runs on CPUs (each label actor codes its own units, ``coders.actors: auto``) and, for
+comparison, split as on a GPU (a coder pool streaming into the label actors). Same images, ladders and detector, and the same
 work: the loop's coder also encodes the crop PNGs, as the pipeline's coders do. One command,
 prints the rates and the ratios to the baseline and to the batched loop.
 
     .venv/bin/python bench/jrd_throughput.py [--images 12] [--cpus 2] [--config pipelines/configs/jrd_demo.yaml] [key=value ...]
 
-Ray gets exactly ``--cpus`` cores. With N detector workers they share half of them (torch threads
-per actor = its CPUs, at least 1) and the coders (``coders.actors: auto``, one CPU each) fill the
-rest; the pools Ray Data ran are printed (``[icm] LadderStage: …`` / ``[icm] LabelStage: …``).
+Ray gets exactly ``--cpus`` cores. With N workers, each takes ``cpus / N`` of them (torch threads
+per actor = its CPUs, at least 1); split, the N label actors share half the cores and ``cpus / 2``
+coders of one CPU the rest. The pools Ray Data ran are printed (``[icm] LadderStage: …`` /
+``[icm] LabelStage: …``).
 Rates: labels over the pipeline's own time (actor start-up and model building included, Ray's start
 not), and end to end.
 """
@@ -74,16 +76,22 @@ def main() -> None:
         loop_s, rows = sequential_loop(cfg, reader, tmp / "loop")
         results["batched_loop"] = {"pipeline": rows / loop_s, "end_to_end": rows / loop_s}
         for workers in [int(n) for n in args.workers.split(",")]:
-            label_cpus = args.cpus / 2 / workers
-            start = time.time()
-            summary = jrd_dataset.run({**cfg, "out_dir": str(tmp / f"ray{workers}"),
-                                       "workers": {**cfg.get("workers", {}), "actors": workers, "num_cpus": label_cpus},
-                                       "coders": {**cfg.get("coders", {}), "actors": "auto", "num_cpus": 1}})
-            wall = time.time() - start
-            ray_rows = read_table(tmp / f"ray{workers}", "levels", columns=["level"]).num_rows
-            if ray_rows != rows:
-                raise RuntimeError(f"the pipeline wrote {ray_rows} labels, the loop {rows}")
-            results[f"ray_{workers}_workers"] = {"pipeline": ray_rows / summary["elapsed_s"], "end_to_end": ray_rows / wall}
+            for layout in ("fused", "split"):
+                name = f"ray_{workers}_workers" + ("" if layout == "fused" else "_split")
+                if layout == "fused":   # what the job does on CPUs: each label actor codes its own units
+                    pools = {"workers": {**cfg.get("workers", {}), "actors": workers, "num_cpus": args.cpus / workers},
+                             "coders": {**cfg.get("coders", {}), "actors": "auto"}}
+                else:                   # a coder pool in front, on half the cores (the GPU layout, run on CPUs)
+                    pools = {"workers": {**cfg.get("workers", {}), "actors": workers,
+                                         "num_cpus": args.cpus / 2 / workers},
+                             "coders": {**cfg.get("coders", {}), "actors": max(1, args.cpus // 2), "num_cpus": 1}}
+                start = time.time()
+                summary = jrd_dataset.run({**cfg, "out_dir": str(tmp / name), **pools})
+                wall = time.time() - start
+                ray_rows = read_table(tmp / name, "levels", columns=["level"]).num_rows
+                if ray_rows != rows:
+                    raise RuntimeError(f"the pipeline wrote {ray_rows} labels, the loop {rows}")
+                results[name] = {"pipeline": ray_rows / summary["elapsed_s"], "end_to_end": ray_rows / wall}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\n== OW-JRD throughput ((object, level) labels per second) ==")
@@ -91,7 +99,7 @@ def main() -> None:
           f"canvas {cfg['canvas']}, detect_batch {cfg.get('detect_batch')}, {rows} labels, Ray on {args.cpus} cores")
     base, batched = results["per_level_loop"]["pipeline"], results["batched_loop"]["pipeline"]
     for name, value in results.items():
-        print(f"{name:<16}{value['pipeline']:>9.1f} labels/s (end to end {value['end_to_end']:.1f})   "
+        print(f"{name:<22}{value['pipeline']:>9.1f} labels/s (end to end {value['end_to_end']:.1f})   "
               f"vs per-level loop {value['pipeline'] / base:>5.2f}x   vs batched loop {value['pipeline'] / batched:>5.2f}x "
               f"(end to end {value['end_to_end'] / batched:.2f}x)")
     for note in notes:

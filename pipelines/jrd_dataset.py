@@ -5,7 +5,8 @@
 
 Every image is coded at every level of every configured ladder, and each object's crops encoded
 (a CPU actor pool, ``coders.actors: auto``: as many as the CPUs allow), the detector labels every
-object at every level (an actor pool on GPU shares, ``workers.actors: auto``), and each unit's rows
+object at every level (an actor pool on GPU shares, ``workers.actors: auto``; label actors without
+a GPU code their own units: one CPU pool), and each unit's rows
 go to sharded parquet (``levels/``, ``objects/``) plus the per-image manifest. Resumable: rerun with
 the same out_dir. Then the authors' layout is exported per ladder (``export/<ladder>/``).
 """
@@ -47,14 +48,23 @@ def run(cfg: dict, address: str | None = None) -> dict:
     start_ray(cfg, address)
     refs = select_refs(reader, cfg.get("limit"))
     coders = cfg.get("coders", {}) or {}
-    pre_stage = {"cls": LadderStage, "kwargs": {"ladders": cfg["ladders"], "crop_gt": params.get("reference", "gt") == "gt"},
-                 "actors": coders.get("actors", 1), "max_actors": coders.get("max_actors"),
-                 "num_cpus": coders.get("num_cpus", 1)}
+    workers = cfg.get("workers", {}) or {}
+    # coders.actors auto with label actors on CPUs: those actors code their own units (one pool)
+    code_in_labellers = coders.get("actors", 1) == "auto" and not float(workers.get("num_gpus") or 0)
+    if code_in_labellers:
+        print("[icm] the label actors have no GPU: each codes its own units (coders.actors: auto), so coding and "
+              "detection share one pool of CPU actors", flush=True)
+        pre_stage = None
+    else:
+        pre_stage = {"cls": LadderStage,
+                     "kwargs": {"ladders": cfg["ladders"], "crop_gt": params.get("reference", "gt") == "gt"},
+                     "actors": coders.get("actors", 1), "max_actors": coders.get("max_actors"),
+                     "num_cpus": coders.get("num_cpus", 1)}
     start = time.time()
     result = run_resumable(refs, int(cfg.get("batch_size", 2)), LabelStage,
                            {"out_dir": out_dir, "params": params, "dataset_classes": classes,
-                            "category_ids": category_ids},
-                           out_dir, JRD_COLUMNS, cfg.get("workers", {}), pre_stage=pre_stage)
+                            "category_ids": category_ids, "code_units": code_in_labellers},
+                           out_dir, JRD_COLUMNS, workers, pre_stage=pre_stage)
     failing = ladder_failing_everywhere(result["rows"], [lad.name for lad in ladders])
     if failing:
         raise SystemExit(f"{failing}. Those images now have error rows in {storage.display('manifest')}: fix the "

@@ -644,7 +644,8 @@ def test_jrd_pipeline_export_resume_bad_input(ray_cluster, small_shapes, tmp_pat
     lost = pq.read_table(resumed / "manifest" / unit).num_rows
     for kind in ("manifest", "levels", "objects"):
         (resumed / kind / unit).unlink()
-    again = jrd_dataset.run(_jrd_cfg(list_file, resumed))
+    # the resumed unit coded in its label actors (coders.actors: auto, no GPU), the first run's by a coder pool
+    again = jrd_dataset.run({**_jrd_cfg(list_file, resumed), "coders": {"actors": "auto"}})
     assert again["images"]["skipped"] == 7 - lost and again["images"]["done"] + again["images"]["failed"] == lost
     assert comparable(full / "manifest.parquet").equals(comparable(resumed / "manifest.parquet"))
     assert read_table(full, "levels").equals(read_table(resumed, "levels"))
@@ -652,6 +653,35 @@ def test_jrd_pipeline_export_resume_bad_input(ray_cluster, small_shapes, tmp_pat
     other = export_authors_layout(resumed, "hevc", tmp_path / "again", fractions={"train": 1}, seed=1,
                                   include_unrecognised=True)
     assert other["crops"] == {"train": 8 * n_obj, "val": 0, "test": 0}
+
+
+def test_label_actors_that_code_their_own_units_write_what_a_coder_pool_feeds_them(small_shapes, tmp_path):
+    """On CPUs the label actors code their own units (``code_units``): the unit's rows and tables
+    are those of a label actor fed by a separate coder (a storage fault is still the unit's)."""
+    from icm.data.ray_io import work_units
+    from icm.data.readers import build_reader
+    from icm.data.storage import StorageUnavailable
+
+    cfg = _jrd_cfg(_list_dataset(tmp_path, small_shapes, n=2), tmp_path / "unused")
+    reader = build_reader(cfg["dataset"])
+    unit = work_units(reader, 4)[0]
+    params = {k: cfg[k] for k in ("ladders", "detector", "reference", "iou_threshold", "score_threshold", "canvas",
+                                  "detect_batch", "device", "seed")}
+    params["ladders"] = [{"type": "jpeg", "levels": 4}, {"type": "webp", "levels": 3}]
+    coder = LadderStage(params["ladders"], crop_gt=True)
+    fed = LabelStage(str(tmp_path / "fed"), params, CLASSES, [0, 1, 2, 3])
+    fed_rows = fed.run_unit({**unit, "coded": coder.code_unit(unit["refs"])})
+    own = LabelStage(str(tmp_path / "own"), params, CLASSES, [0, 1, 2, 3], code_units=True)
+    own_rows = own.run_unit(unit)
+    assert [r["status"] for r in own_rows] == [r["status"] for r in fed_rows]
+    assert sorted(r["status"] for r in own_rows) == ["error", "error", "ok", "ok"]
+    assert comparable(pa.Table.from_pylist(own_rows)).equals(comparable(pa.Table.from_pylist(fed_rows)))
+    for kind in ("levels", "objects"):
+        assert read_table(tmp_path / "own", kind).equals(read_table(tmp_path / "fed", kind))
+    assert read_table(tmp_path / "own", "levels").num_rows == 7 * sum(r["objects"] for r in own_rows) > 0
+
+    own.coder.code_image = lambda ref: {"storage_fault": f"{ref['source_id']}: bucket unreachable"}
+    assert own.run_unit(unit) is None and own.failure.startswith(StorageUnavailable.__name__)
 
 
 def _failing_vvc(bin_dir, max_width):

@@ -3,7 +3,10 @@
 ``LadderStage`` (CPU): decode a unit's images, encode → decode each at every level of every
 ladder, and (ground-truth reference) encode every object's crop at every level as PNG.
 ``LabelStage`` (detector, a share of a GPU on a cluster): run the detector on the pristine image
-and all its levels, label every object at every level, and write the unit's rows:
+and all its levels, label every object at every level, and write the unit's rows (with
+``code_units``, a label stage without a GPU codes its own units first: one CPU pool doing both,
+as a separate coder pool would only compete for the same cores and ship every decoded level
+between processes):
 
 * ``levels/<unit>.parquet`` — one row per (object, ladder, level) with the crop's PNG bytes;
 * ``objects/<unit>.parquet`` — one row per (object, ladder) with its JRD and the original crop;
@@ -191,7 +194,8 @@ class LabelStage(UnitStage):
     extra_schema = JRD_COLUMNS
     overlap_io = True   # unpickling the coded levels and the parquet writes beside another unit's detection
 
-    def __init__(self, out_dir: str, params: dict, dataset_classes: list[str], category_ids: list[int]):
+    def __init__(self, out_dir: str, params: dict, dataset_classes: list[str], category_ids: list[int],
+                 code_units: bool = False):
         from icm.maa.stage import build_from_spec, claim_worker_share, detector_label, resolve_device
         from icm.runtime import configure_inference, describe
 
@@ -209,6 +213,7 @@ class LabelStage(UnitStage):
         if self.reference not in ("gt", "detector"):
             raise ValueError(f"reference must be 'gt' or 'detector', got {self.reference!r}")
         self.batch_size = int(params.get("detect_batch", 16))
+        self.coder = LadderStage(params["ladders"], crop_gt=self.reference == "gt") if code_units else None
         spec = params["detector"]
         self.det = build_from_spec(spec, dataset_classes, self.canvas).to(self.device)
         self.class_map = spec.get("class_map")
@@ -217,10 +222,14 @@ class LabelStage(UnitStage):
         super().__init__(out_dir, params, models=models, seed=int(params.get("seed", 0)))
 
     def load_unit(self, batch, i):
-        return {**super().load_unit(batch, i), "coded": batch["payload"][i]}
+        unit = super().load_unit(batch, i)
+        return {**unit, "coded": batch["payload"][i]} if "payload" in batch else unit
 
     def prepare_unit(self, unit):
-        """The coder's output for the unit's images (``{source_id: entry}``), unpickled off the lock."""
+        """The coder's output for the unit's images (``{source_id: entry}``), unpickled off the
+        lock; with ``code_units``, the unit coded here."""
+        if self.coder is not None:
+            return self.coder.code_unit(unit["refs"])
         coded = unit.get("coded", {})
         return pickle.loads(coded) if isinstance(coded, bytes) else coded
 

@@ -46,8 +46,12 @@ RAY_LOG_SKIP = (
 )
 # ... and lines whose text varies, by the fixed start Ray gives them: Ray Train V2 logs every
 # report at INFO through a logger named by its file path (outside the "ray.train" logger that
-# LoggingConfig sets to WARNING).
-RAY_LOG_SKIP_PATTERNS = (re.escape("Reporting training result ") + r"\d+: TrainingReport\(",)
+# LoggingConfig sets to WARNING); and its controller's core worker logs, at every training run's
+# start, that Ray Train's own PreemptionWatcher actor has its constructor arguments in the object
+# store (ray-project/ray#53727: a note on Ray's internals, nothing the job passes).
+RAY_LOG_SKIP_PATTERNS = (re.escape("Reporting training result ") + r"\d+: TrainingReport\(",
+                         re.escape("Actor with class name: 'PreemptionWatcher' and ID: '") + r"[0-9a-f]+"
+                         + re.escape("' has constructor arguments in the object store and max_restarts > 0."))
 RAY_SKIP_ENV = "RAY_DEDUP_LOGS_SKIP_REGEX"
 
 

@@ -172,7 +172,8 @@ def test_local_training_job_console_and_dashboard(small_shapes, tmp_path):
 
     assert "\x1b" not in log and "\r" not in log                       # a log: no escapes, no redraws
     for noise in ("FutureWarning", "Failed to query Ray Train Controller", "Checkpoint successfully created",
-                  "Reporting training result", "Token authentication is enabled", "Progress bars disabled"):
+                  "Reporting training result", "Token authentication is enabled", "Progress bars disabled",
+                  "'PreemptionWatcher' and ID"):
         assert noise not in log, noise
     progress = [line for line in lines if line.startswith("[icm] training console-run:")]
     assert progress and progress[-1].startswith("[icm] training console-run: 40/40 steps")

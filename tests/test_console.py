@@ -175,6 +175,8 @@ def test_local_training_job_console_and_dashboard(small_shapes, tmp_path):
                   "Reporting training result", "Token authentication is enabled", "Progress bars disabled",
                   "'PreemptionWatcher' and ID"):
         assert noise not in log, noise
+    worker_lines = [line for line in lines if line.startswith("(RayTrainWorker")]
+    assert worker_lines and len(set(worker_lines)) == len(worker_lines), worker_lines   # each printed once
     progress = [line for line in lines if line.startswith("[icm] training console-run:")]
     assert progress and progress[-1].startswith("[icm] training console-run: 40/40 steps")
     assert "== codec training summary ==" in log

@@ -76,6 +76,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     # trainer reads it where it is built: this driver, or a Tune trial's worker.
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     env_vars["RAY_TRAIN_ENABLE_STATE_TRACKING"] = os.environ["RAY_TRAIN_ENABLE_STATE_TRACKING"]
+    # Ray Train's workers turn print() into a log record and, when sys.stdout is wrapped (it is in
+    # a Ray worker), also print it: every line of a training worker would reach the console twice.
+    env_vars["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         context = ray.init(address=address, runtime_env=_with_env(kwargs.pop("runtime_env", None), env_vars),

@@ -170,6 +170,31 @@ def test_bd_metrics_edges():
     assert cheaper["bd_quality_overlap"] == round((math.log10(8) - shift) / (math.log10(8) + shift), 3)
 
 
+def test_bd_rate_over_the_test_curve_s_range_against_a_wider_anchor():
+    """``span="test"``: an anchor sampled past both ends of the test curve (a long JPEG ladder)
+    gives a BD figure over all of the test curve, where the package's union rule refuses it; the
+    anchor's points outside the bracketing stretch (a stall above the test's range) do not count."""
+    anchor_r = [0.05 * 2 ** k for k in range(7)]                       # 0.05 … 3.2 bpp
+    anchor_q = [10 * math.log10(r) + 30 for r in anchor_r]
+    test_r = [0.2, 0.3, 0.45, 0.6]
+    test_q = [10 * math.log10(r) + 33 for r in test_r]                 # 3 dB better at every rate: half the bits
+    union = bd_metrics(anchor_r, anchor_q, test_r, test_q)
+    assert union["bd_rate_percent"] == "n/a" and "of the quality range, below 75%" in union["bd_rate_percent_reason"]
+    over_test = bd_metrics(anchor_r, anchor_q, test_r, test_q, span="test")
+    assert over_test["bd_rate_percent_overlap"] == 1.0
+    assert over_test["bd_rate_percent"] == pytest.approx(100 * (10 ** -0.3 - 1), abs=0.5)
+    stalled = bd_metrics(anchor_r + [6.4], anchor_q + [anchor_q[-1]], test_r, test_q, span="test")
+    assert stalled["bd_rate_percent"] == pytest.approx(over_test["bd_rate_percent"], abs=1e-9)
+    assert bd_metrics(anchor_r + [6.4], anchor_q + [anchor_q[-1]], test_r, test_q)["bd_rate_percent"] == "n/a"
+    # the anchor still has to cover the test curve: above its top, only part of the test's range counts
+    higher = [q + 8 for q in test_q]
+    short = bd_metrics(anchor_r, anchor_q, test_r, higher, span="test")
+    assert short["bd_rate_percent"] == "n/a"
+    assert "of the test curve's quality range, below 75%" in short["bd_rate_percent_reason"]
+    with pytest.raises(ValueError, match="span must be one of"):
+        bd_metrics(anchor_r, anchor_q, test_r, test_q, span="anchor")
+
+
 def _kodak():
     from pathlib import Path
 

@@ -41,8 +41,8 @@ def map_axes(curves: list[dict]) -> list[str]:
     return sorted({k for c in curves for k in c["results"] if k.startswith("map50-")})
 
 
-def bd_table(curves: list[dict], anchor: str) -> dict:
-    """``{curve: {axis: bd_metrics(...)}}`` against the curve named ``anchor``."""
+def bd_table(curves: list[dict], anchor: str, span: str = "union") -> dict:
+    """``{curve: {axis: bd_metrics(...)}}`` against the curve named ``anchor`` (``span`` as there)."""
     base = next((c for c in curves if c["name"] == anchor), None)
     if base is None:
         raise ValueError(f"anchor {anchor!r} is not among the curves {[c['name'] for c in curves]}")
@@ -54,14 +54,15 @@ def bd_table(curves: list[dict], anchor: str) -> dict:
         for axis in [a for a, _ in QUALITY_AXES] + map_axes(curves):
             if axis in curve["results"] and axis in base["results"]:
                 row[axis] = bd_metrics(base["results"]["bpp"], base["results"][axis],
-                                       curve["results"]["bpp"], curve["results"][axis])
+                                       curve["results"]["bpp"], curve["results"][axis], span=span)
         table[curve["name"]] = row
     return table
 
 
-def bd_markdown(table: dict, anchor: str) -> str:
+def bd_markdown(table: dict, anchor: str, span: str = "union") -> str:
     axes = sorted({a for row in table.values() for a in row}, key=lambda a: (not a.startswith("psnr"), a))
-    lines = [f"BD-rate (%) against {anchor} (negative: fewer bits at equal quality)", "",
+    over = f", over each curve's whole quality range ({anchor} sampled past both its ends)" if span == "test" else ""
+    lines = [f"BD-rate (%) against {anchor} (negative: fewer bits at equal quality){over}", "",
              "| curve | " + " | ".join(axes) + " |", "|---|" + "---|" * len(axes)]
     notes = []
     for name, row in table.items():
@@ -102,13 +103,14 @@ def rd_figure(curves: list[dict]) -> bytes:
     return figure_png(fig)
 
 
-def report(curve_paths: list[str], anchor: str, out_dir: str) -> dict:
+def report(curve_paths: list[str], anchor: str, out_dir: str, span: str = "union") -> dict:
     curves = load_curves(curve_paths)
-    table = bd_table(curves, anchor)
+    table = bd_table(curves, anchor, span)
     out = Storage(out_dir)
     out.write_bytes("rd.png", rd_figure(curves))
-    out.write_text("bd_table.json", json.dumps({"anchor": anchor, "table": table}, indent=2, sort_keys=True))
-    markdown = bd_markdown(table, anchor)
+    out.write_text("bd_table.json", json.dumps({"anchor": anchor, "span": span, "table": table}, indent=2,
+                                               sort_keys=True))
+    markdown = bd_markdown(table, anchor, span)
     out.write_text("bd_table.md", markdown)
     print(markdown)
     return {"figure": out.display("rd.png"), "bd_table": out.display("bd_table.md"), "table": table}
@@ -119,8 +121,12 @@ def main() -> None:
     parser.add_argument("curves", nargs="+", help="CompressAI-style results JSON files (paths or URIs)")
     parser.add_argument("--anchor", required=True, help="the name of the anchor curve (its JSON 'name')")
     parser.add_argument("--out", required=True, help="where rd.png and bd_table.{md,json} go")
+    parser.add_argument("--span", choices=["union", "test"], default="union",
+                        help="the overlap a BD figure needs (75 %%) is a share of both curves' range (union, the "
+                             "bjontegaard package's rule) or of each test curve's (test: an anchor sampled past both "
+                             "its ends)")
     args = parser.parse_args()
-    report(args.curves, args.anchor, args.out)
+    report(args.curves, args.anchor, args.out, args.span)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from icm.config import load_section  # noqa: E402
 from icm.data.ray_io import run_on_worker  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
 from icm.maa.stage import build_from_spec  # noqa: E402
+from icm.metrics.rd import SPANS  # noqa: E402
 from icm.metrics.codec_eval import evaluate_locally  # noqa: E402
 from icm.train.ray_trainer import per_rate_point_asha, trial_progress  # noqa: E402
 from icm.train.rd_sweep import (bootstrap_bd_markdown, bootstrap_bd_table, compressai_curve,  # noqa: E402
@@ -52,6 +53,10 @@ def check_sweep(cfg: dict) -> None:
     labels = [a["label"] for a in cfg.get("anchors") or []] + [v["name"] for v in cfg["variants"]]
     if anchor and anchor not in labels:
         raise SystemExit(f"report.anchor {anchor!r} is none of the anchors or variants {labels}")
+    span = (cfg.get("report") or {}).get("span", "union")
+    if span not in SPANS:
+        raise SystemExit(f"report.span {span!r} is none of {SPANS}: the overlap a BD figure needs is a share of both "
+                         "curves' range (union) or of each test curve's (test)")
 
 
 def anchor_curves(cfg: dict, store: Storage, detectors: list[str]) -> dict[str, str]:
@@ -141,7 +146,8 @@ def run(cfg: dict, address: str | None = None) -> dict:
             store.write_text(f"curves/{variant['name']}.json", json.dumps(curve, indent=2))
             curves[variant["name"]] = store.display(f"curves/{variant['name']}.json")
     anchor = (cfg.get("report") or {}).get("anchor") or next(iter(curves))
-    rep = report(list(curves.values()), anchor, store.display()) if len(curves) > 1 else {}
+    span = (cfg.get("report") or {}).get("span", "union")
+    rep = report(list(curves.values()), anchor, store.display(), span) if len(curves) > 1 else {}
     bootstrap = None
     if (cfg.get("report") or {}).get("bootstrap") and not failed and anchor in anchors:
         bootstrap = bootstrap_bd_table(cfg, anchor)

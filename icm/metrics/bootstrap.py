@@ -151,25 +151,25 @@ def _quality(point: dict, axis: str, indices: np.ndarray) -> float:
 
 
 def bd_rate_against_anchor(anchor: list[dict], test: list[dict], axis: str, draws: np.ndarray,
-                           confidence: float = 0.95) -> dict:
+                           confidence: float = 0.95, span: str = "union") -> dict:
     """BD-rate (%) of the ``test`` curve against the ``anchor`` curve on one quality axis
     (``"psnr"`` or a detector's mAP@.5), with a bootstrap interval over images.
 
     Each curve is a list of rate points ``{"bpp", "psnr": per-image arrays, "matches": {detector:
     ImageMatches}}`` over the same images in the same order; ``draws`` are image-index resamples,
     the same for both curves. The figure is ``bd_metrics`` on all images ("n/a" with its reason
-    where it cannot be trusted); the interval is over the resamples where it is defined, whose
-    share is reported."""
+    where it cannot be trusted; ``span`` as there); the interval is over the resamples where it
+    is defined, whose share is reported."""
     def curves(indices):
         return ([float(np.mean(p["bpp"][indices])) for p in anchor], [_quality(p, axis, indices) for p in anchor],
                 [float(np.mean(p["bpp"][indices])) for p in test], [_quality(p, axis, indices) for p in test])
 
     everything = np.arange(len(anchor[0]["bpp"]))
     ra, qa, rt, qt = curves(everything)
-    full = bd_metrics(ra, qa, rt, qt)
+    full = bd_metrics(ra, qa, rt, qt, span=span)
     samples = []
     for indices in draws:
-        value = bd_metrics(*curves(indices))["bd_rate_percent"]
+        value = bd_metrics(*curves(indices), span=span)["bd_rate_percent"]
         samples.append(value if isinstance(value, float) else np.nan)
     samples = np.asarray(samples, float)
     return {"axis": axis, "bd_rate": full["bd_rate_percent"], "reason": full.get("bd_rate_percent_reason", ""),

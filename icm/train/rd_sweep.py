@@ -119,9 +119,10 @@ def bootstrap_bd_table(sweep: dict, anchor: str) -> dict:
         curve = trial_curve(sweep, variant["name"], detectors, classes)
         if any(p["source_ids"] != images for p in curve):
             raise ValueError(f"{variant['name']}: its trials and the anchor {anchor} were evaluated on other images")
-        table[variant["name"]] = {axis: bd_rate_against_anchor(base, curve, axis, draws, confidence) for axis in axes}
+        table[variant["name"]] = {axis: bd_rate_against_anchor(base, curve, axis, draws, confidence,
+                                                               span=report.get("span", "union")) for axis in axes}
     return {"anchor": anchor, "images": len(images), "bootstrap": len(draws), "confidence": confidence, "axes": axes,
-            "table": table}
+            "span": report.get("span", "union"), "table": table}
 
 
 def bootstrap_bd_markdown(result: dict) -> str:
@@ -129,7 +130,9 @@ def bootstrap_bd_markdown(result: dict) -> str:
     axes = result["axes"]
     names = ["PSNR" if a == "psnr" else f"mAP@.5 {a}" for a in axes]
     lines = [f"BD-rate (%) against {result['anchor']} (negative: fewer bits at equal quality), on {result['images']} "
-             f"images, {pct} % bootstrap intervals over images ({result['bootstrap']} resamples)", "",
+             f"images, {pct} % bootstrap intervals over images ({result['bootstrap']} resamples)"
+             + (f"; over each curve's whole quality range ({result['anchor']} sampled past both its ends)"
+                if result.get("span") == "test" else ""), "",
              "| curve | " + " | ".join(names) + " |", "|---|" + "---|" * len(axes)]
     notes = []
     for name, row in result["table"].items():

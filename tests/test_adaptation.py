@@ -354,3 +354,4 @@ def test_adaptation_table_gives_paired_bootstrap_deltas_against_the_base(tmp_pat
     assert table["adapter_matched"] == "adapt_icmh-t16"                                  # +5 %, not +20 %
     md = adaptation.markdown(table, {})
     assert "adapt_icmh-t16 — **matched rate**" in md and "adapt_icmh-t4 (rate not matched)" in md
+    assert "| refined (rate not matched) |" in md and "| dynamic |" in md       # +25 % bpp; g_t: the base's rate

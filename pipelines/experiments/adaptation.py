@@ -133,6 +133,8 @@ def markdown(result: dict, names: dict[str, str]) -> str:
         name = names.get(label, label)
         if label in result["adapter_candidates"]:
             name += " — **matched rate**" if label == result["adapter_matched"] else " (rate not matched)"
+        elif abs(row["bpp_test"] / base["bpp"] - 1) > result["tolerance"]:
+            name += " (rate not matched)"
         lines.append(f"| {name} | {row['bpp_test']:.3f} | {_cell(row['delta_bpp_percent'], row['delta_bpp_percent_ci'], 1)} % | "
                      f"{_cell(row['delta_psnr'], row['delta_psnr_ci'], 2)} | "
                      + " | ".join(_cell(row[f"delta_map50/{d}"], row[f"delta_map50/{d}_ci"]) for d in dets) + " |")

@@ -164,3 +164,26 @@ def test_early_stopping_compares_trials_of_one_rate_point_only():
     same_point = SimpleNamespace(trial_id="t3", config={"rate_point": "q1"})
     grouped.on_trial_add(None, same_point)
     assert grouped.on_trial_result(None, same_point, {"step": 1, "loss": 100.0}) == TrialScheduler.STOP
+
+
+def test_sweep_progress_never_runs_backwards(capsys, monkeypatch):
+    """The sweep's one line counts every trial's training steps: a trial's evaluation report (no
+    ``step``) and a restart from a checkpoint (a lower ``step``) leave its count where it was."""
+    from types import SimpleNamespace
+
+    from icm.train.ray_trainer import trial_progress
+
+    monkeypatch.setenv("ICM_PROGRESS_EVERY", "0")
+    progress = trial_progress("sweep t", 2, 300)
+    one, two = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    shown = []
+    for trial, result in ((one, {"step": 200}), (two, {"step": 300}), (two, {"bpp": 0.4, "psnr": 28.0}),
+                          (one, {"step": 100}), (one, {"step": 300})):
+        progress.on_trial_result(iteration=0, trials=[one, two], trial=trial, result=result)
+        shown.append(sum(progress.steps.values()))
+    progress.on_trial_complete(iteration=0, trials=[one, two], trial=two)
+    assert shown == [200, 500, 500, 500, 600] and len(progress.finished) == 1
+    progress.on_experiment_end(trials=[one, two])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[icm] sweep t:")]
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in lines]
+    assert counts == sorted(counts) and counts[-1] == 600, lines

@@ -244,7 +244,10 @@ def trial_progress(label: str, trial_count: int, steps_per_trial: int):
             self.line.update(done, note=note)
 
         def on_trial_result(self, iteration, trials, trial, result, **info):   # Tune passes these by name
-            self.steps[trial.trial_id] = min(int(result.get("step", 0)), steps_per_trial)
+            if "step" not in result:      # the trial's evaluation report: its training steps stay counted
+                return
+            step = min(int(result["step"]), steps_per_trial)
+            self.steps[trial.trial_id] = max(self.steps.get(trial.trial_id, 0), step)   # a restart re-reports
             self._show()
 
         def on_trial_complete(self, iteration, trials, trial, **info):

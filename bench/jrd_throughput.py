@@ -2,8 +2,9 @@
 one after the other in one process, one torch thread) running the detector on one decoded level at
 a time (`detect_batch=1`, the per-level baseline) and on batches of levels (`detect_batch` of the
 config), and the Ray pipeline with 1 and 2 detector workers on the same ``--cpus`` cores: as the
-job runs on CPUs (each label actor codes its own units, ``coders.actors: auto``) and, for
-comparison, split as on a GPU (a coder pool streaming into the label actors). Same images, ladders and detector, and the same
+job runs on CPUs (with several label actors each codes its own units, ``coders.actors: auto``;
+one label actor keeps a coder pool beside it) and, for comparison, split as on a GPU (a coder
+pool streaming into the label actors). Same images, ladders and detector, and the same
 work: the loop's coder also encodes the crop PNGs, as the pipeline's coders do. One command,
 prints the rates and the ratios to the baseline and to the batched loop.
 
@@ -76,7 +77,7 @@ def main() -> None:
         loop_s, rows = sequential_loop(cfg, reader, tmp / "loop")
         results["batched_loop"] = {"pipeline": rows / loop_s, "end_to_end": rows / loop_s}
         for workers in [int(n) for n in args.workers.split(",")]:
-            for layout in ("fused", "split"):
+            for layout in ("fused", "split") if workers > 1 else ("split",):   # one label actor: the job splits
                 name = f"ray_{workers}_workers" + ("" if layout == "fused" else "_split")
                 if layout == "fused":   # what the job does on CPUs: each label actor codes its own units
                     pools = {"workers": {**cfg.get("workers", {}), "actors": workers, "num_cpus": args.cpus / workers},

@@ -49,8 +49,10 @@ def run(cfg: dict, address: str | None = None) -> dict:
     refs = select_refs(reader, cfg.get("limit"))
     coders = cfg.get("coders", {}) or {}
     workers = cfg.get("workers", {}) or {}
-    # coders.actors auto with label actors on CPUs: those actors code their own units (one pool)
-    code_in_labellers = coders.get("actors", 1) == "auto" and not float(workers.get("num_gpus") or 0)
+    # coders.actors auto with several label actors on CPUs: those actors code their own units (one
+    # pool); a single label actor keeps a coder pool beside it, or coding would leave the other cores idle
+    code_in_labellers = (coders.get("actors", 1) == "auto" and not float(workers.get("num_gpus") or 0)
+                         and workers.get("actors", 1) != 1)
     if code_in_labellers:
         print("[icm] the label actors have no GPU: each codes its own units (coders.actors: auto), so coding and "
               "detection share one pool of CPU actors", flush=True)

@@ -644,8 +644,9 @@ def test_jrd_pipeline_export_resume_bad_input(ray_cluster, small_shapes, tmp_pat
     lost = pq.read_table(resumed / "manifest" / unit).num_rows
     for kind in ("manifest", "levels", "objects"):
         (resumed / kind / unit).unlink()
-    # the resumed unit coded in its label actors (coders.actors: auto, no GPU), the first run's by a coder pool
-    again = jrd_dataset.run({**_jrd_cfg(list_file, resumed), "coders": {"actors": "auto"}})
+    # the resumed unit coded in its label actors (coders.actors: auto, several, no GPU); the first run's by a coder pool
+    again = jrd_dataset.run({**_jrd_cfg(list_file, resumed), "coders": {"actors": "auto"},
+                             "workers": {"actors": 2, "num_cpus": 0.5}})
     assert again["images"]["skipped"] == 7 - lost and again["images"]["done"] + again["images"]["failed"] == lost
     assert comparable(full / "manifest.parquet").equals(comparable(resumed / "manifest.parquet"))
     assert read_table(full, "levels").equals(read_table(resumed, "levels"))

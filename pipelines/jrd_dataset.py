@@ -5,8 +5,8 @@
 
 Every image is coded at every level of every configured ladder, and each object's crops encoded
 (a CPU actor pool, ``coders.actors: auto``: as many as the CPUs allow), the detector labels every
-object at every level (an actor pool on GPU shares, ``workers.actors: auto``; label actors without
-a GPU code their own units: one CPU pool), and each unit's rows
+object at every level (an actor pool on GPU shares, ``workers.actors: auto``; several label actors
+without a GPU code their own units: one CPU pool), and each unit's rows
 go to sharded parquet (``levels/``, ``objects/``) plus the per-image manifest. Resumable: rerun with
 the same out_dir. Then the authors' layout is exported per ladder (``export/<ladder>/``).
 """

@@ -35,8 +35,8 @@ from icm.config import load_section  # noqa: E402
 from icm.data.ray_io import run_on_worker  # noqa: E402
 from icm.data.storage import Storage  # noqa: E402
 from icm.maa.stage import build_from_spec  # noqa: E402
-from icm.metrics.rd import SPANS  # noqa: E402
 from icm.metrics.codec_eval import evaluate_locally  # noqa: E402
+from icm.metrics.rd import SPANS  # noqa: E402
 from icm.train.ray_trainer import per_rate_point_asha, trial_progress  # noqa: E402
 from icm.train.rd_sweep import (bootstrap_bd_markdown, bootstrap_bd_table, compressai_curve,  # noqa: E402
                                 evaluation_images, evaluation_params, point_metrics, rd_trial, trial_id)

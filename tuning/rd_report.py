@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 
 from icm.data.storage import Storage, read_location  # noqa: E402
 from icm.data.writers import figure_png  # noqa: E402
-from icm.metrics.rd import bd_metrics  # noqa: E402
+from icm.metrics.rd import bd_metrics, span_note  # noqa: E402
 
 QUALITY_AXES = (("psnr-rgb", "PSNR (dB)"), ("ms-ssim-rgb", "MS-SSIM"))
 
@@ -61,8 +61,8 @@ def bd_table(curves: list[dict], anchor: str, span: str = "union") -> dict:
 
 def bd_markdown(table: dict, anchor: str, span: str = "union") -> str:
     axes = sorted({a for row in table.values() for a in row}, key=lambda a: (not a.startswith("psnr"), a))
-    over = f", over each curve's whole quality range ({anchor} sampled past both its ends)" if span == "test" else ""
-    lines = [f"BD-rate (%) against {anchor} (negative: fewer bits at equal quality){over}", "",
+    over = span_note(span, anchor)
+    lines = [f"BD-rate (%) against {anchor} (negative: fewer bits at equal quality){', ' + over if over else ''}", "",
              "| curve | " + " | ".join(axes) + " |", "|---|" + "---|" * len(axes)]
     notes = []
     for name, row in table.items():

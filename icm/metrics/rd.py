@@ -27,11 +27,16 @@ def _bracket(axis_a: np.ndarray, lo: float, hi: float) -> slice:
     return slice(start, int(after.min()) + 1 if len(after) else len(axis_a))
 
 
-def _overlap(a: np.ndarray, b: np.ndarray) -> float:
-    """Share of the union of two ranges that both cover."""
+def _overlap(a: np.ndarray, b: np.ndarray, span: str = "union") -> float:
+    """Share of the union of two ranges (``span="test"``: of ``b``'s range) that both cover."""
     lo, hi = max(a.min(), b.min()), min(a.max(), b.max())
-    total = max(a.max(), b.max()) - min(a.min(), b.min())
+    total = b.max() - b.min() if span == "test" else max(a.max(), b.max()) - min(a.min(), b.min())
     return float(max(hi - lo, 0.0) / total) if total > 0 else 0.0
+
+
+def span_note(span: str, anchor: str) -> str:
+    """What a BD table's heading says of ``span``."""
+    return f"over each curve's whole quality range ({anchor} sampled past both its ends)" if span == "test" else ""
 
 
 def _curve(rate: Sequence[float], quality: Sequence[float], name: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -74,13 +79,9 @@ def bd_metrics(rate_anchor: Sequence[float], quality_anchor: Sequence[float],
         reason = bad_a or bad_t
         cut = slice(None)
         if not reason:
-            lo, hi = max(axis_a.min(), axis_t.min()), min(axis_a.max(), axis_t.max())
             if span == "test":
                 cut = _bracket(axis_a, axis_t.min(), axis_t.max())
-                width = axis_t.max() - axis_t.min()
-                share = float(max(hi - lo, 0.0) / width) if width > 0 else 0.0
-            else:
-                share = _overlap(axis_a, axis_t)
+            share = _overlap(axis_a, axis_t, span)
             result[f"{key}_overlap"] = round(share, 3)
             of = "the test curve's" if span == "test" else "the"
             if share == 0:

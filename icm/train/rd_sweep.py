@@ -25,6 +25,7 @@ from icm.data.storage import Storage, join_location
 from icm.maa.stage import detector_label
 from icm.metrics.bootstrap import bd_rate_against_anchor
 from icm.metrics.codec_eval import evaluate_locally, image_points
+from icm.metrics.rd import span_note
 from icm.train.codec_job import check_config, train_codec_job, training_images
 from icm.train.ray_trainer import report_trial
 
@@ -113,16 +114,17 @@ def bootstrap_bd_table(sweep: dict, anchor: str) -> dict:
     rng = np.random.default_rng(int(report.get("seed", 0)))
     draws = rng.integers(0, len(images), (int(report.get("bootstrap", 200)), len(images)))
     confidence = float(report.get("confidence", 0.95))
+    span = report.get("span", "union")
     axes = ["psnr"] + [detector_label(d) for d in detectors]
     table = {}
     for variant in sweep["variants"]:
         curve = trial_curve(sweep, variant["name"], detectors, classes)
         if any(p["source_ids"] != images for p in curve):
             raise ValueError(f"{variant['name']}: its trials and the anchor {anchor} were evaluated on other images")
-        table[variant["name"]] = {axis: bd_rate_against_anchor(base, curve, axis, draws, confidence,
-                                                               span=report.get("span", "union")) for axis in axes}
+        table[variant["name"]] = {axis: bd_rate_against_anchor(base, curve, axis, draws, confidence, span=span)
+                                  for axis in axes}
     return {"anchor": anchor, "images": len(images), "bootstrap": len(draws), "confidence": confidence, "axes": axes,
-            "span": report.get("span", "union"), "table": table}
+            "span": span, "table": table}
 
 
 def bootstrap_bd_markdown(result: dict) -> str:
@@ -131,8 +133,7 @@ def bootstrap_bd_markdown(result: dict) -> str:
     names = ["PSNR" if a == "psnr" else f"mAP@.5 {a}" for a in axes]
     lines = [f"BD-rate (%) against {result['anchor']} (negative: fewer bits at equal quality), on {result['images']} "
              f"images, {pct} % bootstrap intervals over images ({result['bootstrap']} resamples)"
-             + (f"; over each curve's whole quality range ({result['anchor']} sampled past both its ends)"
-                if result.get("span") == "test" else ""), "",
+             + (f"; {span_note(result['span'], result['anchor'])}" if result.get("span") == "test" else ""), "",
              "| curve | " + " | ".join(names) + " |", "|---|" + "---|" * len(axes)]
     notes = []
     for name, row in result["table"].items():

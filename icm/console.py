@@ -33,7 +33,7 @@ VERBOSE_ENV = "ICM_VERBOSE"
 # (category, exact message): warnings from libraries we depend on that a user cannot act on. Each
 # is filtered by its whole text, so any other warning of the same category still prints.
 THIRD_PARTY_WARNINGS = (
-    # compressai imports torch_geometric, which calls torch.jit.script at import, in every worker
+    # compressai imports torch_geometric, which calls torch.jit.script at import, in every worker that builds a codec
     (FutureWarning, "`torch.jit.script` is deprecated. Please switch to `torch.compile` or `torch.export`."),
 )
 

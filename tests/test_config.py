@@ -55,7 +55,6 @@ def test_shipped_configs_resolve_and_name_registered_models():
 
     import yaml
 
-    import icm.detectors  # noqa: F401 - registration
     from icm.zoo.registry import lookup
 
     repo = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from icm.zoo import WeightsUnavailable, build_classifier, build_clip, build_codec, build_detector, resolve, sha256_file
-from icm.zoo.models import _compressai_hub
+from icm.zoo.codecs import _compressai_hub
 
 CLASSES = ["a", "b"]
 
@@ -155,6 +155,21 @@ def test_every_compressai_image_arch_builds():
     for arch in image_models:
         model = build_codec(arch, 1, weights="random")
         assert model.icm_provenance["family"] == "compressai"
+
+
+def test_a_detector_job_never_imports_compressai():
+    """Codecs register on their first lookup: an OW-JRD or MAA actor that builds only a detector
+    does not pay CompressAI's import (SciPy, torch_geometric: ~1.3 s of CPU per actor), and a
+    codec name still resolves from a fresh process."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from icm.zoo import build_codec, build_detector; "
+              "build_detector('yolov8n', classes=['a', 'b'], weights='random:0', canvas=64); "
+              "print('compressai' in sys.modules); build_codec('bmshj2018-factorized', 1, weights='random'); "
+              "print('compressai' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout + out.stderr
 
 
 def test_clip_random_and_local(tmp_path):

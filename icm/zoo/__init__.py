@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-from icm.zoo import models as _models  # noqa: F401 - registration
+from icm.zoo import models as _models  # noqa: F401 - registration (codecs, detectors: on first lookup)
 from icm.zoo.registry import REGISTRIES, lookup
 from icm.zoo.weights import ResolvedWeights, WeightsUnavailable, resolve, sha256_file
 
 
 def _build(kind: str, name: str, **kwargs):
-    if kind == "detector":
-        import icm.detectors  # noqa: F401 - registration
     return lookup(kind, name)(name, **kwargs)
 
 

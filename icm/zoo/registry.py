@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 REGISTRIES: dict[str, dict[str, Callable]] = {"codec": {}, "detector": {}, "classifier": {}, "clip": {}}
+# Kinds whose builders register when their module is imported, on the first lookup of the kind: a
+# job that builds only a detector never imports CompressAI (with SciPy and torch_geometric) in its
+# actors, nor a codec job every detector family.
+PROVIDERS = {"codec": "icm.zoo.codecs", "detector": "icm.detectors"}
 
 
 def register(kind: str, *names: str):
@@ -16,6 +21,8 @@ def register(kind: str, *names: str):
 
 
 def lookup(kind: str, name: str) -> Callable:
+    if kind in PROVIDERS:
+        importlib.import_module(PROVIDERS[kind])
     table = REGISTRIES[kind]
     if name in table:
         return table[name]

@@ -5,8 +5,11 @@ config), and the Ray pipeline with 1 and 2 detector workers on the same ``--cpus
 job runs on CPUs (with several label actors each codes its own units, ``coders.actors: auto``;
 one label actor keeps a coder pool beside it) and, for comparison, split as on a GPU (a coder
 pool streaming into the label actors). Same images, ladders and detector, and the same
-work: the loop's coder also encodes the crop PNGs, as the pipeline's coders do. One command,
-prints the rates and the ratios to the baseline and to the batched loop.
+work: the loop's coder also encodes the crop PNGs, as the pipeline's coders do. Beside them, N
+plain processes (no Ray) started at once, each running the batched loop on every N-th unit: the
+most any N-worker layout can reach on these cores — over their loops alone, and from their start
+(imports and model building included, as a Ray actor pays them). One command, prints the rates
+and the ratios to the baseline and to the batched loop.
 
     .venv/bin/python bench/jrd_throughput.py [--images 12] [--cpus 2] [--config pipelines/configs/jrd_demo.yaml] [key=value ...]
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,14 +46,31 @@ from icm.jrd.export import read_table  # noqa: E402
 from icm.jrd.stage import LabelStage, LadderStage  # noqa: E402
 
 
-def sequential_loop(cfg: dict, reader, out_dir: Path) -> tuple[float, int]:
+def sequential_loop(cfg: dict, reader, out_dir: Path, shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
+    """The two stages one after the other in this process, on every ``shard[1]``-th unit from ``shard[0]``."""
     start = time.time()
     coder = LadderStage(cfg["ladders"], crop_gt=cfg.get("reference", "gt") == "gt")
     labeller = LabelStage(str(out_dir), {k: cfg[k] for k in jrd_dataset.LABEL_KEYS if k in cfg},
                           reader.classes, reader.category_ids)
-    for unit in work_units(reader, int(cfg["batch_size"]), limit=cfg["limit"]):
+    for unit in work_units(reader, int(cfg["batch_size"]), limit=cfg["limit"])[shard[0]::shard[1]]:
         labeller.run_unit({**unit, "coded": coder.code_unit(unit["refs"])})
     return time.time() - start, read_table(out_dir, "levels", columns=["level"]).num_rows
+
+
+def plain_processes(args, n: int, tmp: Path) -> tuple[dict[str, float], int]:
+    """``n`` fresh processes of this bench (``--shard i/n``) at once, each the batched loop on its
+    units: labels per second over the slowest loop, and from their start to the last exit."""
+    command = [sys.executable, __file__, "--config", args.config, "--images", str(args.images),
+               *(["--profile", args.profile] if args.profile else []), *args.overrides]
+    start = time.time()
+    procs = [subprocess.Popen([*command, "--shard", f"{i}/{n}", "--shard-out", str(tmp / f"shard-{n}-{i}.json")])
+             for i in range(n)]
+    if any(proc.wait() for proc in procs):
+        raise RuntimeError(f"a plain process of the {n} failed (its output is above)")
+    wall = time.time() - start
+    shards = [json.loads((tmp / f"shard-{n}-{i}.json").read_text()) for i in range(n)]
+    rows = sum(s["rows"] for s in shards)
+    return {"pipeline": rows / max(s["loop_s"] for s in shards), "end_to_end": rows / wall}, rows
 
 
 def main() -> None:
@@ -59,6 +80,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--cpus", type=int, default=2, help="cores given to the Ray pipeline")
     parser.add_argument("--workers", default="1,2", help="detector workers per Ray setting, comma-separated")
+    parser.add_argument("--shard", default=None, help=argparse.SUPPRESS)       # I/N: one plain process
+    parser.add_argument("--shard-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.profile, args.overrides)
@@ -69,13 +92,25 @@ def main() -> None:
     cfg["detector"] = available_or_random(cfg["detector"], notes)
     reader = build_reader(cfg["dataset"])
     tmp = Path(tempfile.mkdtemp(prefix="icm-bench-"))
+    torch.set_num_threads(1)  # the loop: one core, as each Ray actor of one CPU
+    if args.shard:
+        index, count = (int(x) for x in args.shard.split("/"))
+        try:
+            loop_s, shard_rows = sequential_loop(cfg, reader, tmp / "shard", shard=(index, count))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        Path(args.shard_out).write_text(json.dumps({"loop_s": loop_s, "rows": shard_rows}))
+        return
     results = {}
     try:
-        torch.set_num_threads(1)  # the loop: one core, as each Ray actor of one CPU
         per_level_s, rows = sequential_loop({**cfg, "detect_batch": 1}, reader, tmp / "per-level")
         results["per_level_loop"] = {"pipeline": rows / per_level_s, "end_to_end": rows / per_level_s}
         loop_s, rows = sequential_loop(cfg, reader, tmp / "loop")
         results["batched_loop"] = {"pipeline": rows / loop_s, "end_to_end": rows / loop_s}
+        for workers in [int(n) for n in args.workers.split(",") if int(n) > 1]:
+            results[f"{workers}_plain_processes"], plain_rows = plain_processes(args, workers, tmp)
+            if plain_rows != rows:
+                raise RuntimeError(f"{workers} plain processes wrote {plain_rows} labels, the loop {rows}")
         for workers in [int(n) for n in args.workers.split(",")]:
             for layout in ("fused", "split") if workers > 1 else ("split",):   # one label actor: the job splits
                 name = f"ray_{workers}_workers" + ("" if layout == "fused" else "_split")

@@ -158,13 +158,13 @@ def test_every_compressai_image_arch_builds():
 
 
 def test_a_detector_job_never_imports_compressai():
-    """Codecs register on their first lookup: an OW-JRD or MAA actor that builds only a detector
-    does not pay CompressAI's import (SciPy, torch_geometric: ~1.3 s of CPU per actor), and a
+    """Codecs register on their first lookup: an OW-JRD or MAA actor (its stage modules imported)
+    that builds only a detector does not pay CompressAI's import (SciPy, torch_geometric: ~1.3 s of CPU per actor), and a
     codec name still resolves from a fresh process."""
     import subprocess
     import sys
 
-    script = ("import sys; from icm.zoo import build_codec, build_detector; "
+    script = ("import sys; import icm.jrd.stage, icm.maa.stage; from icm.zoo import build_codec, build_detector; "
               "build_detector('yolov8n', classes=['a', 'b'], weights='random:0', canvas=64); "
               "print('compressai' in sys.modules); build_codec('bmshj2018-factorized', 1, weights='random'); "
               "print('compressai' in sys.modules)")

@@ -131,9 +131,10 @@ def bootstrap_bd_markdown(result: dict) -> str:
     pct = round(100 * result["confidence"])
     axes = result["axes"]
     names = ["PSNR" if a == "psnr" else f"mAP@.5 {a}" for a in axes]
+    over = span_note(result.get("span", "union"), result["anchor"])
     lines = [f"BD-rate (%) against {result['anchor']} (negative: fewer bits at equal quality), on {result['images']} "
              f"images, {pct} % bootstrap intervals over images ({result['bootstrap']} resamples)"
-             + (f"; {span_note(result['span'], result['anchor'])}" if result.get("span") == "test" else ""), "",
+             + (f"; {over}" if over else ""), "",
              "| curve | " + " | ".join(names) + " |", "|---|" + "---|" * len(axes)]
     notes = []
     for name, row in result["table"].items():
